@@ -1,0 +1,647 @@
+"""Optimal Kronecker-Sum Approximation of Real Time Recurrent Learning (OK), in numpy and Numba.
+
+F. Benzing, M. M. Gauy, A. Mujika, A. Martinsson, A. Steger. "Optimal Kronecker-Sum Approximation
+of Real Time Recurrent Learning". ICML 2019, arXiv:1902.03993. Section numbers (SPEC §n) refer to
+the project's SPEC.md, which restates the paper in the notation below.
+
+Real Time Recurrent Learning (RTRL) carries the influence G_t = dh_t/dW forward in time, which
+gives exact online gradients at the price of n*m*2n numbers per stream. OK stores G as a sum of r
+Kronecker products u_k (x) A_k. Each step adds one new product, a_t (x) D_t, and OK replaces the
+resulting r+1 terms by r terms chosen at random so that the estimate stays unbiased and its
+variance is the least possible (the paper's Theorem: Opt below reaches V_min). KF-RTRL and UORO
+are other unbiased reductions with more noise; exact RTRL and (T)BPTT are the references.
+
+Notation (B streams lead every batched array; sizes n, m, r, B, T, V, O):
+
+    paper          code          shape                      meaning
+    x_t, y_t       x, y          (B,), (B,) ints            input and target symbols
+    h_t, z_t       h, z          (B, n), (B, 2n)            state, pre-activation [z_c, z_f]
+    a_t            a             (B, m)                     [onehot(x_t), h_{t-1}, 1],  m = V + n + 1
+    W, W_out       W, W_out      (m, 2n), (n + 1, O)        cell and read-out weights (last row: bias)
+    f, c', f'      f, alpha/beta (B, n)                     carry gate; alpha = (1-f) c', beta = (h_{t-1}-c) f'
+    H_t, D_t       H, D          (B, n, n), (B, n, 2n)      dh_t/dh_{t-1}, dh_t/dz_t = [diag(alpha), diag(beta)]
+    q_t            q             (B, n)                     dL_t/dh_t (of the batch-mean loss)
+    G_t            G             (B, n, m, 2n)              influence dh_t/dW (exact RTRL)
+    u_k, A_k       us, As        (B, r, m), (B, r, n, 2n)   Kronecker factors: G[i,l,j] ~ sum_k u_k[l] A_k[i,j]
+    Q, R           Q_u, R_u ...  (B, m, r+1), (B, r+1, r+1) thin QR of the r+1 terms on each side
+    C, sigma       C, sigma      (B, r+1, r+1), (B, r+1)    C = R_u R_A^T and its singular values, descending
+    V_min          min_variance  scalar                     least variance of any unbiased rank-r reduction
+    s, theta       s, theta      (B, n), (B, m, 2n)         UORO's factors: G ~ s (x) theta
+
+Layout: §1 cell, §2 exact RTRL and BPTT, §3-4 OK and Opt, §5 baselines, then the online learner
+interface shared by the runners, whole-sequence gradients, and the optimiser.
+"""
+from typing import NamedTuple
+
+import numpy as np
+from numba import njit
+
+METHODS = ("rtrl", "ok", "kf", "kf-avg", "uoro")  # online learners; "bptt" is offline
+UORO_EPS = 1e-7  # UORO's epsilon in its rescaling factors (Tallec and Ollivier 2017)
+INIT_STD = 0.01  # weight initialisation N(0, 0.01^2), as the paper's code
+
+
+# --- 1. The recurrent highway cell (SPEC §1) ---------------------------------------------------
+
+
+class Params(NamedTuple):
+    """W (m, 2n): rows [input, hidden, bias], columns [candidate, carry gate]. W_out (n + 1, O)."""
+
+    W: np.ndarray
+    W_out: np.ndarray
+
+
+def init_params(n_in, n_hidden, n_out, rng, dtype=np.float32):
+    """Every weight, biases included, from N(0, INIT_STD^2) as the paper's code does."""
+    for name, size in (("n_in", n_in), ("n_hidden", n_hidden), ("n_out", n_out)):
+        _check_positive_int(name, size)
+    W = rng.normal(0.0, INIT_STD, size=(n_in + n_hidden + 1, 2 * n_hidden))
+    W_out = rng.normal(0.0, INIT_STD, size=(n_hidden + 1, n_out))
+    return Params(W.astype(dtype), W_out.astype(dtype))
+
+
+def sizes(params):
+    """(V, n, O): input symbols, hidden units, output symbols."""
+    m, two_n = params.W.shape
+    n = two_n // 2
+    return m - n - 1, n, params.W_out.shape[1]
+
+
+@njit(cache=True)
+def _gates(z, h_prev):
+    """Elementwise part of one cell step (SPEC §1): h = f * h_prev + (1 - f) * c.
+
+    z (B, 2n), h_prev (B, n) -> h, f, alpha, beta, each (B, n), where c = 2 sigmoid(z_c) - 1,
+    f = sigmoid(z_f), alpha = dh/dz_c = (1 - f) c' and beta = dh/dz_f = (h_prev - c) f'.
+    """
+    B, n = h_prev.shape
+    h = np.empty_like(h_prev)
+    f = np.empty_like(h_prev)
+    alpha = np.empty_like(h_prev)
+    beta = np.empty_like(h_prev)
+    for b in range(B):
+        for i in range(n):
+            s = 1.0 / (1.0 + np.exp(-z[b, i]))  # exp overflows to inf, s to 0: no NaN
+            c = 2.0 * s - 1.0
+            g = 1.0 / (1.0 + np.exp(-z[b, n + i]))
+            h[b, i] = g * h_prev[b, i] + (1.0 - g) * c
+            f[b, i] = g
+            alpha[b, i] = (1.0 - g) * 2.0 * s * (1.0 - s)
+            beta[b, i] = (h_prev[b, i] - c) * g * (1.0 - g)
+    return h, f, alpha, beta
+
+
+def cell_step(W, x, h_prev):
+    """One step of the cell (SPEC §1): a_t = [onehot(x_t), h_{t-1}, 1], z_t = a_t W, h_t.
+
+    W (m, 2n), x (B,) ints, h_prev (B, n) -> h (B, n), a (B, m), f, alpha, beta (B, n).
+    """
+    B, n = h_prev.shape
+    V = W.shape[0] - n - 1
+    a = np.zeros((B, V + n + 1), dtype=W.dtype)
+    a[np.arange(B), x] = 1.0
+    a[:, V:V + n] = h_prev
+    a[:, -1] = 1.0
+    z = a @ W  # (B, 2n)
+    h, f, alpha, beta = _gates(z, np.ascontiguousarray(h_prev))
+    return h, a, f, alpha, beta
+
+
+def jacobians(W, f, alpha, beta):
+    """H_t = dh_t/dh_{t-1} (B, n, n) and D_t = dh_t/dz_t (B, n, 2n) of SPEC §1.
+
+    H = diag(f) + diag(alpha) W_hc^T + diag(beta) W_hf^T, D = [diag(alpha), diag(beta)].
+    """
+    B, n = f.shape
+    V = W.shape[0] - n - 1
+    W_hc, W_hf = W[V:V + n, :n], W[V:V + n, n:]  # (n, n) each: hidden rows of W
+    H = alpha[:, :, None] * W_hc.T + beta[:, :, None] * W_hf.T  # (B, n, n)
+    diag = np.arange(n)
+    H[:, diag, diag] += f
+    D = np.zeros((B, n, 2 * n), dtype=W.dtype)
+    D[:, diag, diag] = alpha
+    D[:, diag, n + diag] = beta
+    return H, D
+
+
+def readout(W_out, h, y):
+    """Softmax read-out y_t = softmax([h_t, 1] W_out) and its cross-entropy (SPEC §1).
+
+    W_out (n + 1, O), h (B, n), y (B,) ints -> losses (B,) in nats, and dlogits (B, O) =
+    softmax - onehot(y), the gradient of each stream's own loss with respect to its logits.
+    """
+    B = h.shape[0]
+    logits = h @ W_out[:-1] + W_out[-1]  # (B, O)
+    logits = logits - logits.max(axis=1, keepdims=True)  # log-sum-exp shift: exp stays <= 1
+    log_norm = np.log(np.exp(logits).sum(axis=1))  # (B,)
+    losses = log_norm - logits[np.arange(B), y]
+    dlogits = np.exp(logits - log_norm[:, None])
+    dlogits[np.arange(B), y] -= 1.0
+    return losses, dlogits
+
+
+def _output_grads(W_out, h, dlogits):
+    """Gradients of the batch-mean loss: q = dL/dh (B, n) and the exact dL/dW_out (n + 1, O)."""
+    B = h.shape[0]
+    dlogits = dlogits / B
+    q = dlogits @ W_out[:-1].T  # (B, n)
+    dW_out = np.vstack([h.T @ dlogits, dlogits.sum(axis=0)])  # [h, 1]^T dlogits
+    return q, dW_out
+
+
+# --- 2. Exact RTRL and BPTT (SPEC §2) ----------------------------------------------------------
+
+
+class RTRLState(NamedTuple):
+    G: np.ndarray  # (B, n, m, 2n) influence dh_t/dW
+
+
+def _rtrl_update(state, a, H, D):
+    """Exact RTRL: G_t = H_t G_{t-1} + F_t with F_t[i, l, j] = a_t[l] D_t[i, j] (SPEC §2)."""
+    G = state.G
+    B, n, m, two_n = G.shape
+    HG = (H @ G.reshape(B, n, m * two_n)).reshape(G.shape)  # (B, n, m, 2n)
+    return RTRLState(HG + np.einsum("bl,bij->bilj", a, D))
+
+
+def bptt(params, xs, ys, h0=None, resets=None):
+    """Exact backpropagation through time over xs, ys (T, B), from h0 (B, n) or zeros.
+
+    resets (T, B) bool, optional: stream b starts afresh (h = 0) at step t, so no gradient flows
+    into earlier steps. Returns (loss, dW, dW_out, h_T) with loss = sum_t of the batch-mean
+    cross-entropy. Called once per window with h0 = the last window's h_T, this is TBPTT-k (SPEC §5).
+    """
+    W, W_out = params
+    V, n, O = sizes(params)
+    xs, ys = _check_sequences(xs, ys, V, O)
+    T, B = xs.shape
+    h = np.zeros((B, n), W.dtype) if h0 is None else _check_state("h0", h0, (B, n), W.dtype)
+    if resets is not None:
+        resets = np.asarray(resets, dtype=bool)
+        if resets.shape != (T, B):
+            raise ValueError(f"resets must have shape {(T, B)} like xs, got {resets.shape}")
+    loss, dW_out = 0.0, np.zeros_like(W_out)
+    tape, qs = [], np.empty((T, B, n), W.dtype)
+    for t in range(T):  # forward, keeping what the backward pass needs
+        if resets is not None:
+            h = np.where(resets[t][:, None], 0.0, h).astype(W.dtype)
+        h, a, f, alpha, beta = cell_step(W, xs[t], h)
+        losses, dlogits = readout(W_out, h, ys[t])
+        qs[t], dW_out_t = _output_grads(W_out, h, dlogits)
+        loss += losses.mean()
+        dW_out += dW_out_t
+        tape.append((a, f, alpha, beta))
+    dW, dh = np.zeros_like(W), np.zeros((B, n), W.dtype)
+    W_h = W[V:V + n]  # (n, 2n): how h_{t-1} enters z_t
+    for t in reversed(range(T)):
+        a, f, alpha, beta = tape[t]
+        dh = dh + qs[t]  # dL/dh_t: from the read-out at t and from step t+1
+        dz = np.hstack([dh * alpha, dh * beta])  # (B, 2n) = dh D_t
+        dW += a.T @ dz
+        dh = dh * f + dz @ W_h.T  # dL/dh_{t-1} = dL/dh_t H_t
+        if resets is not None:
+            dh[resets[t]] = 0.0  # those streams read zeros, not h_{t-1}
+    return loss, dW, dW_out, h
+
+
+# --- 3. One step of OK (SPEC §3, the paper's Algorithms 1-3) -----------------------------------
+
+
+class KronState(NamedTuple):
+    us: np.ndarray  # (B, r, m)
+    As: np.ndarray  # (B, r, n, 2n)
+
+
+def _ok_update(state, a, H, D, signs):
+    """One OK step for all streams (SPEC §3): add a_t (x) D_t to H_t G_{t-1}, reduce r+1 -> r."""
+    us, As = state
+    B, r = us.shape[:2]
+    # 1. The r+1 terms (u_k, H A_k) and (a_t, D_t); their sum is exactly H_t G_{t-1} + F_t.
+    U_terms = np.concatenate([us, a[:, None]], axis=1)  # (B, r+1, m)
+    A_terms = np.empty((B, r + 1) + As.shape[2:], dtype=As.dtype)  # (B, r+1, n, 2n)
+    np.matmul(H[:, None], As, out=A_terms[:, :r])  # the r products H A_k: the floor of the cost
+    A_terms[:, r] = D
+    return KronState(*_ok_reduce_batch(U_terms, A_terms, signs))
+
+
+def _ok_reduce_batch(us, As, signs):
+    """Steps 2-5 of SPEC §3 for B streams: us (B, r+1, m), As (B, r+1, n, k) -> r terms each."""
+    B, r_plus_1, m = us.shape
+    r = r_plus_1 - 1
+    # 2. Orthonormal bases of each side's r+1 vectors: terms = Q R.
+    Q_u, R_u = _orthonormalise(us)  # (B, m, r+1), (B, r+1, r+1)
+    Q_A, R_A = _orthonormalise(As.reshape(B, r_plus_1, -1))  # (B, n*k, r+1), (B, r+1, r+1)
+    # 3. sum_k u_k (x) A_k = Q_u C Q_A^T with the small core C = R_u R_A^T; C = U diag(sigma) V^T.
+    C = R_u @ R_A.transpose(0, 2, 1)  # (B, r+1, r+1)
+    U, sigma, Vt = np.linalg.svd(C)  # sigma (B, r+1), descending
+    # 4. Opt: X X^T replaces diag(sigma), unbiased, rank r, with the least variance (SPEC §4).
+    X = _opt_factors(sigma, signs.astype(sigma.dtype))  # (B, r+1, r)
+    # 5. Map back: u'_j = Q_u U x_j, A'_j = Q_A V x_j. Since x_j serves both sides, ||u'_j|| =
+    # ||A'_j|| = ||x_j|| already (Q orthonormal): the optional rescale of SPEC §3.5 is built in.
+    us_new = _map_back(Q_u, U, X)  # (B, r, m)
+    As_new = _map_back(Q_A, Vt.transpose(0, 2, 1), X).reshape((B, r) + As.shape[2:])
+    return us_new, As_new
+
+
+def _orthonormalise(terms):
+    """Thin QR of the columns terms[b].T (SPEC §3.2): terms (B, k, d) -> Q (B, d, k), R (B, k, k).
+
+    Householder QR (LAPACK geqrf through numpy), not Gram-Schmidt, which loses orthogonality when
+    terms are nearly dependent: they are, whenever OK's approximation is good. If d < k, Q gets
+    zero columns and R zero rows so that C keeps its (k, k) shape.
+    """
+    B, k, d = terms.shape
+    Q, R = np.linalg.qr(terms.transpose(0, 2, 1))  # (B, d, min(d, k)), (B, min(d, k), k)
+    if d >= k:
+        return Q, R
+    Q_pad = np.zeros((B, d, k), dtype=Q.dtype)
+    R_pad = np.zeros((B, k, k), dtype=R.dtype)
+    Q_pad[:, :, :d] = Q
+    R_pad[:, :d] = R
+    return Q_pad, R_pad
+
+
+def _map_back(Q, U, X):
+    """Factors (Q U X)^T (SPEC §3.5): Q (B, d, k), U (B, k, k), X (B, k, r) -> (B, r, d)."""
+    coefficients = (U @ X).transpose(0, 2, 1)  # (B, r, k)
+    return coefficients @ Q.transpose(0, 2, 1)  # (B, r, d), C-contiguous for the next step
+
+
+def ok_reduce(us, As, signs):
+    """One OK reduction of one stream (SPEC §3 steps 2-5): r+1 Kronecker terms -> r terms.
+
+    us (r+1, m), As (r+1, n, k), signs (r+1,) of +-1 -> us_new (r, m), As_new (r, n, k) with
+    E[sum_j us_new[j] (x) As_new[j]] = sum_k us[k] (x) As[k] and variance min_variance(sigma, r).
+    Mixed coordinate i (descending sigma) takes signs[i]; signs of kept coordinates are unused.
+    """
+    us, As = np.asarray(us), np.asarray(As)
+    if us.ndim != 2 or us.shape[0] < 2:
+        raise ValueError(f"us must have shape (r+1, m) with r >= 1, got {us.shape}")
+    if As.ndim != 3 or As.shape[0] != us.shape[0]:
+        raise ValueError(f"As must have shape ({us.shape[0]}, n, k) to match us, got {As.shape}")
+    signs = _check_signs(signs, (us.shape[0],))
+    dtype = np.result_type(us.dtype, As.dtype, np.float32)
+    us_new, As_new = _ok_reduce_batch(us[None].astype(dtype), As[None].astype(dtype), signs[None])
+    return us_new[0], As_new[0]
+
+
+# --- 4. Opt: the optimal unbiased rank-r replacement of diag(sigma) (SPEC §4) ------------------
+
+
+@njit(cache=True)
+def _opt_split(sigma, r):
+    """p, the number of singular values Opt keeps exactly, and S, the sum of the others.
+
+    p is the smallest index in 0..r-1 with (r - p) sigma[p] <= sum(sigma[p:]) (SPEC §4, 0-based);
+    p = r - 1 always qualifies, so the search stops there even if rounding says otherwise.
+    """
+    for p in range(r - 1):
+        S = sigma[p:].sum()
+        if (r - p) * sigma[p] <= S:
+            return p, S
+    return r - 1, sigma[r - 1:].sum()
+
+
+@njit(cache=True)
+def _opt_factors(sigma, signs):
+    """Opt (SPEC §4): X with E[X X^T] = diag(sigma) and the least variance, V_min.
+
+    sigma (B, r+1) descending, signs (B, r+1) of +-1 -> X (B, r+1, r). Column j of X is x_j = y_j.
+    Kept: x_i = sqrt(sigma_i) e_i for i < p. Mixed: with c = S / q, q = r - p, and the unit
+    vector v_i = signs_i sqrt(1 - sigma_i / c) over the q+1 mixed coordinates, the q columns
+    sqrt(c) w_j span the complement of v, so sum_j x_j x_j^T = c (I - v v^T), whose mean over the
+    signs is diag(sigma). The construction is symmetric in both sides; the paper's released code
+    scales the two sides differently and stays above V_min.
+    """
+    B, k = sigma.shape
+    r = k - 1
+    X = np.zeros((B, k, r), dtype=sigma.dtype)
+    for b in range(B):
+        p, S = _opt_split(sigma[b], r)
+        for i in range(p):
+            X[b, i, i] = np.sqrt(sigma[b, i])
+        if S <= 0.0:
+            continue  # nothing left to mix: the mixed block is zero
+        q = r - p
+        c = S / q
+        v = np.empty(q + 1, dtype=sigma.dtype)
+        for i in range(q + 1):
+            d = max(1.0 - sigma[b, p + i] / c, 0.0)  # >= 0 in exact arithmetic; clip rounding
+            v[i] = signs[b, p + i] * np.sqrt(d)
+        v /= np.sqrt((v * v).sum())  # sum(d) = 1 exactly in theory; renormalise the rounding away
+        # Householder reflection P = I - 2 w w^T / (w^T w) with w = v + sign(v_0) e_0 maps v to a
+        # multiple of e_0, so P's columns 1..q are an orthonormal basis of v's complement. The
+        # sign choice avoids cancellation, and w^T w = 2 (1 + |v_0|) >= 2: no division by zero.
+        w = v.copy()
+        w[0] += 1.0 if v[0] >= 0.0 else -1.0
+        scale = 2.0 / (w * w).sum()
+        root_c = np.sqrt(c)
+        for j in range(q):
+            for i in range(q + 1):
+                P_ij = (1.0 if i == j + 1 else 0.0) - scale * w[i] * w[j + 1]
+                X[b, p + i, p + j] = root_c * P_ij
+    return X
+
+
+def min_variance(sigma, r):
+    """V_min(sigma, r) = S^2 / (r - p) - sum_{i >= p} sigma_i^2 (SPEC §4, the paper's Theorem).
+
+    The least E||C' - diag(sigma)||_F^2 over random rank-<=r matrices C' with mean diag(sigma);
+    sigma (r+1,) non-negative and descending. For r = 1 it is 2 sigma_1 sigma_2.
+    """
+    _check_positive_int("r", r)
+    sigma = np.asarray(sigma, dtype=np.float64)
+    if sigma.shape != (r + 1,):
+        raise ValueError(f"sigma must have shape ({r + 1},) for r = {r}, got {sigma.shape}")
+    if np.any(sigma < 0) or np.any(np.diff(sigma) > 0) or not np.all(np.isfinite(sigma)):
+        raise ValueError(f"sigma must be finite, non-negative and descending, got {sigma}")
+    p, S = _opt_split(sigma, r)
+    return float(S * S / (r - p) - (sigma[p:] ** 2).sum())
+
+
+# --- 5. The baselines: KF-RTRL, r-KF-RTRL-AVG, UORO (SPEC §5); TBPTT is bptt() per window ------
+
+
+def _kf_update(state, a, H, D, signs):
+    """KF-RTRL for r independent rank-1 estimates (SPEC §5): u' = c0 rho0 u + c1 rho1 a_t,
+    A' = c0 H A / rho0 + c1 D_t / rho1. signs (B, r, 2) = (c0, c1). kf: r = 1; kf-avg averages r.
+    """
+    HA = H[:, None] @ state.As  # (B, r, n, 2n)
+    B, r = state.us.shape[:2]
+    return KronState(*_kf_mix(state.us, HA, np.broadcast_to(a[:, None], (B, r, a.shape[1])),
+                              np.broadcast_to(D[:, None], HA.shape), signs))
+
+
+def _kf_mix(u0, A0, u1, A1, signs):
+    """The KF reduction of u0 (x) A0 + u1 (x) A1 to one unbiased term, element by element.
+
+    u (..., m), A (..., n, k), signs (..., 2). rho_i = sqrt(||A_i|| / ||u_i||) balances the two
+    sides (Mujika et al. 2018), which minimises the variance for the signs-mixing scheme.
+    """
+    rho0 = np.sqrt(_safe_ratio(_norm(A0, 2), _norm(u0, 1)))[..., None]  # (..., 1)
+    rho1 = np.sqrt(_safe_ratio(_norm(A1, 2), _norm(u1, 1)))[..., None]
+    c0, c1 = signs[..., 0:1].astype(u0.dtype), signs[..., 1:2].astype(u0.dtype)
+    u_new = c0 * rho0 * u0 + c1 * rho1 * u1
+    A_new = (c0 / rho0)[..., None] * A0 + (c1 / rho1)[..., None] * A1
+    return u_new, A_new
+
+
+def kf_reduce(us, As, signs):
+    """KF-RTRL's reduction of one stream's 2 terms to 1: us (2, m), As (2, n, k), signs (2,)."""
+    us, As = np.asarray(us), np.asarray(As)
+    if us.ndim != 2 or us.shape[0] != 2 or As.ndim != 3 or As.shape[0] != 2:
+        raise ValueError(f"kf_reduce takes us (2, m), As (2, n, k), got {us.shape}, {As.shape}")
+    signs = _check_signs(signs, (2,))
+    u_new, A_new = _kf_mix(us[0], As[0], us[1], As[1], signs)
+    return u_new[None], A_new[None]
+
+
+class UOROState(NamedTuple):
+    s: np.ndarray  # (B, n)
+    theta: np.ndarray  # (B, m, 2n)
+
+
+def _uoro_update(state, a, H, D, nu):
+    """UORO (SPEC §5): s' = rho0 H s + rho1 nu, theta' = theta / rho0 + (nu^T F_t) / rho1.
+
+    nu (B, n) of +-1; nu^T F_t = outer(a_t, D_t^T nu) costs O(n m), never forming F_t.
+    """
+    s, theta = state
+    nu = nu.astype(s.dtype)
+    Hs = np.einsum("bij,bj->bi", H, s)  # (B, n)
+    nuF = a[:, :, None] * np.einsum("bi,bij->bj", nu, D)[:, None, :]  # (B, m, 2n)
+    rho0 = np.sqrt((_norm(theta, 2) + UORO_EPS) / (_norm(Hs, 1) + UORO_EPS))[:, None]  # (B, 1)
+    rho1 = np.sqrt((_norm(nuF, 2) + UORO_EPS) / (_norm(nu, 1) + UORO_EPS))[:, None]
+    return UOROState(rho0 * Hs + rho1 * nu, theta / rho0[..., None] + nuF / rho1[..., None])
+
+
+def _norm(x, n_axes):
+    """Euclidean (Frobenius) norm over the last n_axes axes."""
+    return np.sqrt((x * x).sum(axis=tuple(range(-n_axes, 0))))
+
+
+def _safe_ratio(num, den):
+    """num / den where both are > 0, else 1: a zero side makes its Kronecker term zero, and any
+    positive rescaling of a zero term is exact, so 1 is as good as any value and needs no division."""
+    ok = (num > 0) & (den > 0)
+    return np.divide(num, den, out=np.ones_like(num), where=ok)
+
+
+# --- The online learner interface (used by sequence_grad and by both runners) ------------------
+
+
+def init_learner(method, params, B, rank=1):
+    """Zero learner state for B streams: a NamedTuple of arrays, each with leading axis B.
+
+    rank is OK's rank r, or kf-avg's number of averaged KF estimates; rtrl, kf and uoro ignore it.
+    """
+    _check_method(method, METHODS)
+    _check_positive_int("rank", rank)
+    _check_positive_int("B", B)
+    V, n, _ = sizes(params)
+    m, dtype = V + n + 1, params.W.dtype
+    if method == "rtrl":
+        return RTRLState(np.zeros((B, n, m, 2 * n), dtype))
+    if method == "uoro":
+        return UOROState(np.zeros((B, n), dtype), np.zeros((B, m, 2 * n), dtype))
+    r = 1 if method == "kf" else rank
+    return KronState(np.zeros((B, r, m), dtype), np.zeros((B, r, n, 2 * n), dtype))
+
+
+def sign_shape(method, B, rank, n):
+    """Shape of one step's random signs: ok (B, r+1), kf (B, 1, 2), kf-avg (B, r, 2), uoro (B, n)."""
+    return {"rtrl": None, "ok": (B, rank + 1), "kf": (B, 1, 2),
+            "kf-avg": (B, rank, 2), "uoro": (B, n)}[method]
+
+
+def draw_signs(rng, method, B, rank, n):
+    """One step's independent uniform +-1 signs for method, from the Generator rng (None for rtrl)."""
+    _check_method(method, METHODS)
+    shape = sign_shape(method, B, rank, n)
+    return None if shape is None else (2 * rng.integers(0, 2, size=shape) - 1).astype(np.int8)
+
+
+def learner_step(params, state, h, x, y, method, signs=None, reset=None):
+    """One online step: cell, learner update, gradient estimate of this step's loss (SPEC §2-5).
+
+    h (B, n), x, y (B,) ints, signs as draw_signs gives, reset (B,) bool or None: those streams
+    start a new sequence, so their h and learner state are zeroed first. Returns (losses (B,),
+    dW, dW_out, h, state); dW, dW_out estimate the gradient of the batch-mean loss of this step,
+    dW_out exactly, dW as sum_k outer(u_k, q A_k) (SPEC §3.6) or its analogue.
+    """
+    W, W_out = params
+    V, n, O = sizes(params)
+    B = h.shape[0]
+    _check_method(method, METHODS)
+    x, y = _check_sequences(x[None], y[None], V, O)
+    if reset is not None and np.any(reset):
+        keep = ~np.asarray(reset, dtype=bool)
+        h = h * keep[:, None]
+        state = type(state)(*(field * keep.reshape((B,) + (1,) * (field.ndim - 1))
+                              for field in state))
+    h, a, f, alpha, beta = cell_step(W, x[0], h)
+    H, D = jacobians(W, f, alpha, beta)
+    if method != "rtrl":
+        rank = state.us.shape[1] if isinstance(state, KronState) else 1
+        signs = _check_signs(signs, sign_shape(method, B, rank, n))
+    if method == "rtrl":
+        state = _rtrl_update(state, a, H, D)
+    elif method == "ok":
+        state = _ok_update(state, a, H, D, signs)
+    elif method in ("kf", "kf-avg"):
+        state = _kf_update(state, a, H, D, signs)
+    else:
+        state = _uoro_update(state, a, H, D, signs)
+    losses, dlogits = readout(W_out, h, y[0])
+    q, dW_out = _output_grads(W_out, h, dlogits)
+    return losses, _influence_grad(method, state, q), dW_out, h, state
+
+
+def _influence_grad(method, state, q):
+    """dL/dW = sum_i q[i] G[i] summed over streams, from the learner's (approximate) G (SPEC §2)."""
+    if method == "rtrl":
+        return np.einsum("bi,bilj->lj", q, state.G)
+    if method == "uoro":  # G ~ s (x) theta: q G = (q . s) theta
+        return np.einsum("b,blj->lj", (q * state.s).sum(axis=1), state.theta)
+    us, As = state
+    qA = np.einsum("bi,bkij->bkj", q, As)  # (B, r, 2n)
+    dW = np.einsum("bkl,bkj->lj", us, qA)  # sum_k outer(u_k, q A_k)
+    return dW / us.shape[1] if method == "kf-avg" else dW  # kf-avg: the mean of r estimates
+
+
+def evaluate(params, xs, ys, h0=None):
+    """Forward pass only: per-symbol losses (T, B) in nats and the final state h_T (B, n)."""
+    W, W_out = params
+    V, n, O = sizes(params)
+    xs, ys = _check_sequences(xs, ys, V, O)
+    T, B = xs.shape
+    h = np.zeros((B, n), W.dtype) if h0 is None else _check_state("h0", h0, (B, n), W.dtype)
+    losses = np.empty((T, B), dtype=np.float64)
+    for t in range(T):
+        h = cell_step(W, xs[t], h)[0]
+        losses[t] = readout(W_out, h, ys[t])[0]
+    return losses, h
+
+
+# --- Whole-sequence gradients ------------------------------------------------------------------
+
+
+def sequence_grad(params, xs, ys, method, rank=1, rng=None, *, signs=None):
+    """Loss and gradient of one batch of sequences, parameters held fixed, h_0 = 0.
+
+    xs, ys (T, B) ints. loss = sum_t of the batch-mean cross-entropy (nats). For "bptt" and
+    "rtrl", (dW, dW_out) is its exact gradient; for "ok", "kf", "kf-avg", "uoro" it is the sum of
+    the step-t online estimates. The random signs come from rng, or from signs (T, *sign_shape)
+    when given, which lets tests enumerate every sign sequence.
+    """
+    _check_method(method, ("bptt",) + METHODS)
+    if method == "bptt":
+        loss, dW, dW_out, _ = bptt(params, xs, ys)
+        return loss, dW, dW_out
+    _check_positive_int("rank", rank)
+    V, n, O = sizes(params)
+    xs, ys = _check_sequences(xs, ys, V, O)
+    T, B = xs.shape
+    if method != "rtrl" and signs is None and rng is None:
+        raise ValueError(f"method {method!r} is stochastic: pass rng (a numpy Generator) or signs")
+    if signs is not None and method != "rtrl":
+        signs = _check_signs(signs, (T,) + sign_shape(method, B, rank, n))
+    state = init_learner(method, params, B, rank)
+    h = np.zeros((B, n), params.W.dtype)
+    loss, dW, dW_out = 0.0, np.zeros_like(params.W), np.zeros_like(params.W_out)
+    for t in range(T):
+        step_signs = signs[t] if signs is not None else draw_signs(rng, method, B, rank, n)
+        losses, dW_t, dW_out_t, h, state = learner_step(params, state, h, xs[t], ys[t], method,
+                                                        step_signs)
+        loss += losses.mean()
+        dW += dW_t
+        dW_out += dW_out_t
+    return loss, dW, dW_out
+
+
+# --- Optimiser: W-gradient clipping and Adam (SPEC §6-7) ---------------------------------------
+
+
+class AdamState(NamedTuple):
+    m: Params  # first-moment estimates
+    v: Params  # second-moment estimates
+    t: int  # steps taken
+
+
+def adam_init(params):
+    return AdamState(Params(*map(np.zeros_like, params)), Params(*map(np.zeros_like, params)), 0)
+
+
+def apply_gradients(params, adam, dW, dW_out, lr, max_norm, beta1=0.9, beta2=0.999, eps=1e-8):
+    """Clip dW to norm max_norm (W_out unclipped, as the paper's code) and take one Adam step.
+
+    Returns (params, adam, norm of dW before clipping); the inputs are left untouched. A gradient
+    that is not finite raises FloatingPointError rather than reaching the weights.
+    """
+    for name, g in (("dW", dW), ("dW_out", dW_out)):
+        if not np.all(np.isfinite(g)):
+            raise FloatingPointError(f"{name} is not finite (NaN or inf): the run diverged; "
+                                     "lower the learning rate or train in float64")
+    norm = float(np.sqrt((dW.astype(np.float64) ** 2).sum()))
+    if norm > max_norm:
+        dW = dW * (max_norm / norm)  # norm > max_norm > 0 here, so the division is safe
+    t = adam.t + 1
+    new_params, new_m, new_v = [], [], []
+    for p, g, m, v in zip(params, (dW, dW_out), adam.m, adam.v):
+        m = beta1 * m + (1 - beta1) * g
+        v = beta2 * v + (1 - beta2) * g * g
+        step = (m / (1 - beta1 ** t)) / (np.sqrt(v / (1 - beta2 ** t)) + eps)  # Kingma and Ba
+        new_params.append((p - lr * step).astype(p.dtype))
+        new_m.append(m)
+        new_v.append(v)
+    return Params(*new_params), AdamState(Params(*new_m), Params(*new_v), t), norm
+
+
+def bits(nats):
+    """Nats to bits."""
+    return nats / np.log(2.0)
+
+
+# --- Argument checks (public functions check; the code above them trusts its inputs) -----------
+
+
+def _check_positive_int(name, value):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+def _check_method(method, allowed):
+    if method not in allowed:
+        raise ValueError(f"unknown method {method!r}: expected one of {', '.join(allowed)}")
+
+
+def _check_sequences(xs, ys, V, O):
+    """xs, ys (T, B) integer symbols in range(V) and range(O)."""
+    xs, ys = np.asarray(xs), np.asarray(ys)
+    if xs.ndim != 2 or xs.shape != ys.shape or xs.size == 0:
+        raise ValueError(f"xs and ys must be non-empty (T, B) arrays of one shape, "
+                         f"got {xs.shape} and {ys.shape}")
+    for name, s, size in (("xs", xs, V), ("ys", ys, O)):
+        if not np.issubdtype(s.dtype, np.integer):
+            raise ValueError(f"{name} must hold integer symbols, got dtype {s.dtype}")
+        if s.min() < 0 or s.max() >= size:
+            raise ValueError(f"{name} holds symbols in [{s.min()}, {s.max()}], expected 0..{size - 1}")
+    return xs, ys
+
+
+def _check_signs(signs, shape):
+    if signs is None:
+        raise ValueError(f"signs are required: expected an array of +-1 with shape {shape}")
+    signs = np.asarray(signs)
+    if signs.shape != tuple(shape):
+        raise ValueError(f"signs must have shape {tuple(shape)}, got {signs.shape}")
+    if not np.all(np.abs(signs) == 1):
+        raise ValueError("signs must all be +1 or -1")
+    return signs
+
+
+def _check_state(name, array, shape, dtype):
+    array = np.asarray(array)
+    if array.shape != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {array.shape}")
+    return array.astype(dtype)
