@@ -461,6 +461,11 @@ def draw_signs(rng, method, B, rank, n):
     return None if shape is None else (2 * rng.integers(0, 2, size=shape) - 1).astype(np.int8)
 
 
+_STATE_TYPES = {"rtrl": RTRLState, "ok": KronState, "kf": KronState, "kf-avg": KronState,
+                "uoro": UOROState}
+_UPDATES = {"ok": _ok_update, "kf": _kf_update, "kf-avg": _kf_update, "uoro": _uoro_update}
+
+
 def learner_step(params, state, h, x, y, method, signs=None, reset=None):
     """One online step: cell, learner update, gradient estimate of this step's loss (SPEC §2-5).
 
@@ -473,25 +478,23 @@ def learner_step(params, state, h, x, y, method, signs=None, reset=None):
     V, n, O = sizes(params)
     B = h.shape[0]
     _check_method(method, METHODS)
-    x, y = _check_sequences(x[None], y[None], V, O)
+    x, y = _check_sequences(np.asarray(x)[None], np.asarray(y)[None], V, O)
     if reset is not None and np.any(reset):
         keep = ~np.asarray(reset, dtype=bool)
         h = h * keep[:, None]
         state = type(state)(*(field * keep.reshape((B,) + (1,) * (field.ndim - 1))
                               for field in state))
+    if not isinstance(state, _STATE_TYPES[method]):
+        raise ValueError(f"method {method!r} needs a {_STATE_TYPES[method].__name__} from "
+                         f"init_learner, got a {type(state).__name__}")
     h, a, f, alpha, beta = cell_step(W, x[0], h)
     H, D = jacobians(W, f, alpha, beta)
-    if method != "rtrl":
-        rank = state.us.shape[1] if isinstance(state, KronState) else 1
-        signs = _check_signs(signs, sign_shape(method, B, rank, n))
     if method == "rtrl":
         state = _rtrl_update(state, a, H, D)
-    elif method == "ok":
-        state = _ok_update(state, a, H, D, signs)
-    elif method in ("kf", "kf-avg"):
-        state = _kf_update(state, a, H, D, signs)
     else:
-        state = _uoro_update(state, a, H, D, signs)
+        rank = state.us.shape[1] if isinstance(state, KronState) else 1
+        signs = _check_signs(signs, sign_shape(method, B, rank, n))
+        state = _UPDATES[method](state, a, H, D, signs)
     losses, dlogits = readout(W_out, h, y[0])
     q, dW_out = _output_grads(W_out, h, dlogits)
     return losses, _influence_grad(method, state, q), dW_out, h, state
@@ -504,8 +507,9 @@ def _influence_grad(method, state, q):
     if method == "uoro":  # G ~ s (x) theta: q G = (q . s) theta
         return np.einsum("b,blj->lj", (q * state.s).sum(axis=1), state.theta)
     us, As = state
+    B, r, m = us.shape
     qA = np.einsum("bi,bkij->bkj", q, As)  # (B, r, 2n)
-    dW = np.einsum("bkl,bkj->lj", us, qA)  # sum_k outer(u_k, q A_k)
+    dW = us.reshape(B * r, m).T @ qA.reshape(B * r, -1)  # sum_b sum_k outer(u_k, q A_k): (m, 2n)
     return dW / us.shape[1] if method == "kf-avg" else dW  # kf-avg: the mean of r estimates
 
 
