@@ -1,0 +1,136 @@
+"""Benchmark: one training step of every learner against OK's floor, the r products H_t A_k.
+
+    python bench_ok_rtrl.py [--repeats 5] [--dtype float32]
+
+Prints a markdown table: per configuration (n, B, r), the median time of the batched H A
+products alone (the floor), of one full training step (cell, learner update, gradient, clipping,
+Adam) for each method, OK-step / floor, the GFLOP/s that OK achieves on the floor's work, and the
+learner state per stream. Then the Numba compile time with a cold and a warm cache. Timings are
+medians over repeated steps after warm-up, measured side by side in one run: these machines are
+noisy, so compare ratios, not absolute numbers across runs.
+"""
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+import ok_rtrl as ok
+
+CONFIGS = [  # (n, B, r, V): sizes of the two paper tasks and two smaller networks
+    (32, 16, 16, 4),
+    (64, 16, 16, 4),
+    (128, 16, 16, 4),  # copy task (SPEC §6)
+    (256, 32, 8, 50),  # character-level PTB (SPEC §7)
+]
+TBPTT_WINDOW = 20
+MAX_RTRL_BYTES = 2 * 2**30  # exact RTRL only where G fits comfortably in memory
+MAX_RTRL_FLOP = 50e9  # ... and one step takes at most a few seconds
+
+
+def median_seconds(step, repeats, warmup=2):
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def time_floor(n, B, r, dtype, rng, repeats):
+    """The r batched (n x n)(n x 2n) products per stream that any OK step must do."""
+    H = rng.standard_normal((B, n, n)).astype(dtype)
+    As = rng.standard_normal((B, r, n, 2 * n)).astype(dtype)
+    out = np.empty_like(As)
+    return median_seconds(lambda: np.matmul(H[:, None], As, out=out), repeats)
+
+
+def time_online(method, params, B, r, rng, repeats):
+    """One online training step: learner_step, then clipping and Adam."""
+    V, n, _ = ok.sizes(params)
+    state = [ok.init_learner(method, params, B, r), np.zeros((B, n), params.W.dtype),
+             params, ok.adam_init(params)]
+
+    def step():
+        learner, h, p, adam = state
+        x, y = rng.integers(0, V, B), rng.integers(0, V, B)
+        signs = ok.draw_signs(rng, method, B, r, n)
+        _, dW, dW_out, h, learner = ok.learner_step(p, learner, h, x, y, method, signs)
+        p, adam, _ = ok.apply_gradients(p, adam, dW, dW_out, 1e-3, max_norm=B)
+        state[:] = learner, h, p, adam
+
+    seconds = median_seconds(step, repeats)
+    state_bytes = sum(field.nbytes for field in state[0]) / B
+    return seconds, state_bytes
+
+
+def time_tbptt(params, B, rng, repeats):
+    """TBPTT-k: one BPTT window of k steps and one update, reported per step."""
+    V, n, _ = ok.sizes(params)
+    adam = ok.adam_init(params)
+
+    def window():
+        xs, ys = rng.integers(0, V, (TBPTT_WINDOW, B)), rng.integers(0, V, (TBPTT_WINDOW, B))
+        _, dW, dW_out, _ = ok.bptt(params, xs, ys)
+        ok.apply_gradients(params, adam, dW, dW_out, 1e-3, max_norm=B)
+
+    state_bytes = TBPTT_WINDOW * (n + V + n + 1) * np.dtype(params.W.dtype).itemsize
+    return median_seconds(window, repeats) / TBPTT_WINDOW, state_bytes
+
+
+def compile_seconds():
+    """Wall time of importing the module and a first float32 and float64 OK step, cold and warm."""
+    code = ("import time, numpy as np; t = time.perf_counter(); import ok_rtrl as ok\n"
+            "rng = np.random.default_rng(0)\n"
+            "for dtype in (np.float32, np.float64):\n"
+            "    p = ok.init_params(3, 4, 3, rng, dtype)\n"
+            "    xs = rng.integers(0, 3, (2, 2))\n"
+            "    ok.sequence_grad(p, xs, xs, 'ok', rank=2, rng=rng)\n"
+            "print(time.perf_counter() - t)")
+    here = os.path.dirname(os.path.abspath(__file__))
+    with tempfile.TemporaryDirectory() as cache:
+        env = dict(os.environ, NUMBA_CACHE_DIR=cache)
+        run = lambda: float(subprocess.run([sys.executable, "-c", code], cwd=here, env=env,
+                                           check=True, capture_output=True, text=True).stdout)
+        return run(), run()
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5, help="timed steps per measurement")
+    parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    args = parser.parse_args(argv)
+    dtype = np.dtype(args.dtype)
+    rng = np.random.default_rng(0)
+    print(f"dtype {args.dtype}, {os.cpu_count()} cores, median of {args.repeats} steps\n")
+    print("| n, B, r | floor H A | OK | OK / floor | OK GFLOP/s | KF | kf-avg | UORO "
+          f"| TBPTT-{TBPTT_WINDOW} | exact RTRL | OK state / stream |")
+    print("|---" * 11 + "|")
+    for n, B, r, V in CONFIGS:
+        params = ok.init_params(V, n, V, rng, dtype)
+        floor = time_floor(n, B, r, dtype, rng, args.repeats)
+        times = {m: time_online(m, params, B, r, rng, args.repeats) for m in ("ok", "kf", "kf-avg", "uoro")}
+        tbptt = time_tbptt(params, B, rng, args.repeats)
+        m = V + n + 1
+        rtrl_bytes, rtrl_flop = B * n * m * 2 * n * dtype.itemsize, 2 * B * n * n * m * 2 * n
+        rtrl = (f"{1e3 * time_online('rtrl', params, B, r, rng, 3)[0]:.1f} ms"
+                if rtrl_bytes < MAX_RTRL_BYTES and rtrl_flop < MAX_RTRL_FLOP else "too big")
+        ok_seconds, ok_bytes = times["ok"]
+        floor_flop = 2 * B * r * n * n * 2 * n
+        ms = {k: f"{1e3 * v[0]:.2f} ms" for k, v in times.items()}
+        print(f"| {n}, {B}, {r} | {1e3 * floor:.2f} ms | {ms['ok']} | {ok_seconds / floor:.1f} "
+              f"| {floor_flop / ok_seconds / 1e9:.0f} | {ms['kf']} | {ms['kf-avg']} | {ms['uoro']} "
+              f"| {1e3 * tbptt[0]:.2f} ms | {rtrl} | {ok_bytes / 2**20:.1f} MiB |", flush=True)
+    cold, warm = compile_seconds()
+    print(f"\nNumba: import and first OK steps (float32 and float64) take {cold:.1f} s with a cold "
+          f"cache, {warm:.1f} s with a warm one.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
