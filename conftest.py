@@ -1,0 +1,15 @@
+"""Hypothesis profiles for test_ok_rtrl.py (STYLE.md §5): choose with --hypothesis-profile.
+
+They are registered here, not in the test file, because pytest reads --hypothesis-profile before
+it imports test modules. "ci" is the default when no profile is named (or HYPOTHESIS_PROFILE
+names another). deadline=None: a Numba kernel's first call compiles for seconds.
+"""
+import os
+
+from hypothesis import settings
+
+settings.register_profile("ci", max_examples=50, deadline=None, derandomize=True, database=None,
+                          print_blob=True)
+settings.register_profile("thorough", max_examples=1000, deadline=None, database=None,
+                          print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))

@@ -1,0 +1,700 @@
+"""Property tests of ok_rtrl: each test states a claim of SPEC.md / the paper and proves it against
+an independent oracle written here from SPEC's formulas, never with the module's own code.
+
+Benzing, Gauy, Mujika, Martinsson, Steger, "Optimal Kronecker-Sum Approximation of Real Time
+Recurrent Learning", ICML 2019 (arXiv 1902.03993). Oracles: a slow dense RTRL twin with explicit
+H, D, F = a (x) D and G (SPEC §1-2), central finite differences, Kronecker sums expanded to dense
+tensors with one einsum, exact enumeration of every sign pattern, and a brute-force Opt variance.
+Profiles "ci" (default) and "thorough" live in conftest.py: pytest --hypothesis-profile thorough.
+"""
+import itertools
+from typing import NamedTuple
+
+import numpy as np
+import pytest
+from hypothesis import example, given, settings, strategies as st
+
+import ok_rtrl as ok
+
+EPS64, EPS32 = np.finfo(np.float64).eps, np.finfo(np.float32).eps
+STOCHASTIC = ("ok", "kf", "kf-avg", "uoro")
+
+
+def fewer(factor):
+    """Settings with max_examples / factor of the loaded profile, for tests that enumerate."""
+    return settings(max_examples=max(5, settings.default.max_examples // factor))
+
+
+# --- Oracles: helpers and slow twins written from SPEC's formulas -------------------------------
+
+
+def assert_close(got, want, rtol, scale=None, what="value"):
+    """Norm-wise ||got - want|| <= rtol * scale (default ||want||); got must be finite."""
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    scale = np.linalg.norm(want) if scale is None else scale
+    err = np.linalg.norm(got - want)
+    assert np.all(np.isfinite(got)), f"{what} is not finite: {got}"
+    assert err <= rtol * scale, f"{what}: ||got - want|| = {err:.3e} > {rtol:.1e} * {scale:.3e}"
+
+
+def sigmoid(z):
+    return 0.5 * (1.0 + np.tanh(0.5 * z))  # = 1 / (1 + exp(-z)), without overflow
+
+
+class Exact(NamedTuple):
+    loss: float  # sum_t of the batch-mean cross-entropy, nats
+    dW: np.ndarray  # (m, 2n)
+    dW_out: np.ndarray  # (n + 1, O)
+    losses: np.ndarray  # (T, B) per-step cross-entropy
+    h_T: np.ndarray  # (B, n)
+    dW_size: float  # sum_t mean_b ||q_t|| ||G_t||: the size of the terms summed into dW
+    dW_out_size: float  # sum_t mean_b ||[h_t, 1]|| ||dL_t/dlogits||: same for dW_out
+
+
+def slow_rtrl(params, xs, ys, h0=None, resets=None):
+    """Dense RTRL twin (SPEC §1-2), one stream at a time, float64, explicit G (n, m, 2n).
+
+    resets (T, B): that stream's h and G are zero before step t (a new sequence).
+    """
+    W, W_out = (np.asarray(p, np.float64) for p in params)
+    (T, B), m, n, O = xs.shape, W.shape[0], W.shape[1] // 2, W_out.shape[1]
+    V = m - n - 1
+    losses, h_T = np.zeros((T, B)), np.zeros((B, n))
+    dW, dW_out, dW_size, dW_out_size = np.zeros_like(W), np.zeros_like(W_out), 0.0, 0.0
+    for b in range(B):
+        h = np.zeros(n) if h0 is None else np.asarray(h0[b], np.float64)
+        G = np.zeros((n, m, 2 * n))
+        for t in range(T):
+            if resets is not None and resets[t, b]:
+                h, G = np.zeros(n), np.zeros((n, m, 2 * n))
+            a = np.concatenate([np.eye(V)[xs[t, b]], h, [1.0]])  # (m,) = [x_t, h_{t-1}, 1]
+            z = a @ W  # (2n,) = [z_c, z_f]
+            s, f = sigmoid(z[:n]), sigmoid(z[n:])
+            c = 2 * s - 1
+            alpha, beta = (1 - f) * 2 * s * (1 - s), (h - c) * f * (1 - f)  # dh/dz_c, dh/dz_f
+            D = np.hstack([np.diag(alpha), np.diag(beta)])  # (n, 2n)
+            H = np.diag(f) + np.diag(alpha) @ W[V:V + n, :n].T + np.diag(beta) @ W[V:V + n, n:].T
+            F = np.einsum("l,ij->ilj", a, D)  # (n, m, 2n): F[i, l, j] = a[l] D[i, j]
+            G = np.einsum("ik,klj->ilj", H, G) + F  # G_t = H_t G_{t-1} + F_t
+            h = f * h + (1 - f) * c
+            hb = np.append(h, 1.0)  # (n + 1,)
+            logits = hb @ W_out
+            logp = logits - logits.max() - np.log(np.exp(logits - logits.max()).sum())
+            e = np.exp(logp) - np.eye(O)[ys[t, b]]  # dL_t/dlogits
+            losses[t, b] = -logp[ys[t, b]]
+            q = W_out[:n] @ e  # dL_t/dh_t
+            dW_out += np.outer(hb, e) / B
+            dW += np.einsum("i,ilj->lj", q, G) / B  # q_t . G_t
+            dW_size += np.linalg.norm(q) * np.linalg.norm(G) / B
+            dW_out_size += np.linalg.norm(hb) * np.linalg.norm(e) / B
+        h_T[b] = h
+    return Exact(losses.mean(axis=1).sum(), dW, dW_out, losses, h_T, dW_size, dW_out_size)
+
+
+def expand(us, As):
+    """A Kronecker sum as a dense tensor: us (r, m), As (r, n, k) -> (m, n, k)."""
+    return np.einsum("rl,rij->lij", us, As)
+
+
+def term_scale(us, As):
+    """sum_k ||u_k|| ||A_k||: the terms' size, which rounding errors scale with (>= ||sum||)."""
+    return float(sum(np.linalg.norm(u) * np.linalg.norm(A) for u, A in zip(us, As)))
+
+
+def sign_patterns(k):
+    """All 2^k patterns of k signs, as float arrays."""
+    return [np.array(s) for s in itertools.product((-1.0, 1.0), repeat=k)]
+
+
+def kron_sigma(us, As):
+    """Singular values of the dense sum as an m x (n k) matrix, padded / cut to r + 1."""
+    G = expand(us, As)
+    sigma = np.linalg.svd(G.reshape(G.shape[0], -1), compute_uv=False)
+    return np.pad(sigma, (0, max(0, len(us) - len(sigma))))[:len(us)]
+
+
+def enumerate_reduction(reduce, us, As, n_signs):
+    """Dense outputs of reduce(us, As, signs) for every sign pattern, their mean and variance."""
+    G = expand(us, As)
+    outs = np.array([expand(*reduce(us, As, s)) for s in sign_patterns(n_signs)])
+    return outs, outs.mean(axis=0), float(((outs - G) ** 2).sum(axis=(1, 2, 3)).mean())
+
+
+def slow_min_variance(sigma, r):
+    """V_min by brute force over every unbiased 'keep some sigma exactly, mix the rest' scheme.
+
+    Keep any subset K (|K| = p <= r-1), spread the other k = r+1-p values over q = r - p terms at
+    level c = S/q (feasible iff every mixed sigma <= c): variance q c^2 - sum_mixed sigma^2.
+    SPEC §4 claims the best of these is the prefix K = {1..p} with the smallest feasible p.
+    """
+    best = np.inf
+    for p in range(r):
+        for keep in itertools.combinations(range(r + 1), p):
+            mixed = np.delete(sigma, keep)
+            S = mixed.sum()
+            if S == 0 or (r - p) * mixed.max() <= S * (1 + 1e-12):
+                best = min(best, S * S / (r - p) - (mixed ** 2).sum() if S > 0 else 0.0)
+    return best
+
+
+def slow_opt(sigma, r, signs, asymmetric=False):
+    """Opt of SPEC §4 as a dense (r+1, r+1) matrix C' = sum_j x_j y_j^T for one sign pattern.
+
+    asymmetric: y-side multiplied by sqrt(sigma), x-side divided (the paper's released scaling,
+    D^{-1} M D): still unbiased, since the diagonal is unchanged, but with more variance.
+    """
+    p = next(p for p in range(r) if (r - p) * sigma[p] <= sigma[p:].sum() * (1 + 1e-12))
+    S, C = sigma[p:].sum(), np.diag(np.r_[sigma[:p], np.zeros(r + 1 - p)])
+    if S > 0:
+        c = S / (r - p)
+        v = signs[p:] * np.sqrt(np.clip(1 - sigma[p:] / c, 0, None))
+        M = c * (np.eye(r + 1 - p) - np.outer(v, v))  # rank r - p: (I - v v^T) projects out v
+        if asymmetric:
+            d = np.sqrt(np.where(sigma[p:] > 0, sigma[p:], 1.0))
+            M = M / d[:, None] * d[None, :]
+        C[p:, p:] = M
+    return C
+
+
+def slow_kf_mix(u0, A0, u1, A1, signs):
+    """KF-RTRL's mix of two terms into one (SPEC §5): rho_i = sqrt(||A_i|| / ||u_i||), or 1."""
+    def rho(u, A):
+        nu, nA = np.linalg.norm(u), np.linalg.norm(A)
+        return np.sqrt(nA / nu) if nu > 0 and nA > 0 else 1.0
+    r0, r1 = rho(u0, A0), rho(u1, A1)
+    return signs[0] * r0 * u0 + signs[1] * r1 * u1, signs[0] * A0 / r0 + signs[1] * A1 / r1
+
+
+def naive_reduce(us, As, signs):
+    """An unbiased competitor of OK: keep the first r-1 terms, KF-mix the last two."""
+    u, A = slow_kf_mix(us[-2], As[-2], us[-1], As[-1], signs)
+    return np.vstack([us[:-2], u]), np.concatenate([As[:-2], A[None]])
+
+
+# --- Strategies: tiny problems from sizes, a seed and a scale (STYLE.md §5) -------------------
+
+
+class Problem(NamedTuple):
+    params: ok.Params
+    xs: np.ndarray  # (T, B) input symbols
+    ys: np.ndarray  # (T, B) target symbols
+    seed: int  # for the Generators a test needs
+
+
+def make_problem(n, V, O, T, B, scale, seed):
+    rng = np.random.default_rng(seed)
+    W = scale * rng.standard_normal((V + n + 1, 2 * n))
+    W_out = scale * rng.standard_normal((n + 1, O))
+    xs, ys = rng.integers(0, V, (T, B)), rng.integers(0, O, (T, B))
+    return Problem(ok.Params(W, W_out), xs, ys, seed)
+
+
+@st.composite
+def problems(draw, max_n=6, max_V=4, min_T=1, max_T=8, max_B=3, scales=(0.01, 0.3, 1.0)):
+    """A tiny network and sequences: n <= 6, V, O <= 4, T <= 8, B <= 3. Scale 0.01 is the paper's
+    init; 0.3 and 1.0 drive the gates into their nonlinear range."""
+    n, V, O = draw(st.integers(1, max_n)), draw(st.integers(1, max_V)), draw(st.integers(1, 4))
+    T, B = draw(st.integers(min_T, max_T)), draw(st.integers(1, max_B))
+    scale, seed = draw(st.sampled_from(scales)), draw(st.integers(0, 2**32 - 1))
+    return make_problem(n, V, O, T, B, scale, seed)
+
+
+ZERO_PARAMS = make_problem(3, 2, 2, 4, 2, 0.0, 1)  # all-zero params: q = 0, gates at 1/2
+SATURATED = make_problem(4, 3, 3, 5, 2, 30.0, 2)  # |z| ~ 70: sigmoid' ~ e^-70, D ~ 0
+
+
+@st.composite
+def kron_terms(draw, r=None, kinds=("random", "first step", "repeated", "cancelling", "parallel",
+                                     "sigma")):
+    """r+1 Kronecker terms us (r+1, m), As (r+1, n, k) of a given structure (r <= 4, m <= 6,
+    n <= 3, k <= 6): sides shorter than r+1 come up and exercise SPEC §3.2's zero padding."""
+    r = draw(st.integers(1, 4)) if r is None else r
+    m, n, k = draw(st.integers(1, 6)), draw(st.integers(1, 3)), draw(st.integers(1, 6))
+    scale, kind = draw(st.sampled_from([1e-3, 1.0, 1e3])), draw(st.sampled_from(kinds))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    us, As = scale * rng.standard_normal((r + 1, m)), rng.standard_normal((r + 1, n, k))
+    if kind == "first step":  # G_0 = 0: only (a_1, D_1) is nonzero
+        us[:r], As[:r] = 0.0, 0.0
+    elif kind == "repeated":  # r+1 identical terms: Kronecker rank 1
+        us[:], As[:] = us[0], As[0]
+    elif kind == "cancelling":  # the first two terms cancel
+        us[1], As[1] = us[0], -As[0]
+    elif kind == "parallel":  # every u_k parallel: rank 1 on the u side
+        us = rng.standard_normal((r + 1, 1)) * us[0]
+    elif kind == "sigma":  # prescribed singular values, ties and zeros included
+        sigma = sorted(draw(st.lists(st.sampled_from([0.0, 1.0, 2.0, 3.0]), min_size=r + 1,
+                                     max_size=r + 1)), reverse=True)
+        d = min(m, n * k, r + 1)
+        Q_u = np.pad(np.linalg.qr(rng.standard_normal((m, d)))[0], ((0, 0), (0, r + 1 - d)))
+        Q_A = np.pad(np.linalg.qr(rng.standard_normal((n * k, d)))[0], ((0, 0), (0, r + 1 - d)))
+        R = np.linalg.qr(rng.standard_normal((r + 1, r + 1)))[0]  # orthogonal: mixes the terms
+        us = (scale * Q_u * np.array(sigma) @ R).T  # (r+1, m); sum_k u_k (x) A_k = Q_u S Q_A^T
+        As = (Q_A @ R).T.reshape(r + 1, n, k)
+    return r, us, As
+
+
+ZERO_TERMS = (1, np.zeros((2, 3)), np.zeros((2, 2, 4)))  # all-zero influence
+SAME_TERMS = (2, np.ones((3, 2)), np.ones((3, 1, 2)))  # identical terms: sigma = (6, 0, 0)
+
+
+# --- 1. Exact gradients: RTRL = BPTT = dense twin = finite differences (SPEC §1-2) --------------
+
+
+@given(problems())
+@example(ZERO_PARAMS)
+@example(SATURATED)
+def test_rtrl_equals_bptt(problem):
+    """RTRL's forward-mode and BPTT's reverse-mode gradients of the same loss agree (SPEC §2)."""
+    p, xs, ys, _ = problem
+    loss_r, dW_r, dWo_r = ok.sequence_grad(p, xs, ys, "rtrl")
+    loss_b, dW_b, dWo_b = ok.sequence_grad(p, xs, ys, "bptt")
+    # Both are exact; float64 rounding over T <= 8 steps of sums of <= 12 terms is ~1e-14
+    # relative, so 1e-9 (the issue's bound) only fails on a real difference.
+    assert_close(loss_r, loss_b, 1e-9, what="loss")
+    assert_close(dW_r, dW_b, 1e-9, what="dW")
+    assert_close(dWo_r, dWo_b, 1e-9, what="dW_out")
+
+
+@given(problems())
+@example(ZERO_PARAMS)
+@example(SATURATED)
+def test_rtrl_and_bptt_match_the_dense_twin(problem):
+    """sequence_grad "rtrl" and "bptt" equal the dense RTRL written here from SPEC §1-2."""
+    p, xs, ys, _ = problem
+    ex = slow_rtrl(p, xs, ys)
+    for method in ("rtrl", "bptt"):
+        got = ok.sequence_grad(p, xs, ys, method)
+        for g, w, what in zip(got, ex[:3], ("loss", "dW", "dW_out")):
+            assert_close(g, w, 1e-9, what=f"{method} {what}")  # exact vs exact: as above
+
+
+@given(problems(), st.integers(0, 2**32 - 1))
+@example(ZERO_PARAMS, 0)
+def test_rtrl_matches_finite_differences(problem, seed):
+    """dL/dW along 3 random unit directions equals the central difference of ok.evaluate's loss."""
+    p, xs, ys, _ = problem
+    _, dW, dW_out = ok.sequence_grad(p, xs, ys, "rtrl")
+    _, dW_b, dW_out_b = ok.sequence_grad(p, xs, ys, "bptt")
+
+    def loss(W, W_out):
+        return ok.evaluate(ok.Params(W, W_out), xs, ys)[0].mean(axis=1).sum()
+
+    rng, eps = np.random.default_rng(seed), 1e-5
+    for _ in range(3):
+        vW, vO = rng.standard_normal(p.W.shape), rng.standard_normal(p.W_out.shape)
+        norm = np.sqrt((vW**2).sum() + (vO**2).sum())
+        vW, vO = vW / norm, vO / norm
+        fd = (loss(p.W + eps * vW, p.W_out + eps * vO)
+              - loss(p.W - eps * vW, p.W_out - eps * vO)) / (2 * eps)
+        L = abs(loss(p.W, p.W_out))
+        # Central difference error: truncation eps^2/6 |L'''| (|L'''| < 1e2 on these tiny nets:
+        # 2e-9) plus rounding ~ 10 EPS64 |L| / eps (2e-10 |L|).
+        tol = 2e-9 + 10 * EPS64 * L / eps
+        for method, gW, gO in (("rtrl", dW, dW_out), ("bptt", dW_b, dW_out_b)):
+            directional = (gW * vW).sum() + (gO * vO).sum()
+            assert abs(directional - fd) <= tol, f"{method}: {directional} vs FD {fd}"
+
+
+@given(problems(), st.integers(0, 2**32 - 1))
+def test_bptt_with_h0_and_resets_matches_the_dense_twin(problem, seed):
+    """bptt() from a given h0, with resets (h = 0, no gradient across), equals the dense twin;
+    evaluate() from h0 gives the twin's per-step losses (SPEC §2, §5 TBPTT windows)."""
+    p, xs, ys, _ = problem
+    rng = np.random.default_rng(seed)
+    (T, B), n = xs.shape, p.W.shape[1] // 2
+    h0, resets = rng.uniform(-1, 1, (B, n)), rng.random((T, B)) < 0.3
+    loss, dW, dW_out, h_T = ok.bptt(p, xs, ys, h0=h0, resets=resets)
+    ex = slow_rtrl(p, xs, ys, h0=h0, resets=resets)
+    for g, w, what in zip((loss, dW, dW_out, h_T), (ex.loss, ex.dW, ex.dW_out, ex.h_T),
+                          ("loss", "dW", "dW_out", "h_T")):
+        assert_close(g, w, 1e-9, what=what)  # exact vs exact, float64: see test_rtrl_equals_bptt
+    losses, h_T = ok.evaluate(p, xs, ys, h0=h0)
+    ex = slow_rtrl(p, xs, ys, h0=h0)
+    assert_close(losses, ex.losses, 1e-9, what="losses")  # same forward pass, float64
+    assert_close(h_T, ex.h_T, 1e-9, what="h_T")
+
+
+# --- 2-3. One OK reduction: unbiased, rank r, variance V_min, least of all (SPEC §3-4) --------
+
+
+@given(kron_terms())
+@example(ZERO_TERMS)
+@example(SAME_TERMS)
+def test_ok_reduce_is_unbiased(terms):
+    """Mean over all 2^(r+1) sign patterns of the OK reduction is the (r+1)-term sum, and every
+    output has r terms of the input's shapes, so Kronecker rank <= r (SPEC §3, paper Alg. 1-3)."""
+    r, us, As = terms
+    (_, m), (_, n, k) = us.shape, As.shape
+    for signs in sign_patterns(r + 1):
+        us_new, As_new = ok.ok_reduce(us, As, signs)
+        assert us_new.shape == (r, m) and As_new.shape == (r, n, k)
+    _, mean, _ = enumerate_reduction(ok.ok_reduce, us, As, r + 1)
+    # QR and SVD are backward stable: errors ~ 1e2 EPS64 * (size of the terms), far below 1e-10.
+    assert_close(mean, expand(us, As), 1e-10, scale=term_scale(us, As), what="mean of reductions")
+
+
+@given(kron_terms())
+@example(ZERO_TERMS)
+@example(SAME_TERMS)
+def test_ok_reduce_variance_equals_min_variance(terms):
+    """E||G' - G||_F^2 over all sign patterns equals V_min(sigma, r) of the paper's Theorem, sigma
+    the singular values of the dense sum (np.linalg.svd); min_variance agrees (SPEC §4)."""
+    r, us, As = terms
+    sigma = kron_sigma(us, As)
+    _, _, variance = enumerate_reduction(ok.ok_reduce, us, As, r + 1)
+    V_min = slow_min_variance(sigma, r)
+    scale = term_scale(us, As) ** 2  # variances are quadratic in the terms: 1e-9 of their square
+    assert_close(variance, V_min, 1e-9, scale=scale, what="enumerated variance")
+    assert_close(ok.min_variance(sigma, r), V_min, 1e-9, scale=scale, what="min_variance")
+
+
+@given(kron_terms(kinds=("random",)))
+def test_ok_reduce_ignores_the_signs_of_kept_coordinates(terms):
+    """Opt keeps sigma_1..sigma_p exactly, so signs[:p] are unused (API.md); p from SPEC §4's rule
+    on the np.linalg.svd sigma (generic terms: no ties at the rule's boundary)."""
+    r, us, As = terms
+    sigma = kron_sigma(us, As)
+    p = next(p for p in range(r) if (r - p) * sigma[p] <= sigma[p:].sum())
+    for signs in sign_patterns(r + 1):
+        flipped = np.r_[-signs[:p], signs[p:]]
+        # Same computation up to the sign of unused numbers: rounding only.
+        assert_close(expand(*ok.ok_reduce(us, As, flipped)), expand(*ok.ok_reduce(us, As, signs)),
+                     1e-10, scale=term_scale(us, As), what=f"flipped signs[:{p}]")
+
+
+@given(kron_terms())
+@example(SAME_TERMS)
+def test_ok_reduce_beats_other_unbiased_reductions(terms):
+    """OK's variance is <= that of two other unbiased rank-r reductions: keep r-1 terms and KF-mix
+    the last two, and Opt with the asymmetric scaling of the paper's released code (SPEC §4)."""
+    r, us, As = terms
+    G, sigma = expand(us, As), kron_sigma(us, As)
+    _, _, var_ok = enumerate_reduction(ok.ok_reduce, us, As, r + 1)
+    _, mean_naive, var_naive = enumerate_reduction(naive_reduce, us, As, 2)
+    Cs = [slow_opt(sigma, r, s, asymmetric=True) for s in sign_patterns(r + 1)]
+    var_asym = np.mean([((C - np.diag(sigma)) ** 2).sum() for C in Cs])
+    scale = term_scale(us, As)
+    # The competitors are unbiased (else the comparison is void); rounding as in the tests above.
+    assert_close(mean_naive, G, 1e-10, scale=scale, what="naive mean")
+    assert_close(np.mean(Cs, axis=0), np.diag(sigma), 1e-10, scale=scale, what="asymmetric mean")
+    assert var_ok <= var_naive + 1e-9 * scale**2, (var_ok, var_naive)  # slack: rounding only
+    assert var_ok <= var_asym + 1e-9 * scale**2, (var_ok, var_asym)
+
+
+@given(kron_terms(r=1))
+@example(ZERO_TERMS)
+def test_ok_reduce_beats_kf_reduction(terms):
+    """At r = 1, kf_reduce is unbiased with variance >= OK's 2 sigma_1 sigma_2 (SPEC §4-5)."""
+    _, us, As = terms
+    scale = term_scale(us, As)
+    _, mean_kf, var_kf = enumerate_reduction(ok.kf_reduce, us, As, 2)
+    _, _, var_ok = enumerate_reduction(ok.ok_reduce, us, As, 2)
+    assert_close(mean_kf, expand(us, As), 1e-10, scale=scale, what="kf mean")  # rounding only
+    assert var_ok <= var_kf + 1e-9 * scale**2, (var_ok, var_kf)
+
+
+@given(kron_terms(r=1, kinds=("random",)))
+def test_kf_reduce_matches_its_twin_and_variance(terms):
+    """kf_reduce equals SPEC §5's formula sign by sign; on nonzero terms its variance is that of
+    the cross term c0 c1 (rho0/rho1 u_0 (x) A_1 + rho1/rho0 u_1 (x) A_0), which the balanced rho
+    make 2 ||u_0|| ||A_0|| ||u_1|| ||A_1|| + 2 <u_0, u_1> <A_0, A_1> (Mujika et al. 2018)."""
+    _, us, As = terms
+    scale = term_scale(us, As)
+    for signs in sign_patterns(2):
+        u, A = slow_kf_mix(us[0], As[0], us[1], As[1], signs)
+        assert_close(expand(*ok.kf_reduce(us, As, signs)), expand(u[None], A[None]), 1e-12,
+                     scale=scale, what="kf_reduce")  # the same few flops: a few EPS64
+    _, _, var_kf = enumerate_reduction(ok.kf_reduce, us, As, 2)
+    norms = np.prod([np.linalg.norm(x) for x in (us[0], As[0], us[1], As[1])])
+    var = 2 * norms + 2 * (us[0] @ us[1]) * (As[0] * As[1]).sum()
+    assert_close(var_kf, var, 1e-10, scale=scale**2, what="kf variance")  # rounding only
+
+
+sigmas = st.lists(st.one_of(st.sampled_from([0.0, 1.0, 2.0]), st.floats(0, 10)),
+                  min_size=2, max_size=6).map(lambda s: np.array(sorted(s, reverse=True)))
+
+
+@given(sigmas)
+@example(np.zeros(2))
+@example(np.ones(3))
+@example(np.array([5.0, 1.0, 1.0]))
+@example(np.array([2.0, 2.0, 1.0, 0.0, 0.0]))
+def test_min_variance_matches_brute_force(sigma):
+    """min_variance equals the least variance over every 'keep some, mix the rest' scheme, and
+    the SPEC §4 construction written out here attains it, unbiased, rank <= r (paper's Theorem)."""
+    r = len(sigma) - 1
+    V_min, scale = slow_min_variance(sigma, r), sigma.sum() ** 2
+    assert_close(ok.min_variance(sigma, r), V_min, 1e-9, scale=scale, what="min_variance")
+    Cs = np.array([slow_opt(sigma, r, s) for s in sign_patterns(r + 1)])
+    assert all(np.linalg.matrix_rank(C) <= r for C in Cs)
+    # Oracle self-check; a few dozen flops on numbers <= 60: 1e-9 of sum(sigma)^2 is rounding-free.
+    assert_close(Cs.mean(axis=0), np.diag(sigma), 1e-9, scale=sigma.sum(), what="Opt mean")
+    var = ((Cs - np.diag(sigma)) ** 2).sum(axis=(1, 2)).mean()
+    assert_close(var, V_min, 1e-9, scale=scale, what="Opt variance")
+
+
+@given(st.floats(0, 1e3), st.floats(0, 1e3))
+@example(0.0, 0.0)
+@example(1.0, 1.0)
+def test_min_variance_at_rank_one_is_two_sigma1_sigma2(s1, s2):
+    """V_min(sigma, 1) = 2 sigma_1 sigma_2 (SPEC §4; KF-RTRL's variance on balanced terms)."""
+    sigma = np.array(sorted([s1, s2], reverse=True))
+    # 3 flops: a few EPS64 relative to (s1 + s2)^2
+    assert_close(ok.min_variance(sigma, 1), 2 * s1 * s2, 1e-12, scale=(s1 + s2) ** 2)
+
+
+# --- 4-5. The OK learner over a sequence: unbiased; exact at full rank (SPEC §3, §5) ----------
+
+
+def sign_shape(method, rank, n, B=1):
+    """Shape of one step's signs (API.md)."""
+    return {"ok": (B, rank + 1), "kf": (B, 1, 2), "kf-avg": (B, rank, 2), "uoro": (B, n)}[method]
+
+
+@fewer(2)
+@pytest.mark.parametrize("method, rank", [("ok", 1), ("ok", 2), ("kf", 1), ("kf-avg", 2),
+                                          ("uoro", 1)])
+@given(data=st.data())
+def test_learner_is_unbiased_over_a_sequence(method, rank, data):
+    """The mean of sequence_grad over every sign sequence is the exact RTRL gradient: each
+    reduction is unbiased given the past, and dL_t/dW is linear in G_t (SPEC §3-5). B = 1 (the
+    streams are independent); at most 2^9 sign sequences."""
+    n = data.draw(st.integers(1, 3 if method == "uoro" else 4), label="n")
+    per_step = int(np.prod(sign_shape(method, rank, n)))  # signs per step, B = 1
+    T = data.draw(st.integers(1, min(3, 9 // per_step)), label="T")
+    V, O = data.draw(st.integers(1, 3), label="V"), data.draw(st.integers(2, 3), label="O")
+    scale = data.draw(st.sampled_from([0.01, 0.3, 1.0]), label="scale")
+    p, xs, ys, _ = make_problem(n, V, O, T, 1, scale, data.draw(st.integers(0, 2**32 - 1)))
+    ex = slow_rtrl(p, xs, ys)
+    dWs = []
+    for pattern in sign_patterns(T * per_step):
+        signs = pattern.reshape((T,) + sign_shape(method, rank, n))
+        got = ok.sequence_grad(p, xs, ys, method, rank=rank, signs=signs)
+        assert_close(got[0], ex.loss, 1e-9, what="loss")  # no randomness in the forward pass
+        assert_close(got[2], ex.dW_out, 1e-9, what="dW_out")  # W_out's gradient is exact
+        dWs.append(got[1])
+    # Rounding in each estimate scales with its own size, not with their (smaller) mean.
+    scale = np.mean([np.linalg.norm(g) for g in dWs])
+    assert_close(np.mean(dWs, axis=0), ex.dW, 1e-9, scale=scale, what=f"mean {method} dW")
+
+
+@fewer(2)
+@given(problems(max_n=3, max_V=2, min_T=2, max_T=2, max_B=1))
+def test_kf_avg_variance_is_kf_variance_over_rank(problem):
+    """r-KF-RTRL-AVG averages r independent KF estimators, so its variance is exactly KF's over
+    r (SPEC §5): r = 2, T = 2 (step 1 alone is exact), all 2^4 and 2^8 sign sequences."""
+    p, xs, ys, _ = problem
+
+    def estimates(method, rank):
+        shape = (2,) + sign_shape(method, rank, n=0)
+        return np.array([ok.sequence_grad(p, xs, ys, method, rank=rank, signs=s.reshape(shape))[1]
+                         for s in sign_patterns(4 * rank)])
+
+    kf, avg = estimates("kf", 1), estimates("kf-avg", 2)
+    var_kf, var_avg = (((e - e.mean(axis=0)) ** 2).sum(axis=(1, 2)).mean() for e in (kf, avg))
+    # Means of 2^8 squares of estimates of size <= max ||kf||: rounding ~1e-14 of its square.
+    size = np.linalg.norm(kf, axis=(1, 2)).max()
+    assert_close(var_avg, var_kf / 2, 1e-9, scale=size**2, what="kf-avg variance")
+
+
+@pytest.mark.parametrize("method", ["kf-avg", "uoro"])
+def test_kf_avg_and_uoro_are_unbiased_by_monte_carlo(method):
+    """Seeded Monte Carlo of the drawn-sign path (rng=, no signs) at a size enumeration can't
+    reach: 4 * 10^3 estimates of dW, compared coordinate-wise with exact RTRL (SPEC §5)."""
+    p, xs, ys, _ = make_problem(n=4, V=2, O=3, T=5, B=1, scale=0.5, seed=7)
+    dW = slow_rtrl(p, xs, ys).dW
+    K, copies = 40, 100  # K batch means of 100 identical streams each: dW is the batch mean
+    rng = np.random.default_rng(12345)
+    xs_b, ys_b = np.repeat(xs, copies, axis=1), np.repeat(ys, copies, axis=1)
+    means = np.array([ok.sequence_grad(p, xs_b, ys_b, method, rank=3, rng=rng)[1]
+                      for _ in range(K)])
+    z = np.abs(means.mean(axis=0) - dW) / (means.std(axis=0, ddof=1) / np.sqrt(K) + 1e-12)
+    # Unbiased => each z ~ |t_39| (batch means of 100 are near normal): P(|t_39| > 6) = 5.2e-7,
+    # so over the 2n m = 56 coordinates a false failure has probability < 3e-5 (fixed seeds:
+    # the outcome is deterministic). The 1e-12 only guards coordinates with zero spread.
+    assert z.max() < 6, f"max z = {z.max():.2f} at {np.unravel_index(z.argmax(), z.shape)}"
+
+
+@given(problems(max_n=3, max_V=2, max_T=5), st.integers(0, 3))
+def test_ok_at_full_rank_is_exact(problem, extra):
+    """With rank >= min(m, 2n^2), the r+1 terms span at most r Kronecker dimensions, sigma_{r+1}
+    = 0 and V_min = 0: OK is exact RTRL whatever the signs (SPEC §3-4)."""
+    p, xs, ys, seed = problem
+    m, n = p.W.shape[0], p.W.shape[1] // 2
+    rank = min(m, 2 * n * n) + extra
+    ex = slow_rtrl(p, xs, ys)
+    for s in (seed, seed + 1):
+        _, dW_ok, _ = ok.sequence_grad(p, xs, ys, "ok", rank=rank, rng=np.random.default_rng(s))
+        # sigma_{r+1} is exactly 0 (a side has < r+1 dimensions, so its padded R has a zero row,
+        # SPEC §3.2) and Opt mixes nothing: rounding only (measured < 1e-15 of the terms' size).
+        assert_close(dW_ok, ex.dW, 1e-9, scale=ex.dW_size, what="full-rank dW")
+
+
+# --- 6-7. Degenerate inputs, float32 (SPEC §3.5, STYLE §3) -----------------------------------
+
+
+@st.composite
+def degenerate_problems(draw):
+    """Zero params or saturated gates (scale 30, 1e3), maybe one input symbol throughout."""
+    n, T, B = draw(st.integers(1, 4)), draw(st.integers(1, 4)), draw(st.integers(1, 2))
+    scale = draw(st.sampled_from([0.0, 30.0, 1e3]))
+    p, xs, ys, seed = make_problem(n, 2, 2, T, B, scale, draw(st.integers(0, 2**32 - 1)))
+    if draw(st.booleans()):
+        xs = np.zeros_like(xs)  # the same input symbol at every step
+    return Problem(p, xs, ys, seed)
+
+
+@given(degenerate_problems(), st.integers(1, 3))
+@example(ZERO_PARAMS, 2)
+@example(SATURATED, 1)
+def test_degenerate_inputs_give_no_nan(problem, rank):
+    """Zero influence (step 1), zero params, saturated gates (D ~ 0, H ~ diag(f)): every method
+    stays finite, and its loss and dW_out (exact for all methods) match the dense twin."""
+    p, xs, ys, seed = problem
+    ex = slow_rtrl(p, xs, ys)
+    for method in ("bptt",) + ok.METHODS:
+        got = ok.sequence_grad(p, xs, ys, method, rank=rank, rng=np.random.default_rng(seed))
+        assert np.isfinite(got[0]) and np.all(np.isfinite(got[1])), method
+        assert_close(got[0], ex.loss, 1e-9, what=f"{method} loss")  # exact in float64 (as above)
+        assert_close(got[2], ex.dW_out, 1e-9, what=f"{method} dW_out")
+
+
+@given(problems(), st.integers(1, 2))
+def test_float32_tracks_float64(problem, rank):
+    """Params cast to float32 give float32 results within float32 rounding of the float64 run on
+    the same (float32-representable) params, for each method that is a continuous function of
+    its inputs: not OK below full rank, whose SVD basis may flip sign between precisions."""
+    p64, xs, ys, seed = problem
+    p32 = ok.Params(*(w.astype(np.float32) for w in p64))
+    p64 = ok.Params(*(w.astype(np.float64) for w in p32))
+    (T, B), (m, two_n) = xs.shape, p64.W.shape
+    ex, rng = slow_rtrl(p64, xs, ys), np.random.default_rng(seed)
+    full_rank = min(m, two_n**2 // 2)  # OK is exact RTRL there (test_ok_at_full_rank_is_exact)
+    for method, r in (("rtrl", 1), ("bptt", 1), ("kf", 1), ("kf-avg", rank), ("uoro", 1),
+                      ("ok", full_rank)):
+        signs = None
+        if method in STOCHASTIC:
+            signs = 2 * rng.integers(0, 2, (T,) + sign_shape(method, r, two_n // 2, B)) - 1
+        r32 = ok.sequence_grad(p32, xs, ys, method, rank=r, signs=signs)
+        r64 = ok.sequence_grad(p64, xs, ys, method, rank=r, signs=signs)
+        assert r32[1].dtype == r32[2].dtype == np.float32, method
+        # Each result is a sum of terms built by chains of <= T (m + 2n) <= 8 * 23 ~ 200 float32
+        # roundings, so to first order its error is <= 200 EPS32 (2.4e-5) times the size of the
+        # summed terms (ex.*_size, from the twin); random rounding typically gives ~15 EPS32.
+        tol = 200 * EPS32
+        assert_close(r32[0], r64[0], tol, scale=abs(r64[0]), what=f"{method} loss")
+        assert_close(r32[1], r64[1], tol, scale=ex.dW_size, what=f"{method} dW")
+        assert_close(r32[2], r64[2], tol, scale=ex.dW_out_size, what=f"{method} dW_out")
+
+
+# --- 8. Bad arguments raise ValueError naming the problem (STYLE §3) --------------------------
+
+
+_p, _xs, _ys, _ = make_problem(n=2, V=2, O=3, T=3, B=2, scale=0.3, seed=0)  # V = 2, O = 3
+_rng, _us, _As = np.random.default_rng(0), np.ones((3, 4)), np.ones((3, 2, 4))  # r + 1 = 3 terms
+BAD_CALLS = {  # id: (loose pattern the ValueError message must contain, the call)
+    "rank 0": ("rank", lambda: ok.sequence_grad(_p, _xs, _ys, "ok", rank=0, rng=_rng)),
+    "learner rank 0": ("rank", lambda: ok.init_learner("ok", _p, 2, rank=0)),
+    "unknown method": ("method", lambda: ok.sequence_grad(_p, _xs, _ys, "sgd", rng=_rng)),
+    "unknown learner": ("method", lambda: ok.init_learner("bptt-3", _p, 2)),
+    "2 signs for 3 terms": ("signs", lambda: ok.ok_reduce(_us, _As, np.ones(2))),
+    "0 is not a sign": ("signs", lambda: ok.ok_reduce(_us, _As, np.array([1.0, 0.0, -1.0]))),
+    "3 u's, 2 A's": ("As", lambda: ok.ok_reduce(_us, _As[:2], np.ones(3))),
+    "kf of 3 terms": ("kf_reduce|us|As", lambda: ok.kf_reduce(_us, _As, np.ones(2))),
+    "sigma too long": ("sigma", lambda: ok.min_variance(np.ones(3), 1)),
+    "xs >= V": ("xs", lambda: ok.sequence_grad(_p, _xs + 2, _ys, "rtrl")),
+    "xs < 0": ("xs", lambda: ok.sequence_grad(_p, _xs - 1, _ys, "rtrl")),
+    "ys >= O": ("ys", lambda: ok.sequence_grad(_p, _xs, _ys + 3, "bptt")),
+    "T differs": ("shape", lambda: ok.sequence_grad(_p, _xs, _ys[:2], "rtrl")),
+    "B differs": ("shape", lambda: ok.bptt(_p, _xs, _ys[:, :1])),
+    "ok without rng": ("rng", lambda: ok.sequence_grad(_p, _xs, _ys, "ok", rank=2)),
+    "uoro without rng": ("rng", lambda: ok.sequence_grad(_p, _xs, _ys, "uoro")),
+    "ok signs shape": ("signs", lambda: ok.sequence_grad(_p, _xs, _ys, "ok", rank=2,
+                                                         signs=np.ones((3, 2, 2)))),
+    "kf signs shape": ("signs", lambda: ok.sequence_grad(_p, _xs, _ys, "kf",
+                                                         signs=np.ones((3, 2, 2)))),
+}
+
+
+@pytest.mark.parametrize("pattern, call", BAD_CALLS.values(), ids=BAD_CALLS.keys())
+def test_bad_arguments_raise_value_error(pattern, call):
+    """Public functions check their arguments (STYLE §3: ValueError naming argument and value)."""
+    with pytest.raises(ValueError, match=pattern):
+        call()
+
+
+# --- The online API: learner_step, init_learner, draw_signs, apply_gradients (SPEC §6-7) ------
+
+
+@pytest.mark.parametrize("method", ok.METHODS)
+def test_learner_step_reset_starts_a_fresh_sequence(method):
+    """A reset at step t zeroes that stream's h and learner state: with the same signs, stream 0
+    then runs as a fresh sequence from t, stream 1 as if alone, and for rtrl the summed dW is the
+    dense twin's with resets (SPEC §6: at a new sequence h and G are reset to zero)."""
+    p, xs, ys, _ = make_problem(n=3, V=2, O=2, T=6, B=2, scale=0.5, seed=3)
+    t0, rank, n = 3, 2, 3
+    signs = None
+    if method in STOCHASTIC:
+        shape = (6,) + sign_shape(method, rank, n, B=2)
+        signs = 2 * np.random.default_rng(4).integers(0, 2, shape) - 1
+
+    def run(cols, steps, reset_at=None):
+        B = len(cols)
+        state, h = ok.init_learner(method, p, B, rank), np.zeros((B, n))
+        assert all(np.all(f == 0) and f.shape[0] == B for f in state)  # zeros, streams lead
+        out = []
+        for t in steps:
+            reset = np.array([t == reset_at, False]) if reset_at is not None else None
+            s = None if signs is None else signs[t][cols]
+            losses, dW, dW_out, h, state = ok.learner_step(p, state, h, xs[t, cols], ys[t, cols],
+                                                           method, signs=s, reset=reset)
+            out.append((losses, dW, dW_out, h))
+        return out
+
+    both = run([0, 1], range(6), reset_at=t0)
+    fresh0, alone1 = run([0], range(t0, 6)), run([1], range(6))[t0:]
+    for (losses, dW, dW_out, h), s0, s1 in zip(both[t0:], fresh0, alone1):
+        # Same operations on the same numbers, batched differently: rounding only (1e-12).
+        assert_close(losses, np.r_[s0[0], s1[0]], 1e-12, what="losses")
+        assert_close(dW, (s0[1] + s1[1]) / 2, 1e-12, what="dW")  # the batch mean of two streams
+        assert_close(dW_out, (s0[2] + s1[2]) / 2, 1e-12, what="dW_out")
+        assert_close(h, np.vstack([s0[3], s1[3]]), 1e-12, what="h")
+    if method == "rtrl":
+        resets = np.zeros((6, 2), bool)
+        resets[t0, 0] = True
+        ex = slow_rtrl(p, xs, ys, resets=resets)
+        assert_close(sum(o[1] for o in both), ex.dW, 1e-9, what="summed dW")  # exact vs exact
+        assert_close(sum(o[2] for o in both), ex.dW_out, 1e-9, what="summed dW_out")
+
+
+def test_draw_signs_shapes_and_values():
+    """draw_signs gives +-1 arrays of the shapes sequence_grad's signs= takes (API.md)."""
+    rng = np.random.default_rng(0)
+    assert ok.draw_signs(rng, "rtrl", 3, 2, 4) is None
+    for method in STOCHASTIC:
+        signs = ok.draw_signs(rng, method, 3, 2, 4)
+        assert signs.shape == sign_shape(method, 2, 4, 3), method
+        assert set(np.unique(signs)) <= {-1, 1}, method
+
+
+def test_apply_gradients_rejects_nan_and_clips_dW():
+    """A non-finite gradient raises FloatingPointError and leaves the inputs alone; dW is clipped
+    to max_norm before Adam, W_out's gradient is not (SPEC §7)."""
+    rng = np.random.default_rng(0)
+    p = make_problem(n=3, V=2, O=2, T=1, B=1, scale=0.3, seed=5).params
+    adam = ok.adam_init(p)
+    dW, dW_out = rng.standard_normal(p.W.shape), rng.standard_normal(p.W_out.shape)
+    for bad in ((np.nan * dW, dW_out), (dW, np.inf * dW_out)):
+        with pytest.raises(FloatingPointError):
+            ok.apply_gradients(p, adam, *bad, lr=1e-3, max_norm=1.0)
+    W_before = p.W.copy()
+    # eps = 1 makes Adam's first step depend on the gradient's scale, so clipping is visible:
+    # a gradient 10x over max_norm must give the same step as its rescaling to norm max_norm.
+    big = 10 * dW / np.linalg.norm(dW)
+    p1, _, _ = ok.apply_gradients(p, adam, big, dW_out, lr=0.1, max_norm=1.0, eps=1.0)
+    p2, _, _ = ok.apply_gradients(p, adam, big / 10, dW_out, lr=0.1, max_norm=1.0, eps=1.0)
+    p3, _, _ = ok.apply_gradients(p, adam, big / 10, 10 * dW_out, lr=0.1, max_norm=1.0, eps=1.0)
+    assert_close(p1.W, p2.W, 1e-12, what="clipped W")  # same clipped gradient: rounding only
+    assert np.linalg.norm(p3.W_out - p2.W_out) > 1e-6, "dW_out must not be clipped"
+    assert not np.allclose(p1.W, p.W), "no step taken"
+    np.testing.assert_array_equal(p.W, W_before)  # inputs untouched
