@@ -563,6 +563,52 @@ def sequence_grad(params, xs, ys, method, rank=1, rng=None, *, signs=None):
     return loss, dW, dW_out
 
 
+def gradient_agreement(params, xs, ys, learners, rng, h0=None, resets=None):
+    """How close each learner's step gradient is to exact RTRL's, on one shared trajectory.
+
+    Every learner in learners, a list of (method, rank), runs beside exact RTRL on the same
+    inputs, states and fixed params, from h0 (B, n) and zero influence; resets (T, B) as in bptt.
+    Returns cosine and rel_error, each (T, len(learners)): per step t, the cosine similarity of
+    the learner's dW_t with exact dW_t and ||dW_t - exact||^2 / ||exact||^2.
+    """
+    V, n, O = sizes(params)
+    xs, ys = _check_sequences(xs, ys, V, O)
+    T, B = xs.shape
+    for method, rank in learners:
+        _check_method(method, METHODS)
+    h = np.zeros((B, n), params.W.dtype) if h0 is None else _check_state("h0", h0, (B, n),
+                                                                          params.W.dtype)
+    exact = init_learner("rtrl", params, B)
+    states = [init_learner(method, params, B, rank) for method, rank in learners]
+    cosine, rel_error = np.empty((T, len(learners))), np.empty((T, len(learners)))
+    for t in range(T):
+        reset = None if resets is None else resets[t]
+        _, g_exact, _, h_next, exact = learner_step(params, exact, h, xs[t], ys[t], "rtrl",
+                                                    reset=reset)
+        for k, (method, rank) in enumerate(learners):
+            signs = draw_signs(rng, method, B, rank, n)
+            _, g, _, _, states[k] = learner_step(params, states[k], h, xs[t], ys[t], method,
+                                                 signs, reset)
+            cosine[t, k], rel_error[t, k] = _agreement(g, g_exact)
+        h = h_next
+    return cosine, rel_error
+
+
+def _agreement(g, g_exact):
+    """Cosine similarity and relative squared error of g against g_exact, in float64.
+
+    Zero norms: two zero gradients agree perfectly (1, 0); one zero gradient against a non-zero
+    one has cosine 0, and a non-zero g against a zero g_exact an infinite relative error.
+    """
+    g, g_exact = g.astype(np.float64).ravel(), g_exact.astype(np.float64).ravel()
+    norm, norm_exact = np.sqrt(g @ g), np.sqrt(g_exact @ g_exact)
+    error = ((g - g_exact) ** 2).sum()
+    if norm_exact == 0.0:
+        return (1.0, 0.0) if norm == 0.0 else (0.0, np.inf)
+    cosine = g @ g_exact / (norm * norm_exact) if norm > 0.0 else 0.0
+    return cosine, error / norm_exact**2
+
+
 # --- Optimiser: W-gradient clipping and Adam (SPEC §6-7) ---------------------------------------
 
 

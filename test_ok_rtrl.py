@@ -530,6 +530,38 @@ def test_ok_at_full_rank_is_exact(problem, extra):
         assert_close(dW_ok, ex.dW, 1e-9, scale=ex.dW_size, what="full-rank dW")
 
 
+@given(problems(max_n=3, max_V=2, max_T=5), st.integers(0, 2**32 - 1))
+@example(ZERO_PARAMS, 0)
+def test_gradient_agreement_is_perfect_for_exact_learners(problem, seed):
+    """gradient_agreement: exact RTRL and full-rank OK (previous test) have cosine 1 and relative
+    error 0 with exact RTRL at every step, resets included; KF-RTRL's per-step cosine equals the
+    one computed here from its own run with the same signs (SPEC §2-5)."""
+    p, xs, ys, _ = problem
+    (T, B), (m, two_n) = xs.shape, p.W.shape
+    n = two_n // 2
+    resets = np.random.default_rng(seed).random((T, B)) < 0.3
+    learners = [("rtrl", 1), ("ok", min(m, 2 * n * n)), ("kf", 1)]
+    cosine, rel_error = ok.gradient_agreement(p, xs, ys, learners, np.random.default_rng(seed),
+                                              resets=resets)
+    assert cosine.shape == rel_error.shape == (T, 3)
+    # Exact learners differ from exact RTRL by rounding only: 1e-9 leaves ~1e6 eps64 of room.
+    np.testing.assert_allclose(cosine[:, :2], 1.0, rtol=0, atol=1e-9)
+    np.testing.assert_allclose(rel_error[:, :2], 0.0, rtol=0, atol=1e-18)
+    # KF again, by hand: the same draws (rtrl draws none, OK draws before KF at every step).
+    rng, h = np.random.default_rng(seed), np.zeros((B, n))
+    exact, kf, full_ok = (ok.init_learner(meth, p, B, r) for meth, r in learners)
+    for t in range(T):
+        ok.draw_signs(rng, "ok", B, min(m, 2 * n * n), n)
+        _, g_kf, _, _, kf = ok.learner_step(p, kf, h, xs[t], ys[t], "kf",
+                                            ok.draw_signs(rng, "kf", B, 1, n), resets[t])
+        _, g, _, h, exact = ok.learner_step(p, exact, h, xs[t], ys[t], "rtrl", reset=resets[t])
+        norms = np.linalg.norm(g_kf) * np.linalg.norm(g)
+        want = 1.0 if norms == 0 and not g.any() and not g_kf.any() else (
+            0.0 if norms == 0 else float((g_kf * g).sum() / norms))
+        # Same inputs, same float64 sums in a different order: rounding only.
+        assert abs(cosine[t, 2] - want) <= 1e-9, f"step {t}: {cosine[t, 2]} != {want}"
+
+
 # --- 6-7. Degenerate inputs, float32 (SPEC §3.5, STYLE §3) -----------------------------------
 
 
