@@ -168,8 +168,9 @@ def bptt(params, xs, ys, h0=None, resets=None):
     """Exact backpropagation through time over xs, ys (T, B), from h0 (B, n) or zeros.
 
     resets (T, B) bool, optional: stream b starts afresh (h = 0) at step t, so no gradient flows
-    into earlier steps. Returns (loss, dW, dW_out, h_T) with loss = sum_t of the batch-mean
-    cross-entropy. Called once per window with h0 = the last window's h_T, this is TBPTT-k (SPEC §5).
+    into earlier steps. Returns (losses, dW, dW_out, h_T): losses (T,) the batch-mean cross-entropy
+    of each step, (dW, dW_out) the gradient of their sum. Called once per window with h0 = the last
+    window's h_T, this is TBPTT-k (SPEC §5; see tbptt_update).
     """
     W, W_out = params
     V, n, O = sizes(params)
@@ -180,7 +181,7 @@ def bptt(params, xs, ys, h0=None, resets=None):
         resets = np.asarray(resets, dtype=bool)
         if resets.shape != (T, B):
             raise ValueError(f"resets must have shape {(T, B)} like xs, got {resets.shape}")
-    loss, dW_out = 0.0, np.zeros_like(W_out)
+    step_losses, dW_out = np.empty(T), np.zeros_like(W_out)
     tape, qs = [], np.empty((T, B, n), W.dtype)
     for t in range(T):  # forward, keeping what the backward pass needs
         if resets is not None:
@@ -188,7 +189,7 @@ def bptt(params, xs, ys, h0=None, resets=None):
         h, a, f, alpha, beta = cell_step(W, xs[t], h)
         losses, dlogits = readout(W_out, h, ys[t])
         qs[t], dW_out_t = _output_grads(W_out, h, dlogits)
-        loss += losses.mean()
+        step_losses[t] = losses.mean()
         dW_out += dW_out_t
         tape.append((a, f, alpha, beta))
     dW, dh = np.zeros_like(W), np.zeros((B, n), W.dtype)
@@ -201,7 +202,7 @@ def bptt(params, xs, ys, h0=None, resets=None):
         dh = dh * f + dz @ W_h.T  # dL/dh_{t-1} = dL/dh_t H_t
         if resets is not None:
             dh[resets[t]] = 0.0  # those streams read zeros, not h_{t-1}
-    return loss, dW, dW_out, h
+    return step_losses, dW, dW_out, h
 
 
 # --- 3. One step of OK (SPEC §3, the paper's Algorithms 1-3) -----------------------------------
@@ -540,8 +541,8 @@ def sequence_grad(params, xs, ys, method, rank=1, rng=None, *, signs=None):
     """
     _check_method(method, ("bptt",) + METHODS)
     if method == "bptt":
-        loss, dW, dW_out, _ = bptt(params, xs, ys)
-        return loss, dW, dW_out
+        losses, dW, dW_out, _ = bptt(params, xs, ys)
+        return losses.sum(), dW, dW_out
     _check_positive_int("rank", rank)
     V, n, O = sizes(params)
     xs, ys = _check_sequences(xs, ys, V, O)
@@ -609,7 +610,7 @@ def _agreement(g, g_exact):
     return cosine, error / norm_exact**2
 
 
-# --- Optimiser: W-gradient clipping and Adam (SPEC §6-7) ---------------------------------------
+# --- Training: W-gradient clipping, Adam, and one update of each kind (SPEC §5-7) --------------
 
 
 class AdamState(NamedTuple):
@@ -645,6 +646,29 @@ def apply_gradients(params, adam, dW, dW_out, lr, max_norm, beta1=0.9, beta2=0.9
         new_m.append(m)
         new_v.append(v)
     return Params(*new_params), AdamState(Params(*new_m), Params(*new_v), t), norm
+
+
+def online_update(params, adam, state, h, x, y, method, signs, lr, max_norm, reset=None):
+    """One fully online training step (SPEC §6-7): learner_step, then apply_gradients.
+
+    Returns (losses (B,), params, adam, h, state). The runners clip at max_norm = B.
+    """
+    losses, dW, dW_out, h, state = learner_step(params, state, h, x, y, method, signs, reset)
+    params, adam, _ = apply_gradients(params, adam, dW, dW_out, lr, max_norm)
+    return losses, params, adam, h, state
+
+
+def tbptt_update(params, adam, h, xs, ys, resets, lr, max_norm):
+    """One TBPTT-K update (SPEC §5): BPTT over a window xs, ys (K, B) from the carried h.
+
+    The window's gradient is divided by K, so that one update sees the mean over time and batch,
+    the scale of one online step: the clipping threshold then means the same for every method
+    (Adam itself is nearly scale-free). Returns (losses (K,), params, adam, h_K).
+    """
+    losses, dW, dW_out, h = bptt(params, xs, ys, h0=h, resets=resets)
+    K = len(losses)
+    params, adam, _ = apply_gradients(params, adam, dW / K, dW_out / K, lr, max_norm)
+    return losses, params, adam, h
 
 
 def bits(nats):
