@@ -1,0 +1,569 @@
+#!/usr/bin/env python3
+"""The copy task (string memorisation) of Benzing et al., ICML 2019, trained online (SPEC §6).
+
+F. Benzing, M. M. Gauy, A. Mujika, A. Martinsson, A. Steger, "Optimal Kronecker-Sum Approximation
+of Real Time Recurrent Learning", arXiv:1902.03993. The network reads a marker and a random bit
+string and must echo the bits after T+1 blanks. A curriculum makes the strings longer each time
+the moving-average loss falls below 0.15 bits; the score is the length T_ reached after a given
+number of steps (the paper's code, OK rank 16: 15-17 after 100k steps, 38-45 after 2M).
+
+    python run_copy.py                                    # the paper's run: n 128, B 16, OK rank 16
+    python run_copy.py --hidden 32 --rank 4 --lr 3e-3 --steps 20000   # T ~ 11 in about a minute
+
+Every step each of the B streams feeds one symbol, the learner updates its estimate of the
+influence G, and Adam updates the weights (fully online). With --method tbptt the same streams
+are cut into windows of --trunc steps with one update per window. All randomness (weights,
+strings, the learners' signs) comes from one numpy Generator seeded by --seed, and a checkpoint
+holds its state, so a resumed run is identical to an uninterrupted one.
+"""
+import argparse
+import contextlib
+import json
+import math
+import os
+import signal
+import sys
+import tempfile
+import time
+import zipfile
+
+import numpy as np
+
+import ok_rtrl as ok
+
+PROG = "run_copy.py"
+METHOD_CHOICES = ok.METHODS + ("tbptt",)
+PROGRESS_SECONDS = 5.0  # a progress line at most this often
+
+# --- 6. The copy task: symbols, sequences, curriculum (SPEC §6, as the paper's code) -----------
+
+BIT_0, BIT_1, MARKER, BLANK = 0, 1, 2, 3
+N_SYMBOLS = 4
+EMA_DECAY = 0.999  # avg <- 0.999 avg + 0.001 loss, the loss in bits (batch mean of one step)
+EMA_START = 1.0  # the paper's code starts avg at -log2(1/2) = 1 bit
+LEVEL_UP_BELOW = 0.15  # bits: when avg is below this at a sequence start, T_ += 1 ...
+EMA_AFTER_LEVEL_UP = 0.3  # ... and avg is set to 0.3
+MAX_SHORTENING = 4  # a new sequence has length max(1, T_ - U{0..4})
+
+
+def copy_sequence(bits):
+    """Input and target symbols of one copy-task sequence for the bits b_1..b_T (SPEC §6).
+
+    bits (T,) of 0/1 -> inputs (2T+2,), targets (2T+2,). The loss counts at every step.
+    Worked example, T = 3, bits 1 0 1:
+
+        step     0  1  2  3  4  5  6  7
+        input    2  1  0  1  3  3  3  3      the marker, the bits, then T+1 blanks
+        target   3  3  3  3  2  1  0  1      T+1 blanks, then the marker and the bits again
+    """
+    T = len(bits)
+    inputs = np.concatenate([[MARKER], bits, np.full(T + 1, BLANK)])  # (2T+2,)
+    targets = np.concatenate([np.full(T + 1, BLANK), [MARKER], bits])  # (2T+2,)
+    return inputs.astype(np.int64), targets.astype(np.int64)
+
+
+def next_symbols(run, rng):
+    """The next step's input x (B,), target y (B,) and reset (B,): streams starting a sequence.
+
+    Streams run sequences back to back and are visited in order, as in the paper's code. A stream
+    whose sequence has ended first checks the curriculum (avg < 0.15 bits: T_ += 1, avg = 0.3),
+    then draws a length max(1, T_ - U{0..4}) and that many random bits; its h and learner
+    state are reset before the step.
+    """
+    B = len(run["pos"])
+    x, y, reset = np.empty(B, np.int64), np.empty(B, np.int64), np.zeros(B, bool)
+    for b in range(B):
+        if run["pos"][b] == len(run["inputs"][b]):
+            if run["avg"] < LEVEL_UP_BELOW:
+                run["T"] += 1
+                run["avg"] = EMA_AFTER_LEVEL_UP
+            length = max(1, run["T"] - int(rng.integers(0, MAX_SHORTENING + 1)))
+            run["inputs"][b], run["targets"][b] = copy_sequence(rng.integers(0, 2, size=length))
+            run["pos"][b] = 0
+            reset[b] = True
+        x[b], y[b] = run["inputs"][b][run["pos"][b]], run["targets"][b][run["pos"][b]]
+        run["pos"][b] += 1
+    return x, y, reset
+
+
+def update_average(run, nats):
+    """The curriculum's moving average of the per-step loss in bits (batch mean of one step)."""
+    run["avg"] = EMA_DECAY * run["avg"] + (1 - EMA_DECAY) * float(ok.bits(nats))
+
+
+# --- One training step: online learners and TBPTT (the math is in ok_rtrl; run_ptb.py shares it)
+
+
+def train_step(run, config, rng, x, y, reset):
+    """One step of every stream -> the batch-mean losses (nats) of the steps just trained on.
+
+    Online methods: one learner step and one Adam update (ok.online_update), so one loss.
+    TBPTT: the step joins the window; when it holds K steps, one update over the window
+    (ok.tbptt_update) returns their K losses, and inside a window there are none. SPEC §6-7:
+    the batch-mean W gradient is clipped to norm B. A diverged run becomes one line.
+    """
+    method, B, n = config["method"], config["batch"], config["hidden"]
+    try:
+        if method == "tbptt":
+            run["window"].append((x, y, reset))
+            if len(run["window"]) < config["trunc"]:
+                return np.zeros(0)
+            xs, ys, resets = (np.stack(column) for column in zip(*run["window"]))  # (K, B) each
+            run["window"] = []
+            losses, run["params"], run["adam"], run["h"] = ok.tbptt_update(
+                run["params"], run["adam"], run["h"], xs, ys, resets, config["lr"], max_norm=B)
+        else:
+            signs = ok.draw_signs(rng, method, B, config["rank"] or 1, n)
+            stream_losses, run["params"], run["adam"], run["h"], run["state"] = ok.online_update(
+                run["params"], run["adam"], run["state"], run["h"], x, y, method, signs,
+                config["lr"], max_norm=B, reset=reset)
+            losses = np.array([stream_losses.mean()], dtype=np.float64)
+        if not np.all(np.isfinite(losses)):
+            raise FloatingPointError("the loss is not finite: the run diverged; lower the "
+                                     "learning rate or train in float64")
+    except FloatingPointError as e:  # apply_gradients refuses a non-finite gradient
+        kept = f"; {config['checkpoint']} keeps the last save" if config["checkpoint"] else ""
+        raise UserError(f"step {run['step'] + 1}: {e}{kept}") from None
+    return losses
+
+
+# --- Command line --------------------------------------------------------------------------------
+
+
+def _int_at_least(low):
+    def parse(text):
+        try:
+            value = int(text.replace("_", "").replace(",", ""))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}")
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+    return parse
+
+
+def _positive_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+def _output_path(text):
+    """A file to write: its folder must exist now, not only when the run ends hours later."""
+    folder = os.path.dirname(os.path.abspath(text))
+    if not os.path.isdir(folder):
+        raise argparse.ArgumentTypeError(f"folder {folder} does not exist")
+    if os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text} is a folder, expected a file name")
+    return text
+
+
+def build_parser():
+    p = argparse.ArgumentParser(
+        prog=PROG, description="The copy task with its curriculum (SPEC §6), trained online "
+        "with OK or a baseline. The defaults are the paper's configuration.")
+    p.add_argument("--method", choices=METHOD_CHOICES, default="ok",
+                   help="learning algorithm (default ok, the paper's): a baseline of SPEC §5, "
+                   "exact RTRL (small --hidden only), or TBPTT")
+    p.add_argument("--rank", type=_int_at_least(1), metavar="R",
+                   help="OK's rank, or kf-avg's number of averaged KF-RTRL copies (default 16, "
+                   "the paper's copy-task rank, SPEC §6); kf is rank 1")
+    p.add_argument("--trunc", type=_int_at_least(1), metavar="K",
+                   help="TBPTT window, --method tbptt only (default 100, as run_ptb.py: SPEC "
+                   "gives no copy-task horizon)")
+    p.add_argument("--hidden", type=_int_at_least(1), default=128, metavar="N",
+                   help="hidden units (default 128, the paper's, SPEC §6)")
+    p.add_argument("--batch", type=_int_at_least(1), default=16, metavar="B",
+                   help="streams, each running sequences back to back (default 16, SPEC §6)")
+    p.add_argument("--lr", type=_positive_float, default=10 ** -3.5,
+                   help="Adam learning rate (default 10^-3.5 = 3.16e-4, the best of the paper's "
+                   "grid, SPEC §6)")
+    p.add_argument("--steps", type=_int_at_least(0), default=2_000_000,
+                   help="total time steps, a resumed checkpoint's included (default 2,000,000: "
+                   "the paper's runs, SPEC §6)")
+    p.add_argument("--seed", type=_int_at_least(0), default=0,
+                   help="seed of the one numpy Generator behind all randomness (default 0)")
+    p.add_argument("--dtype", choices=("float32", "float64"), default="float32",
+                   help="floating point type (default float32, as the paper's TensorFlow code)")
+    p.add_argument("--log", type=_output_path, metavar="FILE.csv",
+                   help="CSV log, one row every --log-every steps: step, T, avg_bits, "
+                   "steps_per_s; the config in a '#' header line")
+    p.add_argument("--log-every", type=_int_at_least(1), default=1000, metavar="STEPS",
+                   help="steps between log rows and curve points (default 1000, as the paper's "
+                   "code printed)")
+    p.add_argument("--checkpoint", type=_output_path, metavar="FILE.npz",
+                   help="resume from FILE if it exists; save to it periodically, at the end "
+                   "and on Ctrl-C")
+    p.add_argument("--checkpoint-every", type=_positive_float, default=300.0, metavar="SECONDS",
+                   help="seconds between periodic checkpoints (default 300)")
+    p.add_argument("--plot", type=_output_path, metavar="FILE.png",
+                   help="learning curve, curriculum T against steps (needs matplotlib)")
+    return p
+
+
+def resolve_rank_and_trunc(parser, args, default_rank, default_trunc):
+    """(rank, trunc) of --method: a rank for ok and kf-avg, 1 for kf, a window for tbptt only;
+    an option that the method does not have is a usage error."""
+    method = args.method
+    if method in ("ok", "kf-avg"):
+        rank = default_rank if args.rank is None else args.rank
+    elif method == "kf":
+        if args.rank not in (None, 1):
+            parser.error(f"argument --rank: KF-RTRL has rank 1, got {args.rank} "
+                         "(use --method kf-avg to average several KF-RTRL copies)")
+        rank = 1
+    else:
+        if args.rank is not None:
+            parser.error(f"argument --rank: --method {method} has no rank")
+        rank = None
+    if method != "tbptt" and args.trunc is not None:
+        parser.error(f"argument --trunc: only --method tbptt has a window, not {method}")
+    trunc = (default_trunc if args.trunc is None else args.trunc) if method == "tbptt" else None
+    return rank, trunc
+
+
+# Options that define the experiment: a checkpoint resumes only under the same values. The others
+# (--steps, file names, intervals) only say how long to run and where to write.
+EXPERIMENT_KEYS = ("task", "method", "rank", "trunc", "hidden", "batch", "lr", "seed", "dtype")
+
+
+def resolve_config(parser, args):
+    """The run's configuration as a JSON-able dict, with rank and trunc resolved per method."""
+    rank, trunc = resolve_rank_and_trunc(parser, args, default_rank=16, default_trunc=100)
+    return {"task": "copy", "method": args.method, "rank": rank, "trunc": trunc,
+            "hidden": args.hidden, "batch": args.batch, "lr": args.lr, "seed": args.seed,
+            "dtype": args.dtype, "steps": args.steps, "log": args.log,
+            "log_every": args.log_every, "checkpoint": args.checkpoint,
+            "checkpoint_every": args.checkpoint_every, "plot": args.plot}
+
+
+# --- The run: state, checkpoint ----------------------------------------------------------------
+
+
+def new_run(config, rng):
+    """Fresh weights (drawn first from rng), Adam, learner state, streams and curriculum."""
+    B, n = config["batch"], config["hidden"]
+    params = ok.init_params(N_SYMBOLS, n, N_SYMBOLS, rng, dtype=np.dtype(config["dtype"]))
+    state = (None if config["method"] == "tbptt"
+             else ok.init_learner(config["method"], params, B, config["rank"] or 1))
+    empty = np.zeros(0, np.int64)
+    return {"params": params, "adam": ok.adam_init(params), "state": state,
+            "h": np.zeros((B, n), params.W.dtype),
+            "step": 0, "T": 1, "avg": EMA_START,  # the curriculum T_ starts at 1
+            "inputs": [empty] * B, "targets": [empty] * B,  # every stream starts a sequence
+            "pos": np.zeros(B, np.int64), "window": [], "history": []}
+
+
+def checkpoint_arrays(config, rng, run):
+    """Everything a run needs to go on exactly where it stopped, as named arrays for np.savez."""
+    B = config["batch"]
+    longest = max(len(s) for s in run["inputs"])
+    inputs, targets = np.full((B, longest), -1), np.full((B, longest), -1)  # -1: padding
+    for b in range(B):
+        inputs[b, :len(run["inputs"][b])] = run["inputs"][b]
+        targets[b, :len(run["targets"][b])] = run["targets"][b]
+    window = run["window"]
+    arrays = {"config": json.dumps(config), "rng": json.dumps(rng.bit_generator.state),
+              "counters": json.dumps({k: run[k] for k in ("step", "T", "avg")}),
+              "h": run["h"], "stream_inputs": inputs, "stream_targets": targets,
+              "stream_pos": run["pos"],
+              "window_x": np.array([w[0] for w in window], np.int64).reshape(-1, B),  # (k, B)
+              "window_y": np.array([w[1] for w in window], np.int64).reshape(-1, B),
+              "window_reset": np.array([w[2] for w in window], bool).reshape(-1, B),
+              "history": np.array(run["history"], np.float64).reshape(-1, 3)}  # step, T, avg
+    arrays.update(flatten("params", run["params"]))
+    arrays.update(flatten("adam", run["adam"]))
+    if run["state"] is not None:
+        arrays.update(flatten("learner", run["state"]))
+    return arrays
+
+
+def restore_run(arrays, run, rng, path):
+    """Overwrite the fresh run and rng with a checkpoint's arrays (shapes checked)."""
+    for name in ("params", "adam", "h") + (("state",) if run["state"] is not None else ()):
+        run[name] = unflatten("learner" if name == "state" else name, run[name], arrays, path)
+    run.update(json.loads(str(arrays["counters"])))
+    lengths = (arrays["stream_inputs"] >= 0).sum(axis=1)
+    run["inputs"] = [row[:k].astype(np.int64) for row, k in zip(arrays["stream_inputs"], lengths)]
+    run["targets"] = [row[:k].astype(np.int64) for row, k in zip(arrays["stream_targets"], lengths)]
+    run["pos"] = arrays["stream_pos"].astype(np.int64)
+    run["window"] = list(zip(arrays["window_x"], arrays["window_y"], arrays["window_reset"]))
+    run["history"] = [tuple(row) for row in arrays["history"].tolist()]
+    rng.bit_generator.state = json.loads(str(arrays["rng"]))
+
+
+# --- Run plumbing: checkpoint files, CSV log, plot, Ctrl-C, errors (no math; run_ptb.py imports
+# --- these from here rather than repeating them) ------------------------------------------------
+
+
+class UserError(Exception):
+    """A problem the user can fix (missing data, a wrong checkpoint, a diverged run): printed
+    as one line, exit status 1."""
+
+
+def flatten(prefix, value):
+    """Named arrays of a (nested) NamedTuple, keyed 'prefix.field.subfield', for np.savez."""
+    if isinstance(value, tuple) and hasattr(value, "_fields"):
+        named = {}
+        for name, field in zip(value._fields, value):
+            named.update(flatten(f"{prefix}.{name}", field))
+        return named
+    return {prefix: np.asarray(value)}
+
+
+def unflatten(prefix, template, arrays, path):
+    """Rebuild a (nested) NamedTuple shaped like template from flatten's arrays."""
+    if isinstance(template, tuple) and hasattr(template, "_fields"):
+        return type(template)(*(unflatten(f"{prefix}.{name}", field, arrays, path)
+                                for name, field in zip(template._fields, template)))
+    if prefix not in arrays:
+        raise UserError(f"checkpoint {path} lacks '{prefix}': not a checkpoint of this program; "
+                        "delete it or choose another --checkpoint file")
+    stored = arrays[prefix]
+    if not isinstance(template, np.ndarray):
+        return type(template)(stored.item())  # a scalar such as Adam's step count
+    if stored.shape != template.shape or stored.dtype != template.dtype:
+        raise UserError(f"checkpoint {path}: '{prefix}' is {stored.dtype} {stored.shape}, this "
+                        f"run needs {template.dtype} {template.shape}; choose another "
+                        "--checkpoint file")
+    return stored
+
+
+def save_atomically(path, arrays):
+    """np.savez to a temporary file in the same folder, then os.replace: never a half file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".",
+                                   suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, **arrays)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+    except OSError as e:  # a full disk, a read-only folder
+        raise UserError(f"cannot write checkpoint {path} ({e})") from None
+
+
+def load_checkpoint(path, config, keys):
+    """The arrays of checkpoint path, after checking that it was written by the same task with
+    the same values of the experiment options keys."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {name: f[name] for name in f.files}
+        stored = json.loads(str(arrays["config"]))
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+        raise UserError(f"cannot read checkpoint {path} ({e}); delete it to start afresh or "
+                        "choose another --checkpoint file")
+    if stored.get("task") != config["task"]:
+        raise UserError(f"checkpoint {path} is from another task ({stored.get('task')!r}, not "
+                        f"{config['task']!r}); choose another --checkpoint file")
+    differ = [k for k in keys if stored.get(k) != config[k]]
+    if differ:
+        said = "; ".join(f"--{k.replace('_', '-')} {stored.get(k)} there, {config[k]} here"
+                         if k != "data_sha256" else "other data files" for k in differ)
+        raise UserError(f"checkpoint {path} is from another configuration ({said}): rerun with "
+                        "its options or choose another --checkpoint file")
+    return arrays
+
+
+def open_log(path, config_line, columns, resume_step):
+    """Open the CSV log for appending. When resuming, keep its rows up to the checkpoint's step
+    (later rows were written after the last save and will be written again); else start anew."""
+    kept = []
+    if resume_step is not None and os.path.exists(path):
+        with open(path, newline="") as f:
+            for line in f:
+                first = line.split(",", 1)[0]
+                if line.startswith("#") or first == columns[0] or (
+                        first.isdigit() and int(first) <= resume_step):
+                    kept.append(line)
+    if not kept:
+        kept = [f"# {config_line}\n", ",".join(columns) + "\n"]
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".",
+                                   suffix=".tmp")
+        with os.fdopen(fd, "w", newline="") as f:
+            f.writelines(kept)
+        os.replace(tmp, path)
+        return open(path, "a", newline="", buffering=1)
+    except OSError as e:
+        raise UserError(f"cannot write log {path} ({e})") from None
+
+
+def duration(seconds):
+    """'2h05m', '3m07s' or '12s'."""
+    seconds = int(round(seconds))
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    if seconds >= 60:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds}s"
+
+
+def matplotlib_pyplot():
+    """matplotlib.pyplot with a file-only backend, or None when matplotlib is not installed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
+def write_plot(path, x, y, xlabel, ylabel, title, drawstyle="default", integer_y=False):
+    plt = matplotlib_pyplot()
+    if plt is None:
+        print(f"note: --plot needs matplotlib (pip install matplotlib); {path} not written")
+        return
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.plot(x, y, drawstyle=drawstyle, marker="o" if len(x) < 30 else None)
+    if integer_y:
+        ax.yaxis.get_major_locator().set_params(integer=True)
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"plot: {path}")
+
+
+@contextlib.contextmanager
+def ctrl_c_sets_flag():
+    """Inside the block, Ctrl-C only sets stop["now"]: the loop ends after the current step and
+    saves, so a step is never cut in half. A second Ctrl-C raises KeyboardInterrupt at once."""
+    stop = {"now": False}
+
+    def on_ctrl_c(signum, frame):
+        stop["now"] = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        print("\nCtrl-C: stopping after this step (press again to quit without saving)",
+              file=sys.stderr, flush=True)
+
+    try:
+        previous = signal.signal(signal.SIGINT, on_ctrl_c)
+    except ValueError:  # not the main thread (an embedding program): Ctrl-C stays as it was
+        previous = None
+    try:
+        yield stop
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+
+
+# --- Main loop ---------------------------------------------------------------------------------
+
+
+def cli_main(prog, argv, build_parser, resolve_config, run_experiment):
+    """Parse argv, run the experiment; user errors become one line and a non-zero status."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        config = resolve_config(parser, args)
+    except SystemExit as e:  # usage and one error line are printed (2), or --help (0)
+        return e.code
+    try:
+        return run_experiment(config)
+    except UserError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 1
+    except MemoryError:
+        print(f"{prog}: error: out of memory; try a smaller --hidden, --batch or --rank "
+              "(exact RTRL stores B n m 2n numbers)", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; nothing saved since the last checkpoint", file=sys.stderr)
+        return 130
+
+
+def rate_since(mark, step, now):
+    """Steps per second since mark = [time, step], which then moves to (now, step)."""
+    rate = (step - mark[1]) / max(now - mark[0], 1e-9)
+    mark[:] = [now, step]
+    return rate
+
+
+def train(config, run, rng, log):
+    """Run steps until --steps or Ctrl-C; returns True if stopped by Ctrl-C."""
+    steps, started, step0 = config["steps"], time.monotonic(), run["step"]
+    row_mark, print_mark, last_save = [started, step0], [started, step0], started
+    with ctrl_c_sets_flag() as stop:
+        while run["step"] < steps and not stop["now"]:
+            x, y, reset = next_symbols(run, rng)
+            for nats in train_step(run, config, rng, x, y, reset):  # TBPTT: 0 or K losses
+                update_average(run, nats)
+            run["step"] += 1
+            step, now = run["step"], time.monotonic()
+            if step % config["log_every"] == 0:
+                run["history"].append((step, run["T"], run["avg"]))
+                rate = rate_since(row_mark, step, now)
+                if log is not None:
+                    log.write(f"{step},{run['T']},{run['avg']:.6f},{rate:.2f}\n")
+            if now - print_mark[0] >= PROGRESS_SECONDS or step == steps:
+                rate = rate_since(print_mark, step, now)
+                print(f"step {step:,}/{steps:,}  T {run['T']}  avg {run['avg']:.3f} bits  "
+                      f"{rate:.1f} steps/s  ETA {duration((steps - step) / max(rate, 1e-9))}",
+                      flush=True)
+            if config["checkpoint"] and now - last_save >= config["checkpoint_every"]:
+                save_atomically(config["checkpoint"], checkpoint_arrays(config, rng, run))
+                last_save = now
+    if run["step"] > step0:
+        print(f"{run['step'] - step0:,} steps in {duration(time.monotonic() - started)}")
+    return stop["now"]
+
+
+def main(argv=None) -> int:
+    return cli_main(PROG, argv, build_parser, resolve_config, run_experiment)
+
+
+def run_experiment(config):
+    print(f"{PROG}: copy task (SPEC §6)")
+    for key, value in config.items():
+        print(f"  {key:17s}{value}")
+    config_line = f"{PROG} config: {json.dumps(config)}"
+    if config["plot"] and matplotlib_pyplot() is None:
+        print("note: matplotlib is not installed, so --plot will be skipped "
+              "(pip install matplotlib)")
+    rng = np.random.default_rng(config["seed"])
+    run = new_run(config, rng)
+    resume_step = None
+    if config["checkpoint"] and os.path.exists(config["checkpoint"]):
+        restore_run(load_checkpoint(config["checkpoint"], config, EXPERIMENT_KEYS), run, rng,
+                    config["checkpoint"])
+        resume_step = run["step"]
+        print(f"resuming from {config['checkpoint']} at step {run['step']:,} (T {run['T']})")
+    if resume_step is not None and resume_step >= config["steps"]:
+        print(f"already at step {run['step']:,} >= --steps {config['steps']:,}: nothing to train")
+    log = None
+    if config["log"]:
+        log = open_log(config["log"], config_line, ("step", "T", "avg_bits", "steps_per_s"),
+                       resume_step)
+    try:
+        interrupted = train(config, run, rng, log)
+    finally:
+        if log is not None:
+            log.close()
+    if config["checkpoint"]:
+        save_atomically(config["checkpoint"], checkpoint_arrays(config, rng, run))
+        print(f"checkpoint: {config['checkpoint']} (step {run['step']:,})")
+    if config["plot"]:
+        steps_, Ts = zip(*[(0, 1)] + [(s, T) for s, T, _ in run["history"]])  # T_ starts at 1
+        write_plot(config["plot"], steps_, Ts, "step", "curriculum T",
+                   f"copy task, {config['method']}, n {config['hidden']}", drawstyle="steps-post",
+                   integer_y=True)
+    print(f"curriculum T {run['T']} at step {run['step']:,} (avg {run['avg']:.3f} bits)")
+    return 130 if interrupted else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,464 @@
+#!/usr/bin/env python3
+"""Character-level Penn Treebank trained online with OK, as in Benzing et al., ICML 2019 (SPEC §7).
+
+F. Benzing, M. M. Gauy, A. Mujika, A. Martinsson, A. Steger, "Optimal Kronecker-Sum Approximation
+of Real Time Recurrent Learning", arXiv:1902.03993. A one-layer recurrent highway network of 256
+units reads the training text as B = 32 streams and predicts the next symbol, updating its weights
+after every symbol. Validation bits per character (BPC) are measured every 10,000 steps; the test
+BPC of the best-validation weights is the result (the paper's code: best validation 1.740-1.745 on
+its own tokenisation, about 1.77 on the standard files used here, see SPEC §7).
+
+    python run_ptb.py --rank 8              # the paper's run; see the README for how long it takes
+    python run_ptb.py --hidden 64 --batch 16 --rank 4 --lr 3e-3 --steps 20000 --eval-every 5000
+
+Data: the Mikolov split ptb.char.{train,valid,test}.txt (50 symbols: 49 in the text plus one
+end-of-line symbol per line; 5,017,482 / 393,042 / 442,423 tokens). Looked up in --data-dir, else
+in $OK_RTRL_DATA, else in a per-user cache folder, where it is downloaded on first use from
+Mikolov's "simple-examples" archive and checked against the published sha256 sums.
+"""
+import argparse
+import hashlib
+import http.client
+import json
+import math
+import os
+import shutil
+import sys
+import tarfile
+import tempfile
+import time
+import urllib.request
+
+import numpy as np
+
+import ok_rtrl as ok
+from run_copy import (UserError, _int_at_least, _output_path, _positive_float, cli_main,
+                      ctrl_c_sets_flag, duration, flatten, load_checkpoint, matplotlib_pyplot,
+                      open_log, rate_since, resolve_rank_and_trunc, save_atomically, train_step,
+                      unflatten, write_plot)
+
+PROG = "run_ptb.py"
+METHOD_CHOICES = ok.METHODS + ("tbptt",)
+PROGRESS_SECONDS = 5.0  # a progress line at most this often
+
+# --- 7. The data: files, download, symbols (SPEC §7) -------------------------------------------
+
+PTB_URL = "http://www.fit.vutbr.cz/~imikolov/rnnlm/simple-examples.tgz"
+PTB_SHA256 = {  # SPEC §7, of the unmodified files of the archive's data/ folder
+    "train": "e313d91425e06c4f0a8fb6e881dcce0c291f2a0e9f4dda54833069b122f91da9",
+    "valid": "21661f63ec355085879458b6524644d4add5573541b4be14fb52ab2e2e995eb8",
+    "test": "1ef5607ac3c463b16e38bfe7900dd3bfc91de5a96e0f21e7eab5188b465b8ebe"}
+SPLITS = ("train", "valid", "test")
+FILE_NAMES = ("{}.txt", "ptb.char.{}.txt")  # the shared copy's names; the archive's names
+EOS = "\n"  # the end-of-line symbol: no whitespace-separated symbol can be equal to it
+DOWNLOAD_TIMEOUT = 30  # seconds without an answer before the download gives up
+EVAL_ROWS = 1024  # validation runs the text as this many chunks side by side (speed)
+
+
+def cache_folder():
+    """Where downloaded data is kept: $XDG_CACHE_HOME/ok-rtrl/ptb-char, or ~/.cache/..."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "ok-rtrl", "ptb-char")
+
+
+def split_files(folder):
+    """{split: path} when folder holds all three files under either naming scheme, else None."""
+    paths = {}
+    for split in SPLITS:
+        found = [os.path.join(folder, name.format(split)) for name in FILE_NAMES]
+        found = [path for path in found if os.path.isfile(path)]
+        if not found:
+            return None
+        paths[split] = found[0]
+    return paths
+
+
+def where_to_put(folder):
+    return (f"put train.txt, valid.txt and test.txt (or ptb.char.train.txt, ptb.char.valid.txt and "
+            f"ptb.char.test.txt from the data/ folder of {PTB_URL}) into {folder}, or pass "
+            "--data-dir DIR, or set OK_RTRL_DATA=DIR")
+
+
+def locate_ptb(data_dir):
+    """The three files: from --data-dir, else $OK_RTRL_DATA, else the cache (download if absent).
+
+    A folder named by the user is only read, never written; only the cache gets a download.
+    """
+    named = (("--data-dir", data_dir), ("OK_RTRL_DATA", os.environ.get("OK_RTRL_DATA")))
+    for origin, folder in named:
+        if folder:
+            paths = split_files(folder)
+            if paths is None:
+                raise UserError(f"{origin} {folder} does not hold the PTB char files: "
+                                + where_to_put(folder))
+            return paths
+    folder = cache_folder()
+    paths = split_files(folder)
+    if paths is None:
+        download_ptb(folder)
+        paths = split_files(folder)
+    return paths
+
+
+def download_ptb(folder, url=None):
+    """Fetch the simple-examples archive, take its three char files, check every sha256, and
+    only then move them into folder: nothing unchecked or half-written is ever left there."""
+    url = url or PTB_URL
+    parent = os.path.dirname(os.path.abspath(folder))
+    os.makedirs(parent, exist_ok=True)
+    print(f"PTB char files not found in {folder}: downloading {url} (about 34 MB)", flush=True)
+    with tempfile.TemporaryDirectory(dir=parent, prefix=".ptb-char-download-") as staging:
+        archive = os.path.join(staging, "simple-examples.tgz")
+        try:
+            with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT) as answer, \
+                    open(archive, "wb") as f:
+                shutil.copyfileobj(answer, f)
+        except (OSError, ValueError, http.client.HTTPException) as e:  # URLError is an OSError
+            raise UserError(f"cannot download {url} ({e}): {where_to_put(folder)}") from None
+        for split in SPLITS:
+            content = _archive_member(archive, f"ptb.char.{split}.txt", url, folder)
+            digest = hashlib.sha256(content).hexdigest()
+            if digest != PTB_SHA256[split]:
+                raise UserError(f"ptb.char.{split}.txt in {url} has sha256 {digest}, expected "
+                                f"{PTB_SHA256[split]}; nothing was kept: {where_to_put(folder)}")
+            with open(os.path.join(staging, f"{split}.txt"), "wb") as f:
+                f.write(content)
+        os.makedirs(folder, exist_ok=True)
+        for split in SPLITS:  # all three are verified: now move them in, each atomically
+            os.replace(os.path.join(staging, f"{split}.txt"), os.path.join(folder, f"{split}.txt"))
+    print(f"PTB char files verified and saved in {folder}")
+
+
+def _archive_member(archive, name, url, folder):
+    """The bytes of data/name inside the .tgz archive."""
+    try:
+        with tarfile.open(archive, "r:gz") as tar:
+            for member in tar.getmembers():
+                folder_and_name = member.name.split("/")[-2:]
+                if member.isfile() and folder_and_name == ["data", name]:
+                    return tar.extractfile(member).read()
+    except (OSError, tarfile.TarError, EOFError) as e:
+        raise UserError(f"{url} is not a readable .tgz archive ({e}): {where_to_put(folder)}")
+    raise UserError(f"{url} holds no data/{name}: {where_to_put(folder)}")
+
+
+def read_symbols(path):
+    """The symbols of one char-level file, and the file's sha256.
+
+    Symbols are separated by whitespace; each line adds one EOS. Worked example: the sentence
+    "the cat" is stored as the line 't h e _ c a t ' (every character followed by a space, '_'
+    between words), and gives the 8 symbols  t h e _ c a t EOS. Lines after the first start
+    with a space and the file ends with '\\n ' (shared/data/ptb-char/SOURCE.md), so the text
+    after the last newline holds no symbol; if it held some it would count as a line too.
+    """
+    with open(path, "rb") as f:
+        raw = f.read()
+    lines = raw.decode("utf-8").split("\n")
+    if not lines[-1].strip():
+        lines.pop()
+    symbols = []
+    for line in lines:
+        symbols.extend(line.split())
+        symbols.append(EOS)
+    return symbols, hashlib.sha256(raw).hexdigest()
+
+
+def load_ptb(paths):
+    """{split: symbol ids (N,) int32}, the vocabulary (sorted train symbols, EOS included) and
+    {split: sha256}. A validation or test symbol missing from train is an error."""
+    symbols, sha = {}, {}
+    for split in SPLITS:
+        symbols[split], sha[split] = read_symbols(paths[split])
+        if len(symbols[split]) < 2:
+            raise UserError(f"{paths[split]} holds fewer than 2 symbols: not a char-level text")
+    vocab = sorted(set(symbols["train"]))
+    index = {s: i for i, s in enumerate(vocab)}
+    ids = {}
+    for split in SPLITS:
+        unknown = set(symbols[split]) - index.keys()
+        if unknown:
+            raise UserError(f"{paths[split]} has symbols that train does not have: "
+                            f"{' '.join(sorted(map(repr, unknown))[:10])}")
+        ids[split] = np.fromiter(map(index.__getitem__, symbols[split]), np.int32,
+                                 count=len(symbols[split]))
+    return ids, vocab, sha
+
+
+# --- Training data stream and evaluation --------------------------------------------------------
+
+
+def stream_positions(step, B, N):
+    """Where each of the B streams reads at a step (B,): evenly spaced offsets into the training
+    text, advancing one symbol per step and wrapping around; stream b reads x = text[p] and
+    predicts y = text[p + 1], so p runs over 0..N-2."""
+    offsets = np.arange(B, dtype=np.int64) * (N - 1) // B
+    return (offsets + step) % (N - 1)
+
+
+def bits_per_character(params, ids, eos_id, warmup, rows=EVAL_ROWS):
+    """Mean loss in bits over every symbol of a text, the state carried through the text.
+
+    For speed the text is cut into `rows` chunks run side by side, one per batch row. Chunk i
+    reads positions [i L, i L + L + warmup) from h = 0 and counts only its last L predictions
+    (chunk 0 counts all of them): the counted ranges tile the text, and every symbol is predicted
+    after at least `warmup` symbols of its own text, or all of them from the text start. With
+    warmup = the training reset interval, chunking hides nothing that the model was trained to
+    carry. The first symbol is predicted after an EOS, as if the text followed a line end.
+    """
+    N = len(ids)
+    rows = max(1, min(rows, (N - warmup) // max(warmup, 1)))  # short texts: fewer, longer chunks
+    L = max(1, -(-(N - warmup) // rows))  # counted steps per chunk: rows L + warmup >= N
+    inputs = np.concatenate([[eos_id], ids[:-1]])  # (N,) inputs[t] precedes ids[t]
+    t = np.arange(L + warmup)[:, None]  # (L + warmup, 1) step within a chunk
+    position = t + L * np.arange(rows)[None, :]  # (L + warmup, rows) position in the text
+    inside = position < N  # the last chunk may run past the end: padding, not counted
+    counted = inside & ((t >= warmup) | (np.arange(rows)[None, :] == 0))  # (L + warmup, rows)
+    position = np.where(inside, position, 0)
+    losses, _ = ok.evaluate(params, inputs[position], ids[position])  # (L + warmup, rows) nats
+    assert counted.sum() == N  # every symbol predicted exactly once
+    return float(ok.bits(losses[counted].sum(dtype=np.float64) / N))
+
+
+# --- Command line --------------------------------------------------------------------------------
+
+
+def build_parser():
+    p = argparse.ArgumentParser(
+        prog=PROG, description="Character-level Penn Treebank (SPEC §7), trained online with OK "
+        "or a baseline. The defaults are the paper's configuration.")
+    p.add_argument("--method", choices=METHOD_CHOICES, default="ok",
+                   help="learning algorithm (default ok, the paper's): a baseline of SPEC §5, "
+                   "exact RTRL (small --hidden only), or TBPTT")
+    p.add_argument("--rank", type=_int_at_least(1), metavar="R",
+                   help="OK's rank, or kf-avg's number of averaged KF-RTRL copies (default 8, "
+                   "the paper's PTB rank, SPEC §7); kf is rank 1")
+    p.add_argument("--trunc", type=_int_at_least(1), metavar="K",
+                   help="TBPTT window, --method tbptt only (default 100, the reset interval of "
+                   "SPEC §7)")
+    p.add_argument("--hidden", type=_int_at_least(1), default=256, metavar="N",
+                   help="hidden units (default 256, the paper's, SPEC §7)")
+    p.add_argument("--batch", type=_int_at_least(1), default=32, metavar="B",
+                   help="streams at evenly spaced offsets of the training text (default 32, "
+                   "SPEC §7)")
+    p.add_argument("--lr", type=_positive_float, default=10 ** -3.5,
+                   help="Adam learning rate (default 10^-3.5 = 3.16e-4, SPEC §7)")
+    p.add_argument("--steps", type=_int_at_least(0), default=1_000_000,
+                   help="total steps of B symbols each, a resumed checkpoint's included "
+                   "(default 1,000,000, SPEC §7)")
+    p.add_argument("--eval-every", type=_int_at_least(1), default=10_000, metavar="STEPS",
+                   help="steps between validations on the whole validation text, and one at "
+                   "the last step (default 10,000, SPEC §7)")
+    p.add_argument("--reset-every", type=_int_at_least(1), default=100, metavar="STEPS",
+                   help="steps between resets of every stream's h and learner state (default "
+                   "100 characters, SPEC §7)")
+    p.add_argument("--seed", type=_int_at_least(0), default=0,
+                   help="seed of the one numpy Generator behind all randomness (default 0)")
+    p.add_argument("--dtype", choices=("float32", "float64"), default="float32",
+                   help="floating point type (default float32, as the paper's TensorFlow code)")
+    p.add_argument("--data-dir", metavar="DIR",
+                   help="folder with train.txt, valid.txt, test.txt or ptb.char.*.txt (default: "
+                   "$OK_RTRL_DATA, else ~/.cache/ok-rtrl/ptb-char, filled by a checked download)")
+    p.add_argument("--log", type=_output_path, metavar="FILE.csv",
+                   help="CSV log: step, train_bits (mean since the last row), valid_bpc, "
+                   "chars_per_s; the config in a '#' header line, the test BPC in a last one")
+    p.add_argument("--log-every", type=_int_at_least(1), default=1000, metavar="STEPS",
+                   help="steps between log rows (default 1000)")
+    p.add_argument("--checkpoint", type=_output_path, metavar="FILE.npz",
+                   help="resume from FILE if it exists; save to it periodically, after each "
+                   "validation, at the end and on Ctrl-C; it holds the best-validation weights")
+    p.add_argument("--checkpoint-every", type=_positive_float, default=300.0, metavar="SECONDS",
+                   help="seconds between periodic checkpoints (default 300)")
+    p.add_argument("--plot", type=_output_path, metavar="FILE.png",
+                   help="validation BPC against steps (needs matplotlib)")
+    return p
+
+
+# Options that define the experiment: a checkpoint resumes only under the same values (and the
+# same data). The others (--steps, files, intervals) only say how long to run and where to write.
+EXPERIMENT_KEYS = ("task", "method", "rank", "trunc", "hidden", "batch", "lr", "seed", "dtype",
+                   "eval_every", "reset_every", "data_sha256")
+
+
+def resolve_config(parser, args):
+    """The run's configuration as a JSON-able dict, with rank and trunc resolved per method."""
+    rank, trunc = resolve_rank_and_trunc(parser, args, default_rank=8, default_trunc=100)
+    return {"task": "ptb", "method": args.method, "rank": rank, "trunc": trunc,
+            "hidden": args.hidden, "batch": args.batch, "lr": args.lr, "seed": args.seed,
+            "dtype": args.dtype, "eval_every": args.eval_every, "reset_every": args.reset_every,
+            "steps": args.steps, "data_dir": args.data_dir, "log": args.log,
+            "log_every": args.log_every, "checkpoint": args.checkpoint,
+            "checkpoint_every": args.checkpoint_every, "plot": args.plot}
+
+
+# --- The run: state, checkpoint ----------------------------------------------------------------
+
+
+def new_run(config, rng, V):
+    """Fresh weights (drawn first from rng), Adam, learner state, counters."""
+    B, n = config["batch"], config["hidden"]
+    params = ok.init_params(V, n, V, rng, dtype=np.dtype(config["dtype"]))
+    state = (None if config["method"] == "tbptt"
+             else ok.init_learner(config["method"], params, B, config["rank"] or 1))
+    return {"params": params, "adam": ok.adam_init(params), "state": state,
+            "h": np.zeros((B, n), params.W.dtype), "step": 0, "window": [],
+            "row_nats": 0.0, "row_steps": 0,  # training loss summed since the last log row
+            "best": params, "best_step": -1, "best_bpc": math.inf, "last_eval": -1,
+            "train_curve": [], "valid_curve": []}  # (step, bits) points
+
+
+def checkpoint_arrays(config, rng, run):
+    """Everything a run needs to go on exactly where it stopped, as named arrays for np.savez."""
+    B = config["batch"]
+    window = run["window"]
+    counters = ("step", "row_nats", "row_steps", "best_step", "best_bpc", "last_eval")
+    arrays = {"config": json.dumps(config), "rng": json.dumps(rng.bit_generator.state),
+              "counters": json.dumps({k: run[k] for k in counters}), "h": run["h"],
+              "window_x": np.array([w[0] for w in window], np.int64).reshape(-1, B),  # (k, B)
+              "window_y": np.array([w[1] for w in window], np.int64).reshape(-1, B),
+              "window_reset": np.array([w[2] for w in window], bool).reshape(-1, B),
+              "train_curve": np.array(run["train_curve"], np.float64).reshape(-1, 2),
+              "valid_curve": np.array(run["valid_curve"], np.float64).reshape(-1, 2)}
+    for name in ("params", "adam", "best"):
+        arrays.update(flatten(name, run[name]))
+    if run["state"] is not None:
+        arrays.update(flatten("learner", run["state"]))
+    return arrays
+
+
+def restore_run(arrays, run, rng, path):
+    """Overwrite the fresh run and rng with a checkpoint's arrays (shapes checked)."""
+    for name in ("params", "adam", "best", "h") + (("state",) if run["state"] is not None else ()):
+        run[name] = unflatten("learner" if name == "state" else name, run[name], arrays, path)
+    run.update(json.loads(str(arrays["counters"])))  # JSON keeps floats exactly (and Infinity)
+    run["window"] = list(zip(arrays["window_x"], arrays["window_y"], arrays["window_reset"]))
+    run["train_curve"] = [tuple(row) for row in arrays["train_curve"].tolist()]
+    run["valid_curve"] = [tuple(row) for row in arrays["valid_curve"].tolist()]
+    rng.bit_generator.state = json.loads(str(arrays["rng"]))
+
+
+# --- Main loop ---------------------------------------------------------------------------------
+
+
+def validate(run, data, config):
+    """Validation BPC of the current weights; keeps them if they are the best so far."""
+    started = time.monotonic()
+    bpc = bits_per_character(run["params"], data["valid"], data["eos"], config["reset_every"])
+    run["valid_curve"].append((run["step"], bpc))
+    run["last_eval"] = run["step"]
+    if bpc < run["best_bpc"]:
+        run["best"], run["best_bpc"], run["best_step"] = run["params"], bpc, run["step"]
+    print(f"validation at step {run['step']:,}: {bpc:.4f} BPC (best {run['best_bpc']:.4f} at "
+          f"step {run['best_step']:,}) [{time.monotonic() - started:.1f} s]", flush=True)
+    return bpc
+
+
+def log_row(run, log, bpc, chars_per_s):
+    """A point of the training curve (mean train bits since the last row) and a CSV row."""
+    train_bits = (float(ok.bits(run["row_nats"] / run["row_steps"])) if run["row_steps"]
+                  else math.nan)  # nan: no TBPTT window ended since the last row
+    run["train_curve"].append((run["step"], train_bits))
+    run["row_nats"], run["row_steps"] = 0.0, 0
+    if log is not None:
+        valid = "" if bpc is None else f"{bpc:.6f}"
+        log.write(f"{run['step']},{train_bits:.6f},{valid},{chars_per_s:.1f}\n")
+
+
+def train(config, run, rng, data, log):
+    """Run steps until --steps or Ctrl-C; returns True if stopped by Ctrl-C."""
+    steps, B, text = config["steps"], config["batch"], data["train"]
+    started, step0 = time.monotonic(), run["step"]
+    row_mark, print_mark, last_save = [started, step0], [started, step0], started
+    shown = [0.0, 0]  # training loss (nats) and steps since the last progress line
+    with ctrl_c_sets_flag() as stop:
+        while run["step"] < steps and not stop["now"]:
+            p = stream_positions(run["step"], B, len(text))
+            reset = np.full(B, run["step"] % config["reset_every"] == 0)  # all streams at once
+            nats = train_step(run, config, rng, text[p], text[p + 1], reset)  # TBPTT: 0 or K
+            run["step"] += 1
+            run["row_nats"] += float(nats.sum())
+            run["row_steps"] += len(nats)
+            shown = [shown[0] + float(nats.sum()), shown[1] + len(nats)]
+            step, bpc = run["step"], None
+            if step % config["eval_every"] == 0 or step == steps:
+                bpc = validate(run, data, config)
+            now = time.monotonic()
+            if step % config["log_every"] == 0 or bpc is not None:
+                log_row(run, log, bpc, B * rate_since(row_mark, step, now))
+            if now - print_mark[0] >= PROGRESS_SECONDS or step == steps:
+                rate = rate_since(print_mark, step, now)
+                recent = f"{ok.bits(shown[0] / shown[1]):.3f}" if shown[1] else "-"
+                best = f"  best valid {run['best_bpc']:.3f}" if run["best_step"] >= 0 else ""
+                print(f"step {step:,}/{steps:,}  train {recent} bits{best}  {B * rate:,.0f} "
+                      f"chars/s  ETA {duration((steps - step) / max(rate, 1e-9))}", flush=True)
+                shown = [0.0, 0]
+            if config["checkpoint"] and (bpc is not None
+                                         or now - last_save >= config["checkpoint_every"]):
+                save_atomically(config["checkpoint"], checkpoint_arrays(config, rng, run))
+                last_save = time.monotonic()
+    if run["step"] > step0:
+        print(f"{run['step'] - step0:,} steps in {duration(time.monotonic() - started)}")
+    return stop["now"]
+
+
+def main(argv=None) -> int:
+    return cli_main(PROG, argv, build_parser, resolve_config, run_experiment)
+
+
+def run_experiment(config):
+    print(f"{PROG}: character-level Penn Treebank (SPEC §7)")
+    for key, value in config.items():
+        print(f"  {key:17s}{value}")
+    if config["plot"] and matplotlib_pyplot() is None:
+        print("note: matplotlib is not installed, so --plot will be skipped "
+              "(pip install matplotlib)")
+    paths = locate_ptb(config["data_dir"])
+    ids, vocab, sha = load_ptb(paths)
+    config["data_sha256"] = sha
+    data = dict(ids, eos=vocab.index(EOS))
+    print(f"data: {os.path.dirname(os.path.abspath(paths['train']))}: "
+          + ", ".join(f"{split} {len(ids[split]):,}" for split in SPLITS)
+          + f" symbols; vocabulary {len(vocab)} (train, end of line included)")
+    if sha != PTB_SHA256:
+        print("note: these are not the published PTB files (sha256 differs, see SPEC §7): "
+              "the BPC is not comparable with the paper's")
+    config_line = f"{PROG} config: {json.dumps(config)}"
+    rng = np.random.default_rng(config["seed"])
+    run = new_run(config, rng, len(vocab))
+    resume_step = None
+    if config["checkpoint"] and os.path.exists(config["checkpoint"]):
+        restore_run(load_checkpoint(config["checkpoint"], config, EXPERIMENT_KEYS), run, rng,
+                    config["checkpoint"])
+        resume_step = run["step"]
+        print(f"resuming from {config['checkpoint']} at step {run['step']:,}")
+    if resume_step is not None and resume_step >= config["steps"]:
+        print(f"already at step {run['step']:,} >= --steps {config['steps']:,}: nothing to train")
+    log = None
+    if config["log"]:
+        log = open_log(config["log"], config_line,
+                       ("step", "train_bits", "valid_bpc", "chars_per_s"), resume_step)
+    try:
+        interrupted = train(config, run, rng, data, log)
+        if not interrupted:
+            if run["last_eval"] != run["step"]:  # e.g. --steps 0
+                validate(run, data, config)
+            test = bits_per_character(run["best"], data["test"], data["eos"], config["reset_every"])
+            summary = (f"test BPC {test:.4f} of the best weights (step {run['best_step']:,}, "
+                       f"validation {run['best_bpc']:.4f})")
+            print(summary)
+            if log is not None:
+                log.write(f"# {summary}\n")
+    finally:
+        if log is not None:
+            log.close()
+    if config["checkpoint"]:
+        save_atomically(config["checkpoint"], checkpoint_arrays(config, rng, run))
+        print(f"checkpoint: {config['checkpoint']} (step {run['step']:,})")
+    if config["plot"] and run["valid_curve"]:
+        x, y = zip(*run["valid_curve"])
+        write_plot(config["plot"], x, y, "step", "validation bits per character",
+                   f"char PTB, {config['method']}, n {config['hidden']}")
+    return 130 if interrupted else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

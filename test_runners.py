@@ -1,0 +1,427 @@
+"""Tests of the two experiment runners, run_copy.py and run_ptb.py, on tiny configurations.
+
+They check what a user relies on: the data are what SPEC §6-7 say, the curriculum learns, a run
+interrupted by Ctrl-C and resumed ends bit for bit where an uninterrupted run ends, bad input gives
+one line and a non-zero exit, and the PTB download keeps nothing it has not verified. PTB tests
+write a small synthetic corpus in the real files' format; one test reads the real files from
+../shared/data/ptb-char when they are there. Nothing here touches the network or the user's home.
+"""
+import hashlib
+import json
+import os
+import signal
+import sys
+import tarfile
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+
+import ok_rtrl as ok
+import run_copy
+import run_ptb
+
+SHARED_PTB = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "data",
+                          "ptb-char")
+TINY_COPY = ["--hidden", "8", "--batch", "3", "--rank", "2", "--lr", "0.01"]
+TINY_PTB = ["--hidden", "8", "--batch", "4", "--rank", "2", "--lr", "0.01", "--reset-every", "20"]
+
+
+# --- Helpers ------------------------------------------------------------------------------------
+
+
+def ptb_char_text(lines):
+    """A char-level file from word-level lines, by the transform of shared/data/ptb-char/SOURCE.md:
+    words joined by '_', one line per sentence, and every character followed by one space."""
+    body = "\n".join("_".join(words) for words in lines) + "\n"
+    return "".join(ch + " " for ch in body)
+
+
+def synthetic_lines(rng, n_lines):
+    words = ["the", "cat", "sat", "on", "a", "mat", "<unk>", "N", "dog's", "ran", "$", "1.5"]
+    return [list(rng.choice(words, size=int(rng.integers(2, 8)))) for _ in range(n_lines)]
+
+
+def write_corpus(folder, scheme="{}.txt", seed=0, sizes=(("train", 400), ("valid", 40),
+                                                          ("test", 40))):
+    """Write a synthetic corpus in the real files' format; return {split: word-level lines}."""
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    corpus = {}
+    for split, n_lines in sizes:
+        corpus[split] = synthetic_lines(rng, n_lines)
+        with open(os.path.join(folder, scheme.format(split)), "w") as f:
+            f.write(ptb_char_text(corpus[split]))
+    return corpus
+
+
+def checkpoint_contents(path):
+    """A checkpoint's config and arrays; the file names, which differ between runs, are dropped."""
+    with np.load(path, allow_pickle=False) as f:
+        arrays = {name: f[name] for name in f.files}
+    config = json.loads(str(arrays.pop("config")))
+    for key in ("checkpoint", "log", "plot", "data_dir"):
+        config.pop(key, None)
+    return config, arrays
+
+
+def assert_same_run(path_a, path_b):
+    config_a, arrays_a = checkpoint_contents(path_a)
+    config_b, arrays_b = checkpoint_contents(path_b)
+    assert config_a == config_b
+    assert arrays_a.keys() == arrays_b.keys()
+    for name in arrays_a:  # exact: a resumed run must be bit-identical, not close
+        np.testing.assert_array_equal(arrays_a[name], arrays_b[name], err_msg=name)
+
+
+def log_rows(path, drop_last_column=True):
+    """The data rows of a CSV log without the timing column (steps/s varies run to run)."""
+    with open(path) as f:
+        lines = [line.rstrip("\n") for line in f if not line.startswith("#")]
+    return [line.rsplit(",", 1)[0] if drop_last_column else line for line in lines]
+
+
+def ctrl_c_at_call(monkeypatch, module, name, call):
+    """Make module.name send SIGINT to this process on its call-th call, as Ctrl-C would."""
+    original, calls = getattr(module, name), [0]
+
+    def wrapped(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == call:
+            signal.raise_signal(signal.SIGINT)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, wrapped)
+
+
+def one_error_line(stderr, prog):
+    lines = stderr.strip().splitlines()
+    assert len(lines) >= 1 and "Traceback" not in stderr
+    assert lines[-1].startswith(f"{prog}: error: ")
+    return lines[-1]
+
+
+# --- Copy task (SPEC §6) ------------------------------------------------------------------------
+
+
+def test_copy_sequence_is_the_worked_example():
+    """SPEC §6, T = 3, bits 1 0 1: input 2 1 0 1 3 3 3 3, target 3 3 3 3 2 1 0 1."""
+    inputs, targets = run_copy.copy_sequence(np.array([1, 0, 1]))
+    assert inputs.tolist() == [2, 1, 0, 1, 3, 3, 3, 3]
+    assert targets.tolist() == [3, 3, 3, 3, 2, 1, 0, 1]
+
+
+def test_curriculum_checks_at_sequence_starts_in_stream_order():
+    """SPEC §6: a stream starting a sequence with avg < 0.15 raises T_ by one and sets avg to 0.3,
+    so the next stream's check in the same step does not raise it again; lengths are
+    max(1, T_ - U{0..4})."""
+    rng = np.random.default_rng(1)
+    run = {"T": 7, "avg": 0.1, "pos": np.zeros(3, np.int64),
+           "inputs": [np.zeros(0, np.int64)] * 3, "targets": [np.zeros(0, np.int64)] * 3}
+    x, y, reset = run_copy.next_symbols(run, rng)
+    assert run["T"] == 8 and run["avg"] == 0.3
+    assert reset.all() and x.tolist() == [2, 2, 2] and y.tolist() == [3, 3, 3]
+    lengths = [(len(s) - 2) // 2 for s in run["inputs"]]
+    assert all(4 <= T <= 8 for T in lengths)
+    x, y, reset = run_copy.next_symbols(run, rng)  # mid-sequence: no reset, no check
+    assert not reset.any() and run["T"] == 8
+
+
+def test_copy_curriculum_rises_above_one(tmp_path, capsys):
+    """A tiny network learns T = 1 and moves on. The moving average needs >= 1,897 steps to fall
+    from 1.0 below 0.15 even at zero loss (0.999^k < 0.15), so the run has 3,000 steps."""
+    log = str(tmp_path / "copy.csv")
+    argv = ["--hidden", "16", "--batch", "4", "--rank", "2", "--lr", "0.01", "--steps", "3000",
+            "--log", log, "--log-every", "500"]
+    assert run_copy.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "  method           ok" in out  # the resolved config is printed first
+    with open(log) as f:
+        header = f.readline()
+    assert header.startswith("# run_copy.py config: ")
+    assert json.loads(header.split("config: ", 1)[1])["rank"] == 2
+    rows = log_rows(log, drop_last_column=False)
+    assert rows[0] == "step,T,avg_bits,steps_per_s" and len(rows) == 1 + 6
+    assert int(rows[-1].split(",")[1]) >= 2
+
+
+@pytest.mark.parametrize("method", ["ok", "tbptt"])
+def test_copy_resume_after_ctrl_c_is_identical(tmp_path, monkeypatch, capsys, method):
+    """Ctrl-C at step 170 saves; resuming ends exactly where an uninterrupted run ends: weights,
+    Adam, learner state, h, streams, curriculum, rng and log. TBPTT (window 7) stops mid-window."""
+    extra = ["--trunc", "7", "--method", "tbptt"] if method == "tbptt" else ["--rank", "2"]
+    argv = ["--hidden", "8", "--batch", "3", "--lr", "0.01", "--steps", "400",
+            "--log-every", "50"] + extra
+    whole, parts = str(tmp_path / "whole.npz"), str(tmp_path / "parts.npz")
+    log_whole, log_parts = str(tmp_path / "whole.csv"), str(tmp_path / "parts.csv")
+    assert run_copy.main(argv + ["--checkpoint", whole, "--log", log_whole]) == 0
+    with monkeypatch.context() as patch:
+        ctrl_c_at_call(patch, run_copy, "next_symbols", 170)
+        assert run_copy.main(argv + ["--checkpoint", parts, "--log", log_parts]) == 130
+    assert "Ctrl-C" in capsys.readouterr().err
+    assert checkpoint_contents(parts)[1]["counters"].item().startswith('{"step": 170,')
+    assert run_copy.main(argv + ["--checkpoint", parts, "--log", log_parts]) == 0
+    assert_same_run(whole, parts)
+    assert log_rows(log_whole) == log_rows(log_parts)
+
+
+def test_copy_extending_a_finished_run_is_identical(tmp_path):
+    """--steps 200 then --steps 300 on the same checkpoint equals one run of 300 steps."""
+    whole, parts = str(tmp_path / "whole.npz"), str(tmp_path / "parts.npz")
+    assert run_copy.main(TINY_COPY + ["--steps", "300", "--checkpoint", whole]) == 0
+    assert run_copy.main(TINY_COPY + ["--steps", "200", "--checkpoint", parts]) == 0
+    assert run_copy.main(TINY_COPY + ["--steps", "300", "--checkpoint", parts]) == 0
+    assert_same_run(whole, parts)
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--rank", "0"], "--rank"),
+    (["--steps", "-1"], "--steps"),
+    (["--method", "bogus"], "--method"),
+    (["--lr", "nan"], "--lr"),
+    (["--hidden", "many"], "--hidden"),
+    (["--method", "kf", "--rank", "3"], "kf-avg"),
+    (["--trunc", "5"], "--trunc"),
+    (["--method", "uoro", "--rank", "2"], "--rank"),
+    (["--checkpoint", "/no/such/folder/run.npz"], "does not exist"),
+])
+def test_copy_bad_options_give_usage_and_exit_2(capsys, argv, says):
+    assert run_copy.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: run_copy.py") and "Traceback" not in err
+    assert says in one_error_line(err, "run_copy.py")
+
+
+def test_copy_refuses_checkpoint_of_another_config(tmp_path, capsys):
+    path = str(tmp_path / "run.npz")
+    assert run_copy.main(TINY_COPY + ["--steps", "5", "--checkpoint", path]) == 0
+    capsys.readouterr()
+    argv = ["--hidden", "9", "--batch", "3", "--rank", "2", "--lr", "0.01"]
+    assert run_copy.main(argv + ["--steps", "10", "--checkpoint", path]) == 1
+    line = one_error_line(capsys.readouterr().err, "run_copy.py")
+    assert "--hidden 8 there, 9 here" in line
+    write_corpus(str(tmp_path / "data"))
+    data = ["--data-dir", str(tmp_path / "data")]
+    assert run_ptb.main(TINY_PTB + data + ["--checkpoint", path]) == 1
+    assert "from another task ('copy', not 'ptb')" in one_error_line(capsys.readouterr().err,
+                                                                     "run_ptb.py")
+
+
+def test_resume_drops_log_rows_written_after_the_last_save(tmp_path):
+    """A run killed between saves has log rows past its checkpoint; they will be written again."""
+    path = str(tmp_path / "log.csv")
+    with open(path, "w") as f:
+        f.write("# config\nstep,T,avg_bits,steps_per_s\n50,1,0.9,9\n100,1,0.8,9\n150,2,0.3,9\n")
+    run_copy.open_log(path, "config", ("step", "T", "avg_bits", "steps_per_s"), 100).close()
+    with open(path) as f:
+        assert f.read() == "# config\nstep,T,avg_bits,steps_per_s\n50,1,0.9,9\n100,1,0.8,9\n"
+
+
+def test_unreadable_checkpoint_is_one_line(tmp_path, capsys):
+    path = tmp_path / "run.npz"
+    path.write_bytes(b"not a zip file")
+    assert run_copy.main(TINY_COPY + ["--steps", "5", "--checkpoint", str(path)]) == 1
+    assert "cannot read checkpoint" in one_error_line(capsys.readouterr().err, "run_copy.py")
+
+
+def test_copy_diverging_run_stops_with_one_line(monkeypatch, capsys):
+    def diverged(*args, **kwargs):
+        raise FloatingPointError("dW is not finite (NaN or inf): the run diverged; lower the "
+                                 "learning rate or train in float64")
+    monkeypatch.setattr(ok, "apply_gradients", diverged)
+    assert run_copy.main(TINY_COPY + ["--steps", "10"]) == 1
+    line = one_error_line(capsys.readouterr().err, "run_copy.py")
+    assert "step 1" in line and "lower the learning rate" in line
+
+
+@pytest.mark.parametrize("runner", ["copy", "ptb"])
+def test_plot_without_matplotlib_is_a_note_not_a_crash(tmp_path, monkeypatch, capsys, runner):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` fail
+    plot = str(tmp_path / "curve.png")
+    if runner == "copy":
+        code = run_copy.main(TINY_COPY + ["--steps", "20", "--log-every", "10", "--plot", plot])
+    else:
+        write_corpus(str(tmp_path / "data"))
+        code = run_ptb.main(TINY_PTB + ["--steps", "20", "--eval-every", "10", "--plot", plot,
+                                        "--data-dir", str(tmp_path / "data")])
+    assert code == 0 and not os.path.exists(plot)
+    assert "pip install matplotlib" in capsys.readouterr().out
+
+
+# --- Character-level PTB (SPEC §7) --------------------------------------------------------------
+
+
+def test_symbols_are_whitespace_separated_with_one_eos_per_line(tmp_path):
+    """Each line's characters (words joined by '_') and then one EOS; vocabulary from train."""
+    corpus = write_corpus(str(tmp_path))
+    ids, vocab, sha = run_ptb.load_ptb(run_ptb.split_files(str(tmp_path)))
+    for split, lines in corpus.items():
+        expected = [ch for words in lines for ch in list("_".join(words)) + [run_ptb.EOS]]
+        assert [vocab[i] for i in ids[split]] == expected
+    train_symbols = {ch for words in corpus["train"] for ch in "_".join(words)}
+    assert vocab == sorted(train_symbols | {run_ptb.EOS})
+    with open(tmp_path / "valid.txt", "rb") as f:
+        assert sha["valid"] == hashlib.sha256(f.read()).hexdigest()
+
+
+@pytest.mark.skipif(not os.path.isdir(SHARED_PTB), reason="no ../shared/data/ptb-char here")
+def test_real_ptb_files_have_the_published_counts_and_sha256():
+    """SPEC §7: 50 symbols; 5,017,482 / 393,042 / 442,423 tokens; the published sha256 sums."""
+    ids, vocab, sha = run_ptb.load_ptb(run_ptb.split_files(SHARED_PTB))
+    assert {split: len(ids[split]) for split in run_ptb.SPLITS} == {
+        "train": 5_017_482, "valid": 393_042, "test": 442_423}
+    assert len(vocab) == 50
+    assert sha == run_ptb.PTB_SHA256
+
+
+def test_chunked_validation_equals_one_stream(tmp_path):
+    """bits_per_character runs the text as many chunks with a warm-up overlap; it counts every
+    symbol once. At the paper's initialisation the state forgets within the warm-up (the carry
+    gate is ~1/2 per step), so it matches one stream run over the whole text to rounding
+    (float64, ~600 summed losses: rtol 1e-9 is far above their rounding, far below any error)."""
+    write_corpus(str(tmp_path))
+    ids, vocab, _ = run_ptb.load_ptb(run_ptb.split_files(str(tmp_path)))
+    params = ok.init_params(len(vocab), 8, len(vocab), np.random.default_rng(0), np.float64)
+    eos = vocab.index(run_ptb.EOS)
+    one_stream = run_ptb.bits_per_character(params, ids["valid"], eos, warmup=60, rows=1)
+    losses, _ = ok.evaluate(params, np.concatenate([[eos], ids["valid"][:-1]])[:, None],
+                            ids["valid"][:, None])
+    np.testing.assert_allclose(one_stream, ok.bits(losses.mean()), rtol=1e-12)
+    for rows in (2, 5, 16):
+        chunked = run_ptb.bits_per_character(params, ids["valid"], eos, warmup=60, rows=rows)
+        np.testing.assert_allclose(chunked, one_stream, rtol=1e-9)
+
+
+def test_ptb_trains_validates_and_reports_test_bpc(tmp_path, capsys):
+    data = str(tmp_path / "data")
+    write_corpus(data, scheme="ptb.char.{}.txt")  # the archive's naming scheme
+    log = str(tmp_path / "ptb.csv")
+    argv = ["--hidden", "16", "--batch", "4", "--rank", "2", "--lr", "0.01", "--steps", "600",
+            "--eval-every", "200", "--log-every", "100", "--data-dir", data, "--log", log]
+    assert run_ptb.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "not the published PTB files" in out and "test BPC" in out
+    rows = [row.split(",") for row in log_rows(log, drop_last_column=False)[1:]]
+    assert [int(r[0]) for r in rows] == [100, 200, 300, 400, 500, 600]
+    valid = [float(r[2]) for r in rows if r[2]]
+    assert len(valid) == 3 and valid[-1] < valid[0] < np.log2(24)  # 24 symbols: log2 24 = guessing
+    with open(log) as f:
+        assert f.read().splitlines()[-1].startswith("# test BPC")
+
+
+@pytest.mark.parametrize("method", ["ok", "tbptt"])
+def test_ptb_resume_after_ctrl_c_is_identical(tmp_path, monkeypatch, capsys, method):
+    """Ctrl-C at step 130 saves; resuming ends exactly where an uninterrupted run ends, best
+    weights and validation curve included. TBPTT (window 30) is stopped mid-window."""
+    data = str(tmp_path / "data")
+    write_corpus(data)
+    extra = ["--method", "tbptt", "--trunc", "30"] if method == "tbptt" else []
+    argv = ["--hidden", "8", "--batch", "4", "--lr", "0.01", "--steps", "300", "--eval-every",
+            "100", "--log-every", "50", "--data-dir", data] + extra
+    whole, parts = str(tmp_path / "whole.npz"), str(tmp_path / "parts.npz")
+    log_whole, log_parts = str(tmp_path / "whole.csv"), str(tmp_path / "parts.csv")
+    assert run_ptb.main(argv + ["--checkpoint", whole, "--log", log_whole]) == 0
+    with monkeypatch.context() as patch:
+        ctrl_c_at_call(patch, run_ptb, "stream_positions", 130)
+        assert run_ptb.main(argv + ["--checkpoint", parts, "--log", log_parts]) == 130
+    assert run_ptb.main(argv + ["--checkpoint", parts, "--log", log_parts]) == 0
+    assert_same_run(whole, parts)
+    assert log_rows(log_whole) == log_rows(log_parts)
+
+
+def test_ptb_refuses_checkpoint_of_other_data(tmp_path, capsys):
+    write_corpus(str(tmp_path / "a"), seed=0)
+    write_corpus(str(tmp_path / "b"), seed=1)
+    path = str(tmp_path / "run.npz")
+    assert run_ptb.main(TINY_PTB + ["--steps", "5", "--data-dir", str(tmp_path / "a"),
+                                    "--checkpoint", path]) == 0
+    capsys.readouterr()
+    assert run_ptb.main(TINY_PTB + ["--steps", "5", "--data-dir", str(tmp_path / "b"),
+                                    "--checkpoint", path]) == 1
+    assert "other data files" in one_error_line(capsys.readouterr().err, "run_ptb.py")
+
+
+def test_data_lookup_order(tmp_path, monkeypatch):
+    """--data-dir first, then $OK_RTRL_DATA, then the cache; named folders are only read."""
+    for name in ("flag", "env", "cache/ok-rtrl/ptb-char"):
+        write_corpus(str(tmp_path / name))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("OK_RTRL_DATA", str(tmp_path / "env"))
+    folder = lambda paths: os.path.dirname(paths["train"])  # noqa: E731
+    assert folder(run_ptb.locate_ptb(str(tmp_path / "flag"))) == str(tmp_path / "flag")
+    assert folder(run_ptb.locate_ptb(None)) == str(tmp_path / "env")
+    monkeypatch.delenv("OK_RTRL_DATA")
+    assert folder(run_ptb.locate_ptb(None)) == str(tmp_path / "cache/ok-rtrl/ptb-char")
+    with pytest.raises(run_ptb.UserError, match="does not hold the PTB char files: put"):
+        run_ptb.locate_ptb(str(tmp_path / "empty"))
+    assert not os.path.exists(tmp_path / "empty")
+
+
+def make_archive(tmp_path):
+    """A stand-in for simple-examples.tgz: a synthetic corpus under simple-examples/data/."""
+    source = str(tmp_path / "source")
+    write_corpus(source, scheme="ptb.char.{}.txt")
+    archive = str(tmp_path / "simple-examples.tgz")
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(os.path.join(source, "ptb.char.train.txt"), "./simple-examples/README")
+        for split in run_ptb.SPLITS:
+            name = f"ptb.char.{split}.txt"
+            tar.add(os.path.join(source, name), f"./simple-examples/data/{name}")
+    sums = {}
+    for split in run_ptb.SPLITS:
+        with open(os.path.join(source, f"ptb.char.{split}.txt"), "rb") as f:
+            sums[split] = hashlib.sha256(f.read()).hexdigest()
+    return "file://" + archive, sums, source
+
+
+def test_download_verifies_then_fills_the_cache(tmp_path, monkeypatch, capsys):
+    url, sums, source = make_archive(tmp_path)
+    monkeypatch.setattr(run_ptb, "PTB_URL", url)
+    monkeypatch.setattr(run_ptb, "PTB_SHA256", sums)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv("OK_RTRL_DATA", raising=False)
+    paths = run_ptb.locate_ptb(None)
+    cache = str(tmp_path / "cache" / "ok-rtrl" / "ptb-char")
+    assert paths == {split: os.path.join(cache, f"{split}.txt") for split in run_ptb.SPLITS}
+    for split in run_ptb.SPLITS:
+        with open(paths[split], "rb") as a, open(os.path.join(source, f"ptb.char.{split}.txt"),
+                                                   "rb") as b:
+            assert a.read() == b.read()
+    assert os.listdir(tmp_path / "cache" / "ok-rtrl") == ["ptb-char"]  # no staging folder left
+    assert run_ptb.main(TINY_PTB + ["--steps", "10", "--eval-every", "10"]) == 0
+    assert "verified and saved" in capsys.readouterr().out
+
+
+def test_download_with_a_wrong_checksum_keeps_nothing(tmp_path, monkeypatch, capsys):
+    url, _, _ = make_archive(tmp_path)
+    monkeypatch.setattr(run_ptb, "PTB_URL", url)  # the real sums: the synthetic files fail them
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv("OK_RTRL_DATA", raising=False)
+    assert run_ptb.main(TINY_PTB + ["--steps", "10"]) == 1
+    line = one_error_line(capsys.readouterr().err, "run_ptb.py")
+    assert "sha256" in line and "put train.txt" in line
+    assert os.listdir(tmp_path / "cache" / "ok-rtrl") == []  # nothing, not even a staging folder
+
+
+def test_no_network_gives_one_line_saying_where_to_put_the_files(tmp_path, monkeypatch, capsys):
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv("OK_RTRL_DATA", raising=False)
+    assert run_ptb.main(["--rank", "8"]) == 1
+    line = one_error_line(capsys.readouterr().err, "run_ptb.py")
+    assert "cannot download" in line and str(tmp_path / "cache" / "ok-rtrl" / "ptb-char") in line
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--eval-every", "0"], "--eval-every"),
+    (["--reset-every", "-3"], "--reset-every"),
+    (["--dtype", "float16"], "--dtype"),
+    (["--method", "rtrl", "--trunc", "10"], "--trunc"),
+])
+def test_ptb_bad_options_give_usage_and_exit_2(capsys, argv, says):
+    assert run_ptb.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: run_ptb.py") and says in one_error_line(err, "run_ptb.py")
