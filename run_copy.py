@@ -44,6 +44,8 @@ EMA_START = 1.0  # the paper's code starts avg at -log2(1/2) = 1 bit
 LEVEL_UP_BELOW = 0.15  # bits: when avg is below this at a sequence start, T_ += 1 ...
 EMA_AFTER_LEVEL_UP = 0.3  # ... and avg is set to 0.3
 MAX_SHORTENING = 4  # a new sequence has length max(1, T_ - U{0..4})
+NOISE_LEARNERS = (("ok", 1), ("ok", 2), ("ok", 4), ("ok", 8), ("ok", 16),  # --measure-noise
+                  ("kf", 1), ("kf-avg", 8), ("kf-avg", 16), ("uoro", 1))
 
 
 def copy_sequence(bits):
@@ -127,6 +129,70 @@ def train_step(run, config, rng, x, y, reset):
     return losses
 
 
+# --- Gradient noise: each learner against exact RTRL on the same trajectory (--measure-noise) --
+
+
+def measure_noise(run, config):
+    """Median cosine and relative squared error, against exact RTRL, of each NOISE_LEARNERS
+    gradient over --noise-steps steps of fresh sequences at the current weights and T_.
+
+    Nothing is trained. The draws come from a Generator seeded by (seed, step), not from the
+    run's, so a run with measurements trains exactly as one without. -> rows (step, T, learner
+    index, median cosine, median relative error).
+    """
+    rng = np.random.default_rng([config["seed"], run["step"]])
+    B, empty = config["batch"], np.zeros(0, np.int64)
+    probe = {"T": run["T"], "avg": math.inf,  # avg = inf: the probe's curriculum stays at T_
+             "pos": np.zeros(B, np.int64), "inputs": [empty] * B, "targets": [empty] * B}
+    steps = [next_symbols(probe, rng) for _ in range(config["noise_steps"])]
+    xs, ys, resets = (np.stack(column) for column in zip(*steps))  # (S, B) each
+    cosine, rel_error = ok.gradient_agreement(run["params"], xs, ys, NOISE_LEARNERS, rng,
+                                              resets=resets)  # (S, len(NOISE_LEARNERS)) each
+    return [(run["step"], run["T"], k, np.median(cosine[:, k]), np.median(rel_error[:, k]))
+            for k in range(len(NOISE_LEARNERS))]
+
+
+def record_noise(run, config, noise_log):
+    """measure_noise, kept in the run (for the plot), written to the CSV and summarised."""
+    rows = measure_noise(run, config)
+    run["noise"].extend(rows)
+    for step, T, k, cosine, rel_error in rows:
+        method, rank = NOISE_LEARNERS[k]
+        noise_log.write(f"{step},{T},{method},{rank},{cosine:.6f},{rel_error:.6g}\n")
+    print(f"noise at step {run['step']:,}: median cosine with exact RTRL: " + ", ".join(
+        f"{method} {rank} {row[3]:.3f}" for (method, rank), row in zip(NOISE_LEARNERS, rows)),
+        flush=True)
+
+
+def write_noise_plot(path, rows):
+    """Cosine with exact RTRL against rank (last measurement) and against training steps."""
+    plt = matplotlib_pyplot()
+    if plt is None:
+        print(f"note: --plot needs matplotlib (pip install matplotlib); {path} not written")
+        return
+    rows = np.array(rows).reshape(-1, 5)  # step, T, learner, median cosine, median rel. error
+    last = rows[rows[:, 0] == rows[:, 0].max()]
+    fig, (by_rank, by_step) = plt.subplots(1, 2, figsize=(11, 4.5))
+    for method, style in (("ok", "o-"), ("kf-avg", "s--"), ("uoro", "^")):
+        ks = [k for k, (m, _) in enumerate(NOISE_LEARNERS) if m == method or
+              (method == "kf-avg" and m == "kf")]  # KF-RTRL is kf-avg of rank 1
+        ranks = [NOISE_LEARNERS[k][1] for k in ks]
+        by_rank.plot(ranks, [last[last[:, 2] == k, 3][0] for k in ks], style, label=method)
+    for k, (method, rank) in enumerate(NOISE_LEARNERS):
+        mine = rows[rows[:, 2] == k]
+        by_step.plot(mine[:, 0], mine[:, 3], label=f"{method} {rank}" if method != "kf" else "kf")
+    by_rank.set(xscale="log", xlabel="rank r", ylabel="median cosine with exact RTRL",
+                title=f"at step {int(last[0, 0]):,}")
+    by_step.set(xlabel="training step", ylabel="median cosine with exact RTRL")
+    for ax in (by_rank, by_step):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"plot: {path}")
+
+
 # --- Command line --------------------------------------------------------------------------------
 
 
@@ -201,7 +267,16 @@ def build_parser():
     p.add_argument("--checkpoint-every", type=_positive_float, default=300.0, metavar="SECONDS",
                    help="seconds between periodic checkpoints (default 300)")
     p.add_argument("--plot", type=_output_path, metavar="FILE.png",
-                   help="learning curve, curriculum T against steps (needs matplotlib)")
+                   help="learning curve, curriculum T against steps (needs matplotlib); with "
+                   "--measure-noise also FILE-noise.png")
+    p.add_argument("--measure-noise", type=_int_at_least(1), metavar="STEPS",
+                   help="every STEPS training steps, measure how close the gradients of OK "
+                   "(ranks 1-16), KF-RTRL, kf-avg and UORO are to exact RTRL's (n <= 64 or so: "
+                   "exact RTRL must fit)")
+    p.add_argument("--noise-steps", type=_int_at_least(1), default=200, metavar="S",
+                   help="steps per noise measurement (default 200)")
+    p.add_argument("--noise-log", type=_output_path, default="copy_noise.csv", metavar="FILE.csv",
+                   help="CSV of the noise measurements (default copy_noise.csv)")
     return p
 
 
@@ -238,7 +313,9 @@ def resolve_config(parser, args):
             "hidden": args.hidden, "batch": args.batch, "lr": args.lr, "seed": args.seed,
             "dtype": args.dtype, "steps": args.steps, "log": args.log,
             "log_every": args.log_every, "checkpoint": args.checkpoint,
-            "checkpoint_every": args.checkpoint_every, "plot": args.plot}
+            "checkpoint_every": args.checkpoint_every, "plot": args.plot,
+            "measure_noise": args.measure_noise, "noise_steps": args.noise_steps,
+            "noise_log": args.noise_log if args.measure_noise else None}
 
 
 # --- The run: state, checkpoint ----------------------------------------------------------------
@@ -255,7 +332,7 @@ def new_run(config, rng):
             "h": np.zeros((B, n), params.W.dtype),
             "step": 0, "T": 1, "avg": EMA_START,  # the curriculum T_ starts at 1
             "inputs": [empty] * B, "targets": [empty] * B,  # every stream starts a sequence
-            "pos": np.zeros(B, np.int64), "window": [], "history": []}
+            "pos": np.zeros(B, np.int64), "window": [], "history": [], "noise": []}
 
 
 def checkpoint_arrays(config, rng, run):
@@ -274,7 +351,8 @@ def checkpoint_arrays(config, rng, run):
               "window_x": np.array([w[0] for w in window], np.int64).reshape(-1, B),  # (k, B)
               "window_y": np.array([w[1] for w in window], np.int64).reshape(-1, B),
               "window_reset": np.array([w[2] for w in window], bool).reshape(-1, B),
-              "history": np.array(run["history"], np.float64).reshape(-1, 3)}  # step, T, avg
+              "history": np.array(run["history"], np.float64).reshape(-1, 3),  # step, T, avg
+              "noise": np.array(run["noise"], np.float64).reshape(-1, 5)}  # measure_noise rows
     arrays.update(flatten("params", run["params"]))
     arrays.update(flatten("adam", run["adam"]))
     if run["state"] is not None:
@@ -293,6 +371,7 @@ def restore_run(arrays, run, rng, path):
     run["pos"] = arrays["stream_pos"].astype(np.int64)
     run["window"] = list(zip(arrays["window_x"], arrays["window_y"], arrays["window_reset"]))
     run["history"] = [tuple(row) for row in arrays["history"].tolist()]
+    run["noise"] = [tuple(row) for row in arrays["noise"].tolist()]
     rng.bit_generator.state = json.loads(str(arrays["rng"]))
 
 
@@ -493,7 +572,7 @@ def rate_since(mark, step, now):
     return rate
 
 
-def train(config, run, rng, log):
+def train(config, run, rng, log, noise_log):
     """Run steps until --steps or Ctrl-C; returns True if stopped by Ctrl-C."""
     steps, started, step0 = config["steps"], time.monotonic(), run["step"]
     row_mark, print_mark, last_save = [started, step0], [started, step0], started
@@ -509,6 +588,12 @@ def train(config, run, rng, log):
                 rate = rate_since(row_mark, step, now)
                 if log is not None:
                     log.write(f"{step},{run['T']},{run['avg']:.6f},{rate:.2f}\n")
+            if config["measure_noise"] and step % config["measure_noise"] == 0:
+                record_noise(run, config, noise_log)
+                pause = time.monotonic() - now
+                row_mark[0] += pause  # the rates count training time only
+                print_mark[0] += pause
+                now += pause
             if now - print_mark[0] >= PROGRESS_SECONDS or step == steps:
                 rate = rate_since(print_mark, step, now)
                 print(f"step {step:,}/{steps:,}  T {run['T']}  avg {run['avg']:.3f} bits  "
@@ -548,11 +633,16 @@ def run_experiment(config):
     if config["log"]:
         log = open_log(config["log"], config_line, ("step", "T", "avg_bits", "steps_per_s"),
                        resume_step)
+    noise_log = None
+    if config["measure_noise"]:
+        noise_log = open_log(config["noise_log"], config_line, ("step", "T", "method", "rank",
+                             "median_cosine", "median_rel_error"), resume_step)
     try:
-        interrupted = train(config, run, rng, log)
+        interrupted = train(config, run, rng, log, noise_log)
     finally:
-        if log is not None:
-            log.close()
+        for f in (log, noise_log):
+            if f is not None:
+                f.close()
     if config["checkpoint"]:
         save_atomically(config["checkpoint"], checkpoint_arrays(config, rng, run))
         print(f"checkpoint: {config['checkpoint']} (step {run['step']:,})")
@@ -561,6 +651,8 @@ def run_experiment(config):
         write_plot(config["plot"], steps_, Ts, "step", "curriculum T",
                    f"copy task, {config['method']}, n {config['hidden']}", drawstyle="steps-post",
                    integer_y=True)
+        if run["noise"]:
+            write_noise_plot(os.path.splitext(config["plot"])[0] + "-noise.png", run["noise"])
     print(f"curriculum T {run['T']} at step {run['step']:,} (avg {run['avg']:.3f} bits)")
     return 130 if interrupted else 0
 

@@ -175,6 +175,31 @@ def test_copy_extending_a_finished_run_is_identical(tmp_path):
     assert_same_run(whole, parts)
 
 
+def test_measure_noise_leaves_training_unchanged_and_logs_every_learner(tmp_path):
+    """--measure-noise draws from its own Generator, so the run trains exactly as without it; each
+    measurement logs one row per learner, and OK of rank 16 >= the Kronecker rank of G (m = 13
+    here) is exact RTRL: cosine 1 (SPEC §3-4)."""
+    argv = TINY_COPY + ["--steps", "300", "--dtype", "float64"]
+    plain, measured = str(tmp_path / "plain.npz"), str(tmp_path / "measured.npz")
+    noise = str(tmp_path / "noise.csv")
+    assert run_copy.main(argv + ["--checkpoint", plain]) == 0
+    assert run_copy.main(argv + ["--checkpoint", measured, "--measure-noise", "100",
+                                 "--noise-steps", "20", "--noise-log", noise]) == 0
+    arrays_plain, arrays_measured = checkpoint_contents(plain)[1], checkpoint_contents(measured)[1]
+    assert arrays_plain.keys() == arrays_measured.keys()
+    for name in arrays_plain.keys() - {"noise"}:
+        np.testing.assert_array_equal(arrays_plain[name], arrays_measured[name], err_msg=name)
+    rows = [row.split(",") for row in log_rows(noise, drop_last_column=False)]
+    assert rows[0] == ["step", "T", "method", "rank", "median_cosine", "median_rel_error"]
+    learners = [(method, int(rank)) for _, _, method, rank, _, _ in rows[1:]]
+    assert learners == list(run_copy.NOISE_LEARNERS) * 3  # at steps 100, 200, 300
+    cosines = {(int(step), method, int(rank)): float(c) for step, _, method, rank, c, _ in rows[1:]}
+    assert all(-1 <= c <= 1 for c in cosines.values())
+    for step in (100, 200, 300):
+        assert cosines[step, "ok", 16] == 1.0  # exact up to rounding, printed to 6 decimals
+    assert len(arrays_measured["noise"]) == 3 * len(run_copy.NOISE_LEARNERS)
+
+
 @pytest.mark.parametrize("argv, says", [
     (["--rank", "0"], "--rank"),
     (["--steps", "-1"], "--steps"),
