@@ -134,7 +134,11 @@ def train_step(run, config, rng, x, y, reset):
 
 def measure_noise(run, config):
     """Median cosine and relative squared error, against exact RTRL, of each NOISE_LEARNERS
-    gradient over --noise-steps steps of fresh sequences at the current weights and T_.
+    gradient over --noise-steps steps of fresh sequences at the current weights, of lengths
+    drawn as in training around --noise-length (default: the curriculum's T_).
+
+    Sequences of 2T+2 steps give G a Kronecker rank of at most 2T+2 (one term per step since the
+    reset), so OK of a higher rank is exact on them: --noise-length shows the noise beyond that.
 
     Nothing is trained. The draws come from a Generator seeded by (seed, step), not from the
     run's, so a run with measurements trains exactly as one without. -> rows (step, T, learner
@@ -142,7 +146,7 @@ def measure_noise(run, config):
     """
     rng = np.random.default_rng([config["seed"], run["step"]])
     B, empty = config["batch"], np.zeros(0, np.int64)
-    probe = {"T": run["T"], "avg": math.inf,  # avg = inf: the probe's curriculum stays at T_
+    probe = {"T": config["noise_length"] or run["T"], "avg": math.inf,  # inf: T stays
              "pos": np.zeros(B, np.int64), "inputs": [empty] * B, "targets": [empty] * B}
     steps = [next_symbols(probe, rng) for _ in range(config["noise_steps"])]
     xs, ys, resets = (np.stack(column) for column in zip(*steps))  # (S, B) each
@@ -275,6 +279,9 @@ def build_parser():
                    "exact RTRL must fit)")
     p.add_argument("--noise-steps", type=_int_at_least(1), default=200, metavar="S",
                    help="steps per noise measurement (default 200)")
+    p.add_argument("--noise-length", type=_int_at_least(1), metavar="T",
+                   help="bit-string length of the measured sequences (default: the curriculum's "
+                   "current T)")
     p.add_argument("--noise-log", type=_output_path, default="copy_noise.csv", metavar="FILE.csv",
                    help="CSV of the noise measurements (default copy_noise.csv)")
     return p
@@ -315,6 +322,7 @@ def resolve_config(parser, args):
             "log_every": args.log_every, "checkpoint": args.checkpoint,
             "checkpoint_every": args.checkpoint_every, "plot": args.plot,
             "measure_noise": args.measure_noise, "noise_steps": args.noise_steps,
+            "noise_length": args.noise_length,
             "noise_log": args.noise_log if args.measure_noise else None}
 
 
