@@ -60,8 +60,8 @@ def time_online(method, params, B, r, rng, repeats):
         learner, h, p, adam = state
         x, y = rng.integers(0, V, B), rng.integers(0, V, B)
         signs = ok.draw_signs(rng, method, B, r, n)
-        _, dW, dW_out, h, learner = ok.learner_step(p, learner, h, x, y, method, signs)
-        p, adam, _ = ok.apply_gradients(p, adam, dW, dW_out, 1e-3, max_norm=B)
+        _, p, adam, h, learner = ok.online_update(p, adam, learner, h, x, y, method, signs,
+                                                  1e-3, max_norm=B)
         state[:] = learner, h, p, adam
 
     seconds = median_seconds(step, repeats)
@@ -70,14 +70,15 @@ def time_online(method, params, B, r, rng, repeats):
 
 
 def time_tbptt(params, B, rng, repeats):
-    """TBPTT-k: one BPTT window of k steps and one update, reported per step."""
+    """TBPTT-k: one BPTT window of k steps and one update (ok.tbptt_update), reported per step."""
     V, n, _ = ok.sizes(params)
-    adam = ok.adam_init(params)
+    state = [params, ok.adam_init(params), np.zeros((B, n), params.W.dtype)]
 
     def window():
         xs, ys = rng.integers(0, V, (TBPTT_WINDOW, B)), rng.integers(0, V, (TBPTT_WINDOW, B))
-        _, dW, dW_out, _ = ok.bptt(params, xs, ys)
-        ok.apply_gradients(params, adam, dW, dW_out, 1e-3, max_norm=B)
+        p, adam, h = state
+        _, p, adam, h = ok.tbptt_update(p, adam, h, xs, ys, None, 1e-3, max_norm=B)
+        state[:] = p, adam, h
 
     state_bytes = TBPTT_WINDOW * (n + V + n + 1) * np.dtype(params.W.dtype).itemsize
     return median_seconds(window, repeats) / TBPTT_WINDOW, state_bytes

@@ -511,7 +511,7 @@ def _influence_grad(method, state, q):
     B, r, m = us.shape
     qA = np.einsum("bi,bkij->bkj", q, As)  # (B, r, 2n)
     dW = us.reshape(B * r, m).T @ qA.reshape(B * r, -1)  # sum_b sum_k outer(u_k, q A_k): (m, 2n)
-    return dW / us.shape[1] if method == "kf-avg" else dW  # kf-avg: the mean of r estimates
+    return dW / r if method == "kf-avg" else dW  # kf-avg: the mean of r estimates
 
 
 def evaluate(params, xs, ys, h0=None):
