@@ -34,7 +34,7 @@ interface shared by the runners, whole-sequence gradients, and the optimiser.
 from typing import NamedTuple
 
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
 METHODS = ("rtrl", "ok", "kf", "kf-avg", "uoro")  # online learners; "bptt" is offline
 UORO_EPS = 1e-7  # UORO's epsilon in its rescaling factors (Tallec and Ollivier 2017)
@@ -226,46 +226,184 @@ def _ok_update(state, a, H, D, signs):
 
 
 def _ok_reduce_batch(us, As, signs):
-    """Steps 2-5 of SPEC §3 for B streams: us (B, r+1, m), As (B, r+1, n, k) -> r terms each."""
+    """Steps 2-5 of SPEC §3 for B streams: us (B, r+1, m), As (B, r+1, n, k) -> r terms each.
+
+    us and As are overwritten (by the rotated terms Y of SPEC §3a): pass arrays you own.
+    """
     B, r_plus_1, m = us.shape
     r = r_plus_1 - 1
-    # 2. Orthonormal bases of each side's r+1 vectors: terms = Q R.
-    Q_u, R_u = _orthonormalise(us)  # (B, m, r+1), (B, r+1, r+1)
-    Q_A, R_A = _orthonormalise(As.reshape(B, r_plus_1, -1))  # (B, n*k, r+1), (B, r+1, r+1)
+    A_rows = As.reshape(B, r_plus_1, -1)  # (B, r+1, n*k): each term flattened to a row, a view
+    # 2. Factor each side through its Gram matrix (SPEC §3a): terms^T = Q R with Q = Y^T diag(1/s),
+    # R = diag(s) E^T, where Y = E^T terms replaces the terms in place and s are its row norms.
+    E_u, s_u = _gram_rotate(us)  # (B, r+1, r+1), (B, r+1), float64
+    E_A, s_A = _gram_rotate(A_rows)
     # 3. sum_k u_k (x) A_k = Q_u C Q_A^T with the small core C = R_u R_A^T; C = U diag(sigma) V^T.
-    C = R_u @ R_A.transpose(0, 2, 1)  # (B, r+1, r+1)
+    C = (s_u[:, :, None] * E_u.transpose(0, 2, 1)) @ (E_A * s_A[:, None, :])  # (B, r+1, r+1)
     U, sigma, Vt = np.linalg.svd(C)  # sigma (B, r+1), descending
     # 4. Opt: X X^T replaces diag(sigma), unbiased, rank r, with the least variance (SPEC §4).
     X = _opt_factors(sigma, signs.astype(sigma.dtype))  # (B, r+1, r)
     # 5. Map back: u'_j = Q_u U x_j, A'_j = Q_A V x_j. Since x_j serves both sides, ||u'_j|| =
     # ||A'_j|| = ||x_j|| already (Q orthonormal): the optional rescale of SPEC §3.5 is built in.
-    us_new = _map_back(Q_u, U, X)  # (B, r, m)
-    As_new = _map_back(Q_A, Vt.transpose(0, 2, 1), X).reshape((B, r) + As.shape[2:])
-    return us_new, As_new
+    us_new = _map_back(us, s_u, U, X)  # (B, r, m)
+    As_new = _map_back(A_rows, s_A, Vt.transpose(0, 2, 1), X)  # (B, r, n*k)
+    return us_new, As_new.reshape((B, r) + As.shape[2:])
 
 
-def _orthonormalise(terms):
-    """Thin QR of the columns terms[b].T (SPEC §3.2): terms (B, k, d) -> Q (B, d, k), R (B, k, k).
+def _gram_rotate(terms):
+    """Steps 1-4 of SPEC §3a, the Gram-and-rotate factorisation terms[b]^T = Q R, in place.
 
-    Householder QR (LAPACK geqrf through numpy), not Gram-Schmidt, which loses orthogonality when
-    terms are nearly dependent: they are, whenever OK's approximation is good. If d < k, Q gets
-    zero columns and R zero rows so that C keeps its (k, k) shape.
+    terms (B, k, d), float32 or float64, is overwritten by Y = E^T terms. Returns E (B, k, k) and
+    s (B, k), float64, where terms terms^T = E diag(lambda) E^T and s are the row norms of Y. Then
+    Q = Y^T diag(1/s) has orthonormal columns (up to rounding) and R = diag(s) E^T. Q R = terms^T
+    holds to rounding whatever s is, since E is orthogonal: OK stays unbiased on rank-deficient
+    input too. s is measured on Y rather than taken as sqrt(lambda): the Gram's rounding (eps
+    lambda_max) swamps every direction below sqrt(eps) of the largest; Y resolves it to eps.
     """
     B, k, d = terms.shape
-    Q, R = np.linalg.qr(terms.transpose(0, 2, 1))  # (B, d, min(d, k)), (B, min(d, k), k)
-    if d >= k:
-        return Q, R
-    Q_pad = np.zeros((B, d, k), dtype=Q.dtype)
-    R_pad = np.zeros((B, k, k), dtype=R.dtype)
-    Q_pad[:, :, :d] = Q
-    R_pad[:, :d] = R
-    return Q_pad, R_pad
+    gram = _gram(terms)  # 1. (B, k, k), accumulated in float64
+    _, E = np.linalg.eigh(gram)  # 2. lambda (ascending) is not used: see step 4
+    s = np.sqrt(_rotate(terms, E))  # 3-4. terms <- Y, and ||Y_i||
+    if d < k:  # a side shorter than its number of terms (SPEC §3.2): k - d directions of E span
+        terms[:, :k - d] = 0.0  # the Gram's null space, their rows of Y are rounding errors
+        s[:, :k - d] = 0.0  # only, so they are exact zeros: Q gets zero columns there
+    return E, s
 
 
-def _map_back(Q, U, X):
-    """Factors (Q U X)^T (SPEC §3.5): Q (B, d, k), U (B, k, k), X (B, k, r) -> (B, r, d)."""
-    coefficients = (U @ X).transpose(0, 2, 1)  # (B, r, k)
-    return coefficients @ Q.transpose(0, 2, 1)  # (B, r, d), C-contiguous for the next step
+def _map_back(Y, s, W, X):
+    """New factors (Q W X)^T of SPEC §3.5 with Q = Y^T diag(1/s) (SPEC §3a).
+
+    Y (B, k, d) from _gram_rotate, s (B, k), W (B, k, k) the singular vectors of this side, X
+    (B, k, r) from Opt -> (B, r, d) in Y's dtype: the (k, r) coefficients diag(1/s) W X are formed
+    in float64 and applied to Y in one product. Q is used through Y and never formed.
+    """
+    tiny = np.finfo(np.float64).tiny  # s below it is an exact zero row of Y (or underflow)
+    inv_s = np.divide(1.0, s, out=np.zeros_like(s), where=s > tiny)  # zero row -> zero column of Q
+    coefficients = inv_s[:, :, None] * (W @ X)  # (B, k, r)
+    return coefficients.transpose(0, 2, 1).astype(Y.dtype) @ Y  # (B, r, d)
+
+
+# Numba kernels for the Gram-and-rotate factorisation. The terms are long (d = 2 n^2 on the A side)
+# and few (k = r + 1), a shape that BLAS serves poorly, so these kernels walk each stream's terms in
+# column blocks of _BLOCK, copied to float64 so that every product and sum is in float64, and
+# small enough (k x 512 doubles) to stay in the L1 cache while it is used k times over.
+# fastmath: only "reassoc" (lets LLVM split a sum into vector lanes) and "contract" (fused
+# multiply-add); without "nnan"/"ninf", NaN and inf still propagate as IEEE says.
+# parallel: streams are independent and each is computed by one thread in a fixed order, so the
+# result does not depend on the number of threads (a resumed run stays bit-exact).
+_BLOCK = 512
+_FASTMATH = {"reassoc", "contract"}
+
+
+@njit(cache=True, parallel=True, fastmath=_FASTMATH)
+def _gram(terms):
+    """SPEC §3a step 1: gram[b] = terms[b] terms[b]^T, accumulated in float64.
+
+    terms (B, k, d) -> (B, k, k). Blocks of 4 x 4 dot products share their loads (_dot_4x4).
+    """
+    B, k, d = terms.shape
+    k4 = (k + 3) // 4 * 4  # rows padded to a multiple of 4 with zeros
+    gram = np.empty((B, k, k))
+    for b in prange(B):
+        acc = np.zeros((k4, k4))
+        rows = np.zeros((k4, _BLOCK))
+        for c0 in range(0, d, _BLOCK):
+            width = _load_block(terms[b], c0, rows)
+            for i in range(0, k4, 4):
+                for j in range(i, k4, 4):
+                    _dot_4x4(rows, i, j, width, acc)
+        for i in range(k):
+            for j in range(i, k):
+                gram[b, i, j] = acc[i, j]
+                gram[b, j, i] = acc[i, j]
+    return gram
+
+
+@njit(cache=True, parallel=True, fastmath=_FASTMATH)
+def _rotate(terms, E):
+    """SPEC §3a steps 3-4: terms[b] <- Y = E[b]^T terms[b], in place; returns ||Y_i||^2 (B, k).
+
+    Y is built one column block at a time (the block's terms are copied first), 4 of its rows
+    from 4 terms per sweep, in float64; the squared norms are summed from Y as stored.
+    """
+    B, k, d = terms.shape
+    k4 = (k + 3) // 4 * 4
+    sq_norms = np.empty((B, k))
+    for b in prange(B):
+        E4 = np.zeros((k4, k4))  # zero padding: padded rows and columns of Y stay zero
+        E4[:k, :k] = E[b]
+        acc = np.zeros(k4)
+        rows = np.zeros((k4, _BLOCK))
+        y = np.empty((4, _BLOCK))
+        for c0 in range(0, d, _BLOCK):
+            width = _load_block(terms[b], c0, rows)
+            for i in range(0, k4, 4):
+                y[:, :width] = 0.0
+                for l in range(0, k4, 4):
+                    _rotate_4x4(rows, E4, l, i, width, y)
+                for t in range(min(4, k - i)):
+                    dst = terms[b, i + t, c0:c0 + width]
+                    total = 0.0
+                    for c in range(width):
+                        dst[c] = y[t, c]  # rounded to the terms' dtype ...
+                        stored = np.float64(dst[c])  # ... and its square summed in float64
+                        total += stored * stored
+                    acc[i + t] += total
+        sq_norms[b] = acc[:k]
+    return sq_norms
+
+
+@njit(cache=True, fastmath=_FASTMATH)
+def _load_block(terms, c0, rows):
+    """rows[:k, :width] = terms[:, c0:c0 + width] as float64; returns width (<= _BLOCK)."""
+    k, d = terms.shape
+    width = min(_BLOCK, d - c0)
+    for i in range(k):
+        src, dst = terms[i, c0:c0 + width], rows[i]  # 1-d views: the copy loop vectorises
+        for c in range(width):
+            dst[c] = src[c]
+    return width
+
+
+@njit(cache=True, fastmath=_FASTMATH)
+def _dot_4x4(rows, i, j, width, acc):
+    """acc[i:i+4, j:j+4] += rows[i:i+4, :width] @ rows[j:j+4, :width].T.
+
+    Written out as 16 scalar sums on purpose: LLVM turns each into a vector register, and each
+    loaded value serves 4 products, which is what makes this run near the FMA units' speed.
+    """
+    x0, x1, x2, x3 = rows[i], rows[i + 1], rows[i + 2], rows[i + 3]
+    y0, y1, y2, y3 = rows[j], rows[j + 1], rows[j + 2], rows[j + 3]
+    a00 = a01 = a02 = a03 = a10 = a11 = a12 = a13 = 0.0
+    a20 = a21 = a22 = a23 = a30 = a31 = a32 = a33 = 0.0
+    for c in range(width):
+        p0, p1, p2, p3 = x0[c], x1[c], x2[c], x3[c]
+        q0, q1, q2, q3 = y0[c], y1[c], y2[c], y3[c]
+        a00 += p0 * q0; a01 += p0 * q1; a02 += p0 * q2; a03 += p0 * q3  # noqa: E702
+        a10 += p1 * q0; a11 += p1 * q1; a12 += p1 * q2; a13 += p1 * q3  # noqa: E702
+        a20 += p2 * q0; a21 += p2 * q1; a22 += p2 * q2; a23 += p2 * q3  # noqa: E702
+        a30 += p3 * q0; a31 += p3 * q1; a32 += p3 * q2; a33 += p3 * q3  # noqa: E702
+    acc[i, j] += a00; acc[i, j + 1] += a01; acc[i, j + 2] += a02; acc[i, j + 3] += a03  # noqa: E702
+    acc[i + 1, j] += a10; acc[i + 1, j + 1] += a11; acc[i + 1, j + 2] += a12; acc[i + 1, j + 3] += a13  # noqa: E501,E702
+    acc[i + 2, j] += a20; acc[i + 2, j + 1] += a21; acc[i + 2, j + 2] += a22; acc[i + 2, j + 3] += a23  # noqa: E501,E702
+    acc[i + 3, j] += a30; acc[i + 3, j + 1] += a31; acc[i + 3, j + 2] += a32; acc[i + 3, j + 3] += a33  # noqa: E501,E702
+
+
+@njit(cache=True, fastmath=_FASTMATH)
+def _rotate_4x4(rows, E, l, i, width, y):
+    """y[t, :width] += sum_{s<4} E[l+s, i+t] rows[l+s, :width] for t < 4: 4 rows of Y = E^T terms
+    from 4 terms. Written out so that each loaded value of the terms serves 4 rows of Y."""
+    x0, x1, x2, x3 = rows[l], rows[l + 1], rows[l + 2], rows[l + 3]
+    y0, y1, y2, y3 = y[0], y[1], y[2], y[3]
+    e00, e01, e02, e03 = E[l, i], E[l, i + 1], E[l, i + 2], E[l, i + 3]
+    e10, e11, e12, e13 = E[l + 1, i], E[l + 1, i + 1], E[l + 1, i + 2], E[l + 1, i + 3]
+    e20, e21, e22, e23 = E[l + 2, i], E[l + 2, i + 1], E[l + 2, i + 2], E[l + 2, i + 3]
+    e30, e31, e32, e33 = E[l + 3, i], E[l + 3, i + 1], E[l + 3, i + 2], E[l + 3, i + 3]
+    for c in range(width):
+        p0, p1, p2, p3 = x0[c], x1[c], x2[c], x3[c]
+        y0[c] += e00 * p0 + e10 * p1 + e20 * p2 + e30 * p3
+        y1[c] += e01 * p0 + e11 * p1 + e21 * p2 + e31 * p3
+        y2[c] += e02 * p0 + e12 * p1 + e22 * p2 + e32 * p3
+        y3[c] += e03 * p0 + e13 * p1 + e23 * p2 + e33 * p3
 
 
 def ok_reduce(us, As, signs):

@@ -592,6 +592,65 @@ def test_degenerate_inputs_give_no_nan(problem, rank):
         assert_close(got[2], ex.dW_out, 1e-9, what=f"{method} dW_out")
 
 
+DEGENERATE_CASES = ("repeated", "first step", "nearly repeated", "norms 1 to 1e-9",
+                    "dependent A side")
+
+
+@st.composite
+def degenerate_terms(draw):
+    """r+1 terms (r <= 3) whose factorisation is rank-deficient or nearly so on one side or both:
+    the inputs on which SPEC §3a's row norms of Y differ from sqrt(lambda) (its step 4). Sides are
+    long enough (m, n k >= r + 1) that any deficiency comes from the terms, not from the sizes."""
+    case, r = draw(st.sampled_from(DEGENERATE_CASES)), draw(st.integers(1, 3))
+    m, n, k = draw(st.integers(r + 1, 6)), draw(st.integers(1, 3)), draw(st.integers(r + 1, 6))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    us, As = rng.standard_normal((r + 1, m)), rng.standard_normal((r + 1, n, k))
+    if case == "repeated":  # Kronecker rank 1 on both sides
+        us[:], As[:] = us[0], As[0]
+    elif case == "first step":  # G_0 = 0: only (a_1, D_1) is nonzero
+        us[:r], As[:r] = 0.0, 0.0
+    elif case == "nearly repeated":  # one term equals another up to 1e-9 noise
+        us[1] = us[0] + 1e-9 * rng.standard_normal(m)
+        As[1] = As[0] + 1e-9 * rng.standard_normal((n, k))
+    elif case == "norms 1 to 1e-9":  # ||u_k|| ||A_k|| spread evenly over nine decades
+        us *= np.logspace(0, -9, r + 1)[:, None] / np.linalg.norm(us, axis=1, keepdims=True)
+        As /= np.linalg.norm(As, axis=(1, 2), keepdims=True)
+    else:  # "dependent A side": A_{r+1} is a combination of the others, the u side is generic
+        As[r] = np.tensordot(rng.standard_normal(r), As[:r], axes=1)
+    return case, r, us, As
+
+
+@given(degenerate_terms())
+def test_ok_reduce_is_exact_on_degenerate_terms(terms):
+    """On degenerate terms OK stays unbiased and its variance equals V_min, both to 1e-12 of the
+    sum (squared for the variance), by enumeration of every sign pattern (SPEC §3a: the row norms
+    of Y, not sqrt(lambda), are what make this hold; with sqrt(lambda) the variance is off by
+    ~1e-8 of ||G||^2 on these cases)."""
+    case, r, us, As = terms
+    G = expand(us, As)
+    size = np.linalg.norm(G)
+    _, mean, variance = enumerate_reduction(ok.ok_reduce, us, As, r + 1)
+    assert_close(mean, G, 1e-12, scale=size, what=f"{case}: mean of reductions")
+    V_min = slow_min_variance(kron_sigma(us, As), r)
+    assert_close(variance, V_min, 1e-12, scale=size**2, what=f"{case}: enumerated variance")
+
+
+@given(degenerate_terms())
+def test_ok_reduce_in_float32_tracks_float64_on_degenerate_terms(terms):
+    """The same degenerate terms, rounded to float32: OK in float32 has the mean and variance of
+    OK in float64 on the same (float32-representable) terms, to float32 accuracy."""
+    case, r, us, As = terms
+    us, As = us.astype(np.float32), As.astype(np.float32)
+    _, mean32, variance32 = enumerate_reduction(ok.ok_reduce, us, As, r + 1)
+    _, mean64, variance64 = enumerate_reduction(ok.ok_reduce, us.astype(np.float64),
+                                                As.astype(np.float64), r + 1)
+    # A few roundings per entry of each factor (rotation, map back): 100 EPS32 leaves ample room.
+    scale = term_scale(us, As)
+    assert_close(mean32, mean64, 100 * EPS32, scale=scale, what=f"{case}: float32 mean")
+    assert_close(variance32, variance64, 100 * EPS32, scale=scale**2,
+                 what=f"{case}: float32 variance")
+
+
 @given(problems(), st.integers(1, 2))
 def test_float32_tracks_float64(problem, rank):
     """Params cast to float32 give float32 results within float32 rounding of the float64 run on
