@@ -1,8 +1,10 @@
 """Tests of the two experiment runners, run_copy.py and run_ptb.py, on tiny configurations.
 
-They check what a user relies on: the data are what SPEC §6-7 say, the curriculum learns, a run
-interrupted by Ctrl-C and resumed ends bit for bit where an uninterrupted run ends, bad input gives
-one line and a non-zero exit, and the PTB download keeps nothing it has not verified. PTB tests
+They check what a user relies on: the data are those of the paper's experiments (arXiv
+1902.03993, built as its released code builds them), the curriculum learns, a run interrupted by
+Ctrl-C or SIGTERM and resumed ends bit for bit where an uninterrupted run ends, bad input, bad
+files and unwritable places give one line and a non-zero exit before any training is lost, and
+the PTB download keeps nothing it has not verified. PTB tests
 write a small synthetic corpus in the real files' format; one test reads the real files from
 ../shared/data/ptb-char when they are there. Nothing here touches the network or the user's home.
 """
@@ -32,8 +34,8 @@ TINY_PTB = ["--hidden", "8", "--batch", "4", "--rank", "2", "--lr", "0.01", "--r
 
 
 def ptb_char_text(lines):
-    """A char-level file from word-level lines, by the transform of shared/data/ptb-char/SOURCE.md:
-    words joined by '_', one line per sentence, and every character followed by one space."""
+    """A char-level file from word-level lines, as the archive's ptb.char.*.txt are made: words
+    joined by '_', one line per sentence, and every character followed by one space."""
     body = "\n".join("_".join(words) for words in lines) + "\n"
     return "".join(ch + " " for ch in body)
 
@@ -102,18 +104,18 @@ def one_error_line(stderr, prog):
     return lines[-1]
 
 
-# --- Copy task (SPEC §6) ------------------------------------------------------------------------
+# --- Copy task ------------------------------------------------------------------------------------
 
 
 def test_copy_sequence_is_the_worked_example():
-    """SPEC §6, T = 3, bits 1 0 1: input 2 1 0 1 3 3 3 3, target 3 3 3 3 2 1 0 1."""
+    """The docstring's example, T = 3, bits 1 0 1: input 2 1 0 1 3 3 3 3, target 3 3 3 3 2 1 0 1."""
     inputs, targets = run_copy.copy_sequence(np.array([1, 0, 1]))
     assert inputs.tolist() == [2, 1, 0, 1, 3, 3, 3, 3]
     assert targets.tolist() == [3, 3, 3, 3, 2, 1, 0, 1]
 
 
 def test_curriculum_checks_at_sequence_starts_in_stream_order():
-    """SPEC §6: a stream starting a sequence with avg < 0.15 raises T_ by one and sets avg to 0.3,
+    """The paper's code: a stream starting a sequence with avg < 0.15 raises T_ by one, avg to 0.3,
     so the next stream's check in the same step does not raise it again; lengths are
     max(1, T_ - U{0..4})."""
     rng = np.random.default_rng(1)
@@ -178,7 +180,7 @@ def test_copy_extending_a_finished_run_is_identical(tmp_path):
 def test_measure_noise_leaves_training_unchanged_and_logs_every_learner(tmp_path):
     """--measure-noise draws from its own Generator, so the run trains exactly as without it; each
     measurement logs one row per learner, and OK of rank 16 >= the Kronecker rank of G (m = 13
-    here) is exact RTRL: cosine 1 (SPEC §3-4)."""
+    here) is exact RTRL: cosine 1 (ok_rtrl.py, sections 3-4)."""
     argv = TINY_COPY + ["--steps", "300", "--dtype", "float64"]
     plain, measured = str(tmp_path / "plain.npz"), str(tmp_path / "measured.npz")
     noise = str(tmp_path / "noise.csv")
@@ -274,7 +276,7 @@ def test_plot_without_matplotlib_is_a_note_not_a_crash(tmp_path, monkeypatch, ca
     assert "pip install matplotlib" in capsys.readouterr().out
 
 
-# --- Character-level PTB (SPEC §7) --------------------------------------------------------------
+# --- Character-level PTB --------------------------------------------------------------------------
 
 
 def test_symbols_are_whitespace_separated_with_one_eos_per_line(tmp_path):
@@ -292,7 +294,7 @@ def test_symbols_are_whitespace_separated_with_one_eos_per_line(tmp_path):
 
 @pytest.mark.skipif(not os.path.isdir(SHARED_PTB), reason="no ../shared/data/ptb-char here")
 def test_real_ptb_files_have_the_published_counts_and_sha256():
-    """SPEC §7: 50 symbols; 5,017,482 / 393,042 / 442,423 tokens; the published sha256 sums."""
+    """Mikolov's split: 50 symbols; 5,017,482 / 393,042 / 442,423 tokens; the published sha256."""
     ids, vocab, sha = run_ptb.load_ptb(run_ptb.split_files(SHARED_PTB))
     assert {split: len(ids[split]) for split in run_ptb.SPLITS} == {
         "train": 5_017_482, "valid": 393_042, "test": 442_423}
@@ -378,7 +380,8 @@ def test_data_lookup_order(tmp_path, monkeypatch):
     assert folder(run_ptb.locate_ptb(None)) == str(tmp_path / "env")
     monkeypatch.delenv("OK_RTRL_DATA")
     assert folder(run_ptb.locate_ptb(None)) == str(tmp_path / "cache/ok-rtrl/ptb-char")
-    with pytest.raises(run_ptb.UserError, match="does not hold the PTB char files: put"):
+    missing = r"does not hold the PTB char files \(the folder does not exist\): put"
+    with pytest.raises(run_ptb.UserError, match=missing):
         run_ptb.locate_ptb(str(tmp_path / "empty"))
     assert not os.path.exists(tmp_path / "empty")
 
@@ -750,7 +753,7 @@ def test_ptb_rate_counts_training_time_only(tmp_path, monkeypatch):
     data = str(tmp_path / "data")
     write_corpus(data)
     fake_clock(monkeypatch, [run_ptb], 0.01, 100.0, [(run_ptb, "validate"),
-                                                      (run_ptb, "save_atomically")])
+                                                      (run_copy, "save_atomically")])
     log, path = str(tmp_path / "ptb.csv"), str(tmp_path / "ptb.npz")
     argv = TINY_PTB + ["--eval-every", "30", "--log-every", "20", "--data-dir", data, "--log", log,
                        "--checkpoint", path]
@@ -786,7 +789,7 @@ def test_steps_that_are_not_whole_numbers_are_refused(capsys, text):
 @pytest.mark.parametrize("runner", [run_copy, run_ptb])
 def test_nothing_cites_a_document_the_repository_lacks(runner, capsys):
     """The help, the first line of a run and the runners' sources cite the paper or ok_rtrl.py,
-    never a SPEC that is not in the repository."""
+    never a document that is not in the repository."""
     word = "SP" + "EC"  # spelled apart, so that this file does not cite it either
     with pytest.raises(SystemExit):
         runner.build_parser().parse_args(["--help"])
@@ -807,7 +810,7 @@ def test_missing_data_says_which_file_or_that_the_folder_does_not_exist(tmp_path
         run_ptb.locate_ptb(str(tmp_path / "nowhere"))
     write_corpus(str(tmp_path / "data"))
     os.remove(tmp_path / "data" / "valid.txt")
-    with pytest.raises(run_ptb.UserError, match=r"no valid\.txt \(nor ptb\.char\.valid\.txt\)"):
+    with pytest.raises(run_ptb.UserError, match=r"files \(no valid\.txt or ptb\.char\.valid\.txt in it\): put"):
         run_ptb.locate_ptb(str(tmp_path / "data"))
 
 
