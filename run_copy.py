@@ -128,7 +128,12 @@ def train_step(run, config, rng, x, y, reset):
             raise FloatingPointError("the weights are not finite (NaN or inf) after the update: "
                                      "the run diverged; lower the learning rate or train in "
                                      "float64")
-    except FloatingPointError as e:  # apply_gradients refuses a non-finite gradient
+    except (FloatingPointError, np.linalg.LinAlgError) as e:  # apply_gradients refuses a
+        # non-finite gradient; a learner state that overflowed fails in OK's SVD (its input is
+        # not checked every step: that costs a pass over the whole state)
+        if isinstance(e, np.linalg.LinAlgError):
+            e = (f"the learner's update failed ({e}): its state is no longer finite, the run "
+                 "diverged; lower the learning rate or train in float64")
         kept = f"; {config['checkpoint']} keeps the last save" if config["checkpoint"] else ""
         raise UserError(f"step {run['step'] + 1}: {e}{kept}") from None
     return losses

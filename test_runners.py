@@ -262,6 +262,16 @@ def test_copy_diverging_run_stops_with_one_line(monkeypatch, capsys):
     assert "step 1" in line and "lower the learning rate" in line
 
 
+def test_copy_learner_state_that_overflows_stops_with_one_line(monkeypatch, capsys):
+    """A learner state that is no longer finite makes OK's SVD fail: the diverged line too."""
+    def overflowed(*args, **kwargs):
+        raise np.linalg.LinAlgError("SVD did not converge")
+    monkeypatch.setattr(ok, "online_update", overflowed)
+    assert run_copy.main(TINY_COPY + ["--steps", "10"]) == 1
+    line = one_error_line(capsys.readouterr().err, "run_copy.py")
+    assert "step 1" in line and "SVD did not converge" in line and "diverged" in line
+
+
 @pytest.mark.parametrize("runner", ["copy", "ptb"])
 def test_plot_without_matplotlib_is_a_note_not_a_crash(tmp_path, monkeypatch, capsys, runner):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` fail
