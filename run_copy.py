@@ -598,8 +598,9 @@ def check_memory(config, V):
     ranked = method in ("ok", "kf-avg")
     hidden = _largest(lambda k: need(n=k) <= limit, n - 1)
     fixes = [f"--hidden {hidden} fits" if hidden else "no --hidden fits with this --batch"]
-    if ranked and _largest(lambda k: need(rank=k) <= limit, rank - 1):
-        fixes.append(f"--rank {_largest(lambda k: need(rank=k) <= limit, rank - 1)} does")
+    rank_fits = _largest(lambda k: need(rank=k) <= limit, rank - 1) if ranked else 0
+    if rank_fits:
+        fixes.append(f"--rank {rank_fits} does")
     fixes.append("a smaller --batch needs less")
     said = f"--method {method} --hidden {n} --batch {B}" + (f" --rank {rank}" if ranked else "")
     if config.get("measure_noise"):
@@ -789,9 +790,10 @@ def cli_main(prog, argv, build_parser, resolve_config, run_experiment):
     except UserError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 1
-    except MemoryError:
-        print(f"{prog}: error: out of memory; try a smaller --hidden, --batch or --rank "
-              "(exact RTRL stores B n m 2n numbers)", file=sys.stderr)
+    except MemoryError:  # check_memory's estimate fitted, but the memory was gone meanwhile
+        rank = " or --rank" if config["method"] in ("ok", "kf-avg") else ""
+        print(f"{prog}: error: out of memory; try a smaller --hidden, --batch{rank}",
+              file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"{prog}: interrupted; nothing saved since the last checkpoint", file=sys.stderr)

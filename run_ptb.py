@@ -122,8 +122,9 @@ def download_ptb(folder, url=None):
         staging_folder = tempfile.TemporaryDirectory(dir=parent, prefix=".ptb-char-download-")
     except OSError as e:
         raise UserError(f"cannot create the data cache {folder} ({e.strerror or e}): set "
-                        f"XDG_CACHE_HOME to a folder you can write, or {where_to_put(folder)}"
-                        ) from None
+                        "XDG_CACHE_HOME to a folder where one can be made, or put train.txt, "
+                        "valid.txt and test.txt in a folder of your own and pass --data-dir DIR "
+                        "or set OK_RTRL_DATA=DIR") from None
     print(f"PTB char files not found in {folder}: downloading {url} (about 34 MB)", flush=True)
     with staging_folder as staging:
         archive = os.path.join(staging, "simple-examples.tgz")
@@ -171,7 +172,7 @@ def read_symbols(path):
     Symbols are separated by whitespace; each line adds one EOS. Worked example: the sentence
     "the cat" is stored as the line 't h e _ c a t ' (every character followed by a space, '_'
     between words), and gives the 8 symbols  t h e _ c a t EOS. Lines after the first start
-    with a space and the file ends with '\\n ' (so are the archive's files), so the text
+    with a space and the file ends with '\\n ' (as the archive's files do), so the text
     after the last newline holds no symbol; if it held some it would count as a line too.
     """
     with open(path, "rb") as f:
@@ -181,8 +182,8 @@ def read_symbols(path):
     except UnicodeDecodeError as e:
         line = raw.count(b"\n", 0, e.start) + 1
         raise UserError(f"{path} is not UTF-8 text (byte {e.start} on line {line} is "
-                        f"0x{raw[e.start]:02x}): not the PTB char text; put the unmodified "
-                        "ptb.char.*.txt files there") from None
+                        f"0x{raw[e.start]:02x}): not the PTB char text, whose files are "
+                        "plain ASCII; use the unmodified ptb.char.*.txt files") from None
     lines = text.split("\n")
     if not lines[-1].strip():
         lines.pop()
