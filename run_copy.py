@@ -8,7 +8,7 @@ the moving-average loss falls below 0.15 bits; the score is the length T_ reache
 number of steps (the paper's code, OK rank 16: 15-17 after 100k steps, 38-45 after 2M).
 
     python run_copy.py                                    # the paper's run: n 128, B 16, OK rank 16
-    python run_copy.py --hidden 32 --rank 4 --lr 3e-3 --steps 20000   # T ~ 10 in about 2 minutes
+    python run_copy.py --hidden 32 --rank 4 --lr 3e-3 --steps 20000   # T 11 in under 2 minutes
 
 Every step each of the B streams feeds one symbol, the learner updates its estimate of the
 influence G, and Adam updates the weights (fully online). With --method tbptt the same streams
