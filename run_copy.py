@@ -172,7 +172,7 @@ def record_noise(run, config, noise_log):
     run["noise"].extend(rows)
     for step, T, k, cosine, rel_error in rows:
         method, rank = NOISE_LEARNERS[k]
-        noise_log.write(f"{step},{T},{method},{rank},{cosine:.6f},{rel_error:.6g}\n")
+        write_line(noise_log, f"{step},{T},{method},{rank},{cosine:.6f},{rel_error:.6g}\n")
     print(f"noise at step {run['step']:,}: median cosine with exact RTRL: " + ", ".join(
         f"{method} {rank} {row[3]:.3f}" for (method, rank), row in zip(NOISE_LEARNERS, rows)),
         flush=True)
@@ -696,6 +696,21 @@ def open_log(path, config_line, columns, resume_step):
         raise UserError(f"cannot write log {path} ({e.strerror or e})") from None
 
 
+def write_line(log, line):
+    """One line into a CSV log opened by open_log. A write that fails (a full disk) is reported
+    and training goes on: the checkpoint, not the log, is what a run cannot lose."""
+    try:
+        log.write(line)
+    except OSError as e:
+        print(f"warning: cannot write log {log.name} ({e.strerror or e}): this line is lost, "
+              "training goes on", file=sys.stderr, flush=True)
+
+
+def close_log(log):
+    with contextlib.suppress(OSError):  # write_line has reported what could not be written
+        log.close()
+
+
 def duration(seconds):
     """'2h05m', '3m07s' or '12s'."""
     seconds = int(round(seconds))
@@ -824,7 +839,7 @@ def train(config, run, rng, log, noise_log, stop):
             run["history"].append((step, run["T"], run["avg"]))
             rate = rate_since(row_mark, step, busy)
             if log is not None:
-                log.write(f"{step},{run['T']},{run['avg']:.6f},{rate:.2f}\n")
+                write_line(log, f"{step},{run['T']},{run['avg']:.6f},{rate:.2f}\n")
         if config["measure_noise"] and step % config["measure_noise"] == 0:
             record_noise(run, config, noise_log)
             pause = time.monotonic() - now
@@ -884,7 +899,7 @@ def run_experiment(config):
         finally:
             for f in (log, noise_log):
                 if f is not None:
-                    f.close()
+                    close_log(f)
         if config["checkpoint"]:
             final_save(config["checkpoint"], checkpoint_arrays(config, rng, run), run["step"])
     if config["plot"]:

@@ -34,10 +34,10 @@ import numpy as np
 
 import ok_rtrl as ok
 from run_copy import (UserError, _int_at_least, _output_path, _positive_float,
-                      check_memory, check_writable_outputs, cli_main, duration, final_save,
-                      flatten, matplotlib_pyplot, mib, open_log, rate_since,
+                      check_memory, check_writable_outputs, cli_main, close_log, duration,
+                      final_save, flatten, matplotlib_pyplot, mib, open_log, rate_since,
                       resolve_rank_and_trunc, resume_or_start, save_or_warn, stop_on_signals,
-                      train_step, unflatten, write_plot)
+                      train_step, unflatten, write_line, write_plot)
 
 PROG = "run_ptb.py"
 METHOD_CHOICES = ok.METHODS + ("tbptt",)
@@ -395,7 +395,7 @@ def log_row(run, log, bpc, chars_per_s):
     run["row_nats"], run["row_steps"] = 0.0, 0
     if log is not None:
         valid = "" if bpc is None else f"{bpc:.6f}"
-        log.write(f"{run['step']},{train_bits:.6f},{valid},{chars_per_s:.1f}\n")
+        write_line(log, f"{run['step']},{train_bits:.6f},{valid},{chars_per_s:.1f}\n")
 
 
 def train(config, run, rng, data, log, stop):
@@ -487,10 +487,10 @@ def run_experiment(config):
                            f"validation {run['best_bpc']:.4f})")
                 print(summary)
                 if log is not None:
-                    log.write(f"# {summary}\n")
+                    write_line(log, f"# {summary}\n")
         finally:
             if log is not None:
-                log.close()
+                close_log(log)
         if config["checkpoint"]:
             final_save(config["checkpoint"], checkpoint_arrays(config, rng, run), run["step"])
     if config["plot"] and run["valid_curve"]:

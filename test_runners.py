@@ -582,6 +582,26 @@ def test_final_save_that_fails_keeps_the_run_elsewhere(tmp_path, monkeypatch, ca
     assert_same_run(whole, str(tmp_path / "tmp" / rescued[0]))
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full here")
+def test_log_that_cannot_be_written_during_the_run_costs_no_training(tmp_path, monkeypatch,
+                                                                     capsys):
+    """A log row that cannot be written (a full disk: /dev/full) is reported; training and the
+    checkpoint go on as if nothing happened."""
+    argv = TINY_COPY + ["--steps", "300", "--log-every", "50"]
+    whole, parts = str(tmp_path / "whole.npz"), str(tmp_path / "parts.npz")
+    assert run_copy.main(argv + ["--checkpoint", whole]) == 0
+    original = run_copy.open_log
+
+    def disk_full_log(*args, **kwargs):
+        original(*args, **kwargs).close()
+        return open("/dev/full", "a", buffering=1)  # every write: ENOSPC
+    monkeypatch.setattr(run_copy, "open_log", disk_full_log)
+    assert run_copy.main(argv + ["--checkpoint", parts, "--log", str(tmp_path / "log.csv")]) == 0
+    err = capsys.readouterr().err
+    assert "cannot write log" in err and "training goes on" in err and "Traceback" not in err
+    assert_same_run(whole, parts)
+
+
 SIGTERM_AT_STEP = """
 import signal, sys
 import run_copy
