@@ -1,4 +1,4 @@
-"""Hypothesis profiles for test_ok_rtrl.py (STYLE.md §5): choose with --hypothesis-profile.
+"""Hypothesis profiles for test_ok_rtrl.py: choose one with --hypothesis-profile.
 
 They are registered here, not in the test file, because pytest reads --hypothesis-profile before
 it imports test modules. "ci" is the default when no profile is named (or HYPOTHESIS_PROFILE

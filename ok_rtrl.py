@@ -177,6 +177,8 @@ def bptt(params, xs, ys, h0=None, resets=None):
     xs, ys = _check_sequences(xs, ys, V, O)
     T, B = xs.shape
     h = np.zeros((B, n), W.dtype) if h0 is None else _check_state("h0", h0, (B, n), W.dtype)
+    _check_finite_params(params)
+    _check_finite("h0", h)
     if resets is not None:
         resets = np.asarray(resets, dtype=bool)
         if resets.shape != (T, B):
@@ -419,6 +421,8 @@ def ok_reduce(us, As, signs):
     if As.ndim != 3 or As.shape[0] != us.shape[0]:
         raise ValueError(f"As must have shape ({us.shape[0]}, n, k) to match us, got {As.shape}")
     signs = _check_signs(signs, (us.shape[0],))
+    _check_finite("us", us)
+    _check_finite("As", As)
     dtype = np.result_type(us.dtype, As.dtype, np.float32)
     us_new, As_new = _ok_reduce_batch(us[None].astype(dtype), As[None].astype(dtype), signs[None])
     return us_new[0], As_new[0]
@@ -531,6 +535,8 @@ def kf_reduce(us, As, signs):
     if us.ndim != 2 or us.shape[0] != 2 or As.ndim != 3 or As.shape[0] != 2:
         raise ValueError(f"kf_reduce takes us (2, m), As (2, n, k), got {us.shape}, {As.shape}")
     signs = _check_signs(signs, (2,))
+    _check_finite("us", us)
+    _check_finite("As", As)
     u_new, A_new = _kf_mix(us[0], As[0], us[1], As[1], signs)
     return u_new[None], A_new[None]
 
@@ -618,6 +624,8 @@ def learner_step(params, state, h, x, y, method, signs=None, reset=None):
     B = h.shape[0]
     _check_method(method, METHODS)
     x, y = _check_sequences(np.asarray(x)[None], np.asarray(y)[None], V, O)
+    _check_finite_params(params)  # then H_t and a_t, the update's inputs, are finite too
+    _check_finite("h", h)
     if reset is not None and np.any(reset):
         keep = ~np.asarray(reset, dtype=bool)
         h = h * keep[:, None]
@@ -659,6 +667,8 @@ def evaluate(params, xs, ys, h0=None):
     xs, ys = _check_sequences(xs, ys, V, O)
     T, B = xs.shape
     h = np.zeros((B, n), W.dtype) if h0 is None else _check_state("h0", h0, (B, n), W.dtype)
+    _check_finite_params(params)
+    _check_finite("h0", h)
     losses = np.empty((T, B), dtype=np.float64)
     for t in range(T):
         h = cell_step(W, xs[t], h)[0]
@@ -678,6 +688,7 @@ def sequence_grad(params, xs, ys, method, rank=1, rng=None, *, signs=None):
     when given, which lets tests enumerate every sign sequence.
     """
     _check_method(method, ("bptt",) + METHODS)
+    _check_finite_params(params)
     if method == "bptt":
         losses, dW, dW_out, _ = bptt(params, xs, ys)
         return losses.sum(), dW, dW_out
@@ -717,6 +728,8 @@ def gradient_agreement(params, xs, ys, learners, rng, h0=None, resets=None):
         _check_method(method, METHODS)
     h = np.zeros((B, n), params.W.dtype) if h0 is None else _check_state("h0", h0, (B, n),
                                                                           params.W.dtype)
+    _check_finite_params(params)
+    _check_finite("h0", h)
     exact = init_learner("rtrl", params, B)
     states = [init_learner(method, params, B, rank) for method, rank in learners]
     cosine, rel_error = np.empty((T, len(learners))), np.empty((T, len(learners)))
@@ -850,6 +863,22 @@ def _check_signs(signs, shape):
     if not np.all(np.abs(signs) == 1):
         raise ValueError("signs must all be +1 or -1")
     return signs
+
+
+def _check_finite(name, array):
+    """The one rule for NaN and inf: a public function refuses them in any array argument."""
+    if not np.isfinite(array).all():
+        bad = np.size(array) - np.count_nonzero(np.isfinite(array))
+        raise ValueError(f"{name} holds {bad} NaN or inf value(s) among {np.size(array)}: "
+                         "expected finite numbers")
+
+
+def _check_finite_params(params):
+    """W and W_out finite. In learner_step this is the per-step check: each entry of H_t is at
+    most max|W| (|alpha| + |beta| < 1) plus f, so H_t and a_t = [x_t, h_{t-1}, 1] are finite
+    whenever W and h are, and W (m x 2n) is cheaper to check than H (B x n x n)."""
+    _check_finite("params.W", params.W)
+    _check_finite("params.W_out", params.W_out)
 
 
 def _check_state(name, array, shape, dtype):

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The copy task (string memorisation) of Benzing et al., ICML 2019, trained online (SPEC §6).
+"""The copy task (string memorisation) of Benzing et al., ICML 2019, trained online.
 
 F. Benzing, M. M. Gauy, A. Mujika, A. Martinsson, A. Steger, "Optimal Kronecker-Sum Approximation
 of Real Time Recurrent Learning", arXiv:1902.03993. The network reads a marker and a random bit
@@ -8,7 +8,7 @@ the moving-average loss falls below 0.15 bits; the score is the length T_ reache
 number of steps (the paper's code, OK rank 16: 15-17 after 100k steps, 38-45 after 2M).
 
     python run_copy.py                                    # the paper's run: n 128, B 16, OK rank 16
-    python run_copy.py --hidden 32 --rank 4 --lr 3e-3 --steps 20000   # T ~ 11 in about a minute
+    python run_copy.py --hidden 32 --rank 4 --lr 3e-3 --steps 20000   # T 11 in under 2 minutes
 
 Every step each of the B streams feeds one symbol, the learner updates its estimate of the
 influence G, and Adam updates the weights (fully online). With --method tbptt the same streams
@@ -35,7 +35,7 @@ PROG = "run_copy.py"
 METHOD_CHOICES = ok.METHODS + ("tbptt",)
 PROGRESS_SECONDS = 5.0  # a progress line at most this often
 
-# --- 6. The copy task: symbols, sequences, curriculum (SPEC §6, as the paper's code) -----------
+# --- The copy task: symbols, sequences, curriculum (as the paper's released code has them) ------
 
 BIT_0, BIT_1, MARKER, BLANK = 0, 1, 2, 3
 N_SYMBOLS = 4
@@ -49,7 +49,7 @@ NOISE_LEARNERS = (("ok", 1), ("ok", 2), ("ok", 4), ("ok", 8), ("ok", 16),  # --m
 
 
 def copy_sequence(bits):
-    """Input and target symbols of one copy-task sequence for the bits b_1..b_T (SPEC §6).
+    """Input and target symbols of one copy-task sequence for the bits b_1..b_T.
 
     bits (T,) of 0/1 -> inputs (2T+2,), targets (2T+2,). The loss counts at every step.
     Worked example, T = 3, bits 1 0 1:
@@ -101,8 +101,9 @@ def train_step(run, config, rng, x, y, reset):
 
     Online methods: one learner step and one Adam update (ok.online_update), so one loss.
     TBPTT: the step joins the window; when it holds K steps, one update over the window
-    (ok.tbptt_update) returns their K losses, and inside a window there are none. SPEC §6-7:
-    the batch-mean W gradient is clipped to norm B. A diverged run becomes one line.
+    (ok.tbptt_update) returns their K losses, and inside a window there are none. As in the
+    paper's code, the batch-mean W gradient is clipped to norm B (its code divides the mean by
+    B once more and clips to norm 1). A diverged run becomes one line.
     """
     method, B, n = config["method"], config["batch"], config["hidden"]
     try:
@@ -123,7 +124,16 @@ def train_step(run, config, rng, x, y, reset):
         if not np.all(np.isfinite(losses)):
             raise FloatingPointError("the loss is not finite: the run diverged; lower the "
                                      "learning rate or train in float64")
-    except FloatingPointError as e:  # apply_gradients refuses a non-finite gradient
+        if not all(np.isfinite(p).all() for p in run["params"]):  # e.g. an lr beyond float32
+            raise FloatingPointError("the weights are not finite (NaN or inf) after the update: "
+                                     "the run diverged; lower the learning rate or train in "
+                                     "float64")
+    except (FloatingPointError, np.linalg.LinAlgError) as e:  # apply_gradients refuses a
+        # non-finite gradient; a learner state that overflowed fails in OK's SVD (its input is
+        # not checked every step: that costs a pass over the whole state)
+        if isinstance(e, np.linalg.LinAlgError):
+            e = (f"the learner's update failed ({e}): its state is no longer finite, the run "
+                 "diverged; lower the learning rate or train in float64")
         kept = f"; {config['checkpoint']} keeps the last save" if config["checkpoint"] else ""
         raise UserError(f"step {run['step'] + 1}: {e}{kept}") from None
     return losses
@@ -162,7 +172,7 @@ def record_noise(run, config, noise_log):
     run["noise"].extend(rows)
     for step, T, k, cosine, rel_error in rows:
         method, rank = NOISE_LEARNERS[k]
-        noise_log.write(f"{step},{T},{method},{rank},{cosine:.6f},{rel_error:.6g}\n")
+        write_line(noise_log, f"{step},{T},{method},{rank},{cosine:.6f},{rel_error:.6g}\n")
     print(f"noise at step {run['step']:,}: median cosine with exact RTRL: " + ", ".join(
         f"{method} {rank} {row[3]:.3f}" for (method, rank), row in zip(NOISE_LEARNERS, rows)),
         flush=True)
@@ -192,20 +202,26 @@ def write_noise_plot(path, rows):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    print(f"plot: {path}")
+    save_figure(plt, fig, path)
 
 
 # --- Command line --------------------------------------------------------------------------------
 
 
 def _int_at_least(low):
+    """An integer option: '100000', '100_000', '100,000' and '1e5' all give 100000."""
     def parse(text):
+        plain = text.replace("_", "").replace(",", "")
         try:
-            value = int(text.replace("_", "").replace(",", ""))
+            value = int(plain)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}")
+            try:
+                number = float(plain)  # 1e5, 2.5e3: whole numbers in scientific notation
+            except ValueError:
+                number = math.nan
+            if not (math.isfinite(number) and number == int(number)):
+                raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}")
+            value = int(number)
         if value < low:
             raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
         return value
@@ -234,27 +250,30 @@ def _output_path(text):
 
 def build_parser():
     p = argparse.ArgumentParser(
-        prog=PROG, description="The copy task with its curriculum (SPEC §6), trained online "
-        "with OK or a baseline. The defaults are the paper's configuration.")
+        prog=PROG, description="The copy task of Benzing et al. 2019 (arXiv 1902.03993) with "
+        "its curriculum, trained online with OK or a baseline. The defaults are the paper's "
+        "configuration.")
     p.add_argument("--method", choices=METHOD_CHOICES, default="ok",
-                   help="learning algorithm (default ok, the paper's): a baseline of SPEC §5, "
-                   "exact RTRL (small --hidden only), or TBPTT")
+                   help="learning algorithm (default ok, the paper's): KF-RTRL (kf), kf-avg "
+                   "(r averaged KF-RTRL copies), UORO, exact RTRL (small --hidden only), or TBPTT "
+                   "(ok_rtrl.py, section 5)")
     p.add_argument("--rank", type=_int_at_least(1), metavar="R",
                    help="OK's rank, or kf-avg's number of averaged KF-RTRL copies (default 16, "
-                   "the paper's copy-task rank, SPEC §6); kf is rank 1")
+                   "the paper's copy-task rank); kf is rank 1")
     p.add_argument("--trunc", type=_int_at_least(1), metavar="K",
-                   help="TBPTT window, --method tbptt only (default 100, as run_ptb.py: SPEC "
-                   "gives no copy-task horizon)")
+                   help="TBPTT window, --method tbptt only (default 100, as run_ptb.py: the "
+                   "paper gives no copy-task horizon)")
     p.add_argument("--hidden", type=_int_at_least(1), default=128, metavar="N",
-                   help="hidden units (default 128, the paper's, SPEC §6)")
+                   help="hidden units (default 128, the paper's copy-task network)")
     p.add_argument("--batch", type=_int_at_least(1), default=16, metavar="B",
-                   help="streams, each running sequences back to back (default 16, SPEC §6)")
+                   help="streams, each running sequences back to back (default 16, the "
+                   "paper's)")
     p.add_argument("--lr", type=_positive_float, default=10 ** -3.5,
                    help="Adam learning rate (default 10^-3.5 = 3.16e-4, the best of the paper's "
-                   "grid, SPEC §6)")
+                   "grid 10^-2.5 .. 10^-4)")
     p.add_argument("--steps", type=_int_at_least(0), default=2_000_000,
-                   help="total time steps, a resumed checkpoint's included (default 2,000,000: "
-                   "the paper's runs, SPEC §6)")
+                   help="total time steps, a resumed checkpoint's included; 1e5 or 100_000 "
+                   "work too (default 2,000,000: the paper's runs)")
     p.add_argument("--seed", type=_int_at_least(0), default=0,
                    help="seed of the one numpy Generator behind all randomness (default 0)")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32",
@@ -267,7 +286,7 @@ def build_parser():
                    "code printed)")
     p.add_argument("--checkpoint", type=_output_path, metavar="FILE.npz",
                    help="resume from FILE if it exists; save to it periodically, at the end "
-                   "and on Ctrl-C")
+                   "and on Ctrl-C or SIGTERM")
     p.add_argument("--checkpoint-every", type=_positive_float, default=300.0, metavar="SECONDS",
                    help="seconds between periodic checkpoints (default 300)")
     p.add_argument("--plot", type=_output_path, metavar="FILE.png",
@@ -420,34 +439,193 @@ def unflatten(prefix, template, arrays, path):
     return stored
 
 
-def save_atomically(path, arrays):
-    """np.savez to a temporary file in the same folder, then os.replace: never a half file."""
+def current_umask():
+    """The process's umask (os.umask can only be read by setting it, so set it back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def write_atomically(path, write, what):
+    """write(f) into a temporary file in path's folder, then os.replace it onto path: a reader
+    (or a run killed meanwhile) sees the old file or the whole new one, never half of one. The
+    file gets the mode the umask gives any new file, not mkstemp's private 0600."""
     folder = os.path.dirname(os.path.abspath(path))
     try:
         fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".",
                                    suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as f:
-                np.savez(f, **arrays)
+                write(f)
                 f.flush()
                 os.fsync(f.fileno())
+            os.chmod(tmp, 0o666 & ~current_umask())
             os.replace(tmp, path)
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
-    except OSError as e:  # a full disk, a read-only folder
-        raise UserError(f"cannot write checkpoint {path} ({e})") from None
+    except OSError as e:  # a full disk, a read-only folder, a folder that went away
+        raise UserError(f"cannot write {what} {path} ({e.strerror or e})") from None
+
+
+def save_atomically(path, arrays):
+    """np.savez through write_atomically: never a half-written checkpoint."""
+    write_atomically(path, lambda f: np.savez(f, **arrays), "checkpoint")
+
+
+def check_writable(option, path):
+    """Fail before the first step, not after hours of training, if path's folder takes no new
+    file (the write itself goes through a temporary file there, see write_atomically)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".",
+                                   suffix=".tmp")
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        raise UserError(f"cannot write {option[2:]} {path} ({e.strerror or e}): give {option} "
+                        "a file in a folder where files can be created") from None
+
+
+def save_or_warn(path, arrays, step):
+    """A save during the run. If it fails, say so and go on: the run is still in memory, and
+    the next save (periodic, after a validation, or the last) tries again."""
+    try:
+        save_atomically(path, arrays)
+    except UserError as e:
+        print(f"warning: step {step:,}: {e}; training goes on from memory and will try again at "
+              "the next save", file=sys.stderr, flush=True)
+        return False
+    return True
+
+
+def final_save(path, arrays, step):
+    """The last save of a run. If path cannot be written, the run goes to a file in the
+    temporary folder instead, so that the training is not lost, and the error says where."""
+    try:
+        save_atomically(path, arrays)
+    except UserError as e:
+        stem = os.path.splitext(os.path.basename(path))[0]
+        rescue = os.path.join(tempfile.gettempdir(), f"{stem}.rescued-{os.getpid()}.npz")
+        try:
+            save_atomically(rescue, arrays)
+        except UserError as again:
+            raise UserError(f"{e}; nor could it go to {rescue} ({again}): the steps since the "
+                            "last save are lost") from None
+        raise UserError(f"{e}; the run (step {step:,}) is saved in {rescue} instead: move it to "
+                        f"{path} and rerun the same command to resume") from None
+    print(f"checkpoint: {path} (step {step:,})")
+
+
+def check_writable_outputs(options):
+    """check_writable for every (option, path) given a path."""
+    for option, path in options:
+        if path:
+            check_writable(option, path)
+
+
+MEMORY_SHARE = 0.8  # a run plans on at most this share of the available memory
+
+
+def available_memory():
+    """Bytes a run can still take: MemAvailable of /proc/meminfo, capped by the cgroup's limit
+    where there is one; None where neither is known (then no run is refused)."""
+    found = []
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        with open("/proc/meminfo") as f:
+            found += [int(line.split()[1]) * 1024 for line in f
+                      if line.startswith("MemAvailable:")]
+    with contextlib.suppress(OSError, ValueError):
+        with open("/sys/fs/cgroup/memory.max") as f:
+            limit = f.read().strip()
+        with open("/sys/fs/cgroup/memory.current") as f:
+            used = int(f.read())
+        if limit != "max":
+            found.append(int(limit) - used)
+    return min(found) if found else None
+
+
+def learner_memory(method, rank, B, n, V, dtype, trunc=None):
+    """Bytes one training step holds at its peak, an upper bound (test_runners.py checks it
+    against tracemalloc): the learner's state before and after the update with the update's
+    temporaries (measured: 3x the state for rtrl, 7x the r+1 terms for OK, 6x for UORO), the
+    step's H and D, and the weights with Adam's moments and float64 temporaries. V symbols in
+    and out, m = V + n + 1 (ok_rtrl.py's notation table)."""
+    m, itemsize = V + n + 1, np.dtype(dtype).itemsize
+    if method == "rtrl":  # the influence G: B n m 2n numbers
+        learner = 4 * B * n * m * 2 * n
+    elif method == "uoro":  # s (n) and theta (m, 2n) per stream
+        learner = 8 * B * (n + m * 2 * n)
+    elif method == "tbptt":  # BPTT's tape of one window
+        learner = 8 * (trunc or 1) * B * (m + 4 * n + V)
+    else:  # ok, kf, kf-avg: the r+1 Kronecker terms u (m) and A (n, 2n) of the update
+        learner = 8 * B * ((rank or 1) + 1) * (m + 2 * n * n)
+    step = 4 * B * 3 * n * n  # H (n, n) and D (n, 2n), and products of their size
+    weights = 16 * (m * 2 * n + (n + 1) * V)
+    return itemsize * (learner + step + weights)
+
+
+def mib(size):
+    return f"{size / 2**20:,.0f} MiB" if size < 2**30 else f"{size / 2**30:,.1f} GiB"
+
+
+def _largest(fits, high):
+    """The largest k in 1..high with fits(k) (fits must be monotone), or 0 if none."""
+    low = 0
+    while low < high:
+        mid = (low + high + 1) // 2
+        low, high = (mid, high) if fits(mid) else (low, mid - 1)
+    return low
+
+
+def check_memory(config, V):
+    """The run's estimated peak memory; a run that cannot fit is refused before anything is
+    allocated, with the figure and the --hidden (and for ok, kf-avg the --rank) that fits."""
+    method, B, n, rank = config["method"], config["batch"], config["hidden"], config["rank"]
+
+    def need(n=n, rank=rank):
+        total = learner_memory(method, rank, B, n, V, config["dtype"], config["trunc"])
+        if config.get("measure_noise"):  # exact RTRL beside every learner of NOISE_LEARNERS
+            total += sum(learner_memory(m, r, B, n, V, config["dtype"])
+                         for m, r in (("rtrl", None),) + NOISE_LEARNERS)
+        return total
+
+    estimate, free = need(), available_memory()
+    if free is None or estimate <= MEMORY_SHARE * free:
+        return estimate
+    limit = MEMORY_SHARE * free
+    ranked = method in ("ok", "kf-avg")
+    hidden = _largest(lambda k: need(n=k) <= limit, n - 1)
+    fixes = [f"--hidden {hidden} fits" if hidden else "no --hidden fits with this --batch"]
+    rank_fits = _largest(lambda k: need(rank=k) <= limit, rank - 1) if ranked else 0
+    if rank_fits:
+        fixes.append(f"--rank {rank_fits} does")
+    fixes.append("a smaller --batch needs less")
+    said = f"--method {method} --hidden {n} --batch {B}" + (f" --rank {rank}" if ranked else "")
+    if config.get("measure_noise"):
+        said += " --measure-noise"
+    raise UserError(f"{said} needs about {mib(estimate)} for the learner, more than the "
+                    f"{mib(limit)} a run may take ({MEMORY_SHARE:.0%} of the {mib(free)} "
+                    f"available): {'; '.join(fixes)}")
 
 
 def load_checkpoint(path, config, keys):
     """The arrays of checkpoint path, after checking that it was written by the same task with
     the same values of the experiment options keys."""
     try:
-        with np.load(path, allow_pickle=False) as f:
+        f = np.load(path, allow_pickle=False)
+        if not hasattr(f, "files"):
+            raise ValueError("it holds a single array (.npy), not an .npz archive of arrays")
+        with f:
             arrays = {name: f[name] for name in f.files}
         stored = json.loads(str(arrays["config"]))
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+        if not isinstance(stored, dict):
+            raise ValueError(f"its config is {type(stored).__name__}, not a dictionary")
+    except KeyError as e:
+        raise UserError(f"cannot read checkpoint {path} (it has no {e}): not a checkpoint of this "
+                        "program; delete it to start afresh or choose another --checkpoint file")
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
         raise UserError(f"cannot read checkpoint {path} ({e}); delete it to start afresh or "
                         "choose another --checkpoint file")
     if stored.get("task") != config["task"]:
@@ -462,29 +640,75 @@ def load_checkpoint(path, config, keys):
     return arrays
 
 
+@contextlib.contextmanager
+def reading_checkpoint(path):
+    """Turn what a damaged checkpoint raises while a run is restored from it (a missing array,
+    counters that are not JSON, an rng state of another generator) into one line."""
+    try:
+        yield
+    except KeyError as e:
+        raise UserError(f"checkpoint {path} has no {e}: it is damaged or not of this program; "
+                        "delete it to start afresh or choose another --checkpoint file") from None
+    except (ValueError, TypeError, AttributeError, IndexError) as e:
+        raise UserError(f"checkpoint {path} is damaged or not of this program ({e}); delete it "
+                        "to start afresh or choose another --checkpoint file") from None
+
+
+def resume_or_start(config, keys, restore):
+    """Restore the run from --checkpoint when that file exists (restore(arrays) does it);
+    returns the step resumed at, or None for a fresh run, and says which it is."""
+    path = config["checkpoint"]
+    if not path:
+        return None
+    if not os.path.exists(path):
+        print(f"no checkpoint at {path} yet: starting from step 0")
+        return None
+    arrays = load_checkpoint(path, config, keys)
+    with reading_checkpoint(path):
+        return restore(arrays)
+
+
 def open_log(path, config_line, columns, resume_step):
-    """Open the CSV log for appending. When resuming, keep its rows up to the checkpoint's step
-    (later rows were written after the last save and will be written again); else start anew."""
+    """Open the CSV log for appending. When resuming, keep its header and its rows up to the
+    checkpoint's step (later rows were written after the last save and will be written again);
+    comment lines after the header, such as a finished run's test result, go too. Else start
+    anew."""
     kept = []
     if resume_step is not None and os.path.exists(path):
+        header_done = False
         with open(path, newline="") as f:
             for line in f:
                 first = line.split(",", 1)[0]
-                if line.startswith("#") or first == columns[0] or (
-                        first.isdigit() and int(first) <= resume_step):
+                if first == columns[0]:
+                    header_done = True
+                    kept.append(line)
+                elif line.startswith("#"):
+                    if not header_done:
+                        kept.append(line)
+                elif first.isdigit() and int(first) <= resume_step:
                     kept.append(line)
     if not kept:
         kept = [f"# {config_line}\n", ",".join(columns) + "\n"]
-    folder = os.path.dirname(os.path.abspath(path))
+    write_atomically(path, lambda f: f.write("".join(kept).encode()), "log")
     try:
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".",
-                                   suffix=".tmp")
-        with os.fdopen(fd, "w", newline="") as f:
-            f.writelines(kept)
-        os.replace(tmp, path)
         return open(path, "a", newline="", buffering=1)
     except OSError as e:
-        raise UserError(f"cannot write log {path} ({e})") from None
+        raise UserError(f"cannot write log {path} ({e.strerror or e})") from None
+
+
+def write_line(log, line):
+    """One line into a CSV log opened by open_log. A write that fails (a full disk) is reported
+    and training goes on: the checkpoint, not the log, is what a run cannot lose."""
+    try:
+        log.write(line)
+    except OSError as e:
+        print(f"warning: cannot write log {log.name} ({e.strerror or e}): this line is lost, "
+              "training goes on", file=sys.stderr, flush=True)
+
+
+def close_log(log):
+    with contextlib.suppress(OSError):  # write_line has reported what could not be written
+        log.close()
 
 
 def duration(seconds):
@@ -508,6 +732,15 @@ def matplotlib_pyplot():
     return plt
 
 
+def save_figure(plt, fig, path):
+    """fig as a PNG at path, written atomically like every other output, then closed."""
+    try:
+        write_atomically(path, lambda f: fig.savefig(f, format="png", dpi=120), "plot")
+    finally:
+        plt.close(fig)
+    print(f"plot: {path}")
+
+
 def write_plot(path, x, y, xlabel, ylabel, title, drawstyle="default", integer_y=False):
     plt = matplotlib_pyplot()
     if plt is None:
@@ -520,32 +753,39 @@ def write_plot(path, x, y, xlabel, ylabel, title, drawstyle="default", integer_y
     ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    print(f"plot: {path}")
+    save_figure(plt, fig, path)
+
+
+STOP_SIGNALS = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}  # SIGTERM: timeout, kill,
+# a batch scheduler's notice before it kills the job
 
 
 @contextlib.contextmanager
-def ctrl_c_sets_flag():
-    """Inside the block, Ctrl-C only sets stop["now"]: the loop ends after the current step and
-    saves, so a step is never cut in half. A second Ctrl-C raises KeyboardInterrupt at once."""
-    stop = {"now": False}
+def stop_on_signals():
+    """Inside the block, Ctrl-C or SIGTERM only sets stop["signal"] (its number): the loop ends
+    after the current step and the run saves, so a step is never cut in half and no work is
+    lost. A second signal raises KeyboardInterrupt at once (quit without saving)."""
+    stop = {"signal": 0}
 
-    def on_ctrl_c(signum, frame):
-        stop["now"] = True
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        print("\nCtrl-C: stopping after this step (press again to quit without saving)",
-              file=sys.stderr, flush=True)
+    def on_signal(signum, frame):
+        if stop["signal"]:
+            raise KeyboardInterrupt
+        stop["signal"] = signum
+        print(f"\n{STOP_SIGNALS[signum]}: stopping after this step and saving (a second one "
+              "quits without saving)", file=sys.stderr, flush=True)
 
+    previous = {}
     try:
-        previous = signal.signal(signal.SIGINT, on_ctrl_c)
-    except ValueError:  # not the main thread (an embedding program): Ctrl-C stays as it was
-        previous = None
+        for signum in STOP_SIGNALS:
+            previous[signum] = signal.signal(signum, on_signal)
+    except ValueError:  # not the main thread (an embedding program): signals stay as they were
+        pass
     try:
         yield stop
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGINT, previous)
+        for signum, handler in previous.items():
+            if handler is not None:  # None: a handler not set from Python, which cannot be restored
+                signal.signal(signum, handler)
 
 
 # --- Main loop ---------------------------------------------------------------------------------
@@ -560,13 +800,15 @@ def cli_main(prog, argv, build_parser, resolve_config, run_experiment):
     except SystemExit as e:  # usage and one error line are printed (2), or --help (0)
         return e.code
     try:
-        return run_experiment(config)
+        with np.errstate(over="ignore", invalid="ignore"):  # a diverging run is caught by its
+            return run_experiment(config)  # non-finite values and ends with one line, no warnings
     except UserError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 1
-    except MemoryError:
-        print(f"{prog}: error: out of memory; try a smaller --hidden, --batch or --rank "
-              "(exact RTRL stores B n m 2n numbers)", file=sys.stderr)
+    except MemoryError:  # check_memory's estimate fitted, but the memory was gone meanwhile
+        rank = " or --rank" if config["method"] in ("ok", "kf-avg") else ""
+        print(f"{prog}: error: out of memory; try a smaller --hidden, --batch{rank}",
+              file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"{prog}: interrupted; nothing saved since the last checkpoint", file=sys.stderr)
@@ -580,39 +822,39 @@ def rate_since(mark, step, now):
     return rate
 
 
-def train(config, run, rng, log, noise_log):
-    """Run steps until --steps or Ctrl-C; returns True if stopped by Ctrl-C."""
+def train(config, run, rng, log, noise_log, stop):
+    """Run steps until --steps, or until stop["signal"] is set (Ctrl-C, SIGTERM)."""
     steps, started, step0 = config["steps"], time.monotonic(), run["step"]
-    row_mark, print_mark, last_save = [started, step0], [started, step0], started
-    with ctrl_c_sets_flag() as stop:
-        while run["step"] < steps and not stop["now"]:
-            x, y, reset = next_symbols(run, rng)
-            for nats in train_step(run, config, rng, x, y, reset):  # TBPTT: 0 or K losses
-                update_average(run, nats)
-            run["step"] += 1
-            step, now = run["step"], time.monotonic()
-            if step % config["log_every"] == 0:
-                run["history"].append((step, run["T"], run["avg"]))
-                rate = rate_since(row_mark, step, now)
-                if log is not None:
-                    log.write(f"{step},{run['T']},{run['avg']:.6f},{rate:.2f}\n")
-            if config["measure_noise"] and step % config["measure_noise"] == 0:
-                record_noise(run, config, noise_log)
-                pause = time.monotonic() - now
-                row_mark[0] += pause  # the rates count training time only
-                print_mark[0] += pause
-                now += pause
-            if now - print_mark[0] >= PROGRESS_SECONDS or step == steps:
-                rate = rate_since(print_mark, step, now)
-                print(f"step {step:,}/{steps:,}  T {run['T']}  avg {run['avg']:.3f} bits  "
-                      f"{rate:.1f} steps/s  ETA {duration((steps - step) / max(rate, 1e-9))}",
-                      flush=True)
-            if config["checkpoint"] and now - last_save >= config["checkpoint_every"]:
-                save_atomically(config["checkpoint"], checkpoint_arrays(config, rng, run))
-                last_save = now
+    busy = 0.0  # seconds inside training steps: the log's rate leaves out measurements and saves
+    row_mark, print_mark, last_save = [busy, step0], [started, step0], started
+    while run["step"] < steps and not stop["signal"]:
+        begun = time.monotonic()
+        x, y, reset = next_symbols(run, rng)
+        for nats in train_step(run, config, rng, x, y, reset):  # TBPTT: 0 or K losses
+            update_average(run, nats)
+        run["step"] += 1
+        step, now = run["step"], time.monotonic()
+        busy += now - begun
+        if step % config["log_every"] == 0:
+            run["history"].append((step, run["T"], run["avg"]))
+            rate = rate_since(row_mark, step, busy)
+            if log is not None:
+                write_line(log, f"{step},{run['T']},{run['avg']:.6f},{rate:.2f}\n")
+        if config["measure_noise"] and step % config["measure_noise"] == 0:
+            record_noise(run, config, noise_log)
+            pause = time.monotonic() - now
+            print_mark[0] += pause  # the progress line's rate counts training time only
+            now += pause
+        if now - print_mark[0] >= PROGRESS_SECONDS or step == steps:
+            rate = rate_since(print_mark, step, now)
+            print(f"step {step:,}/{steps:,}  T {run['T']}  avg {run['avg']:.3f} bits  "
+                  f"{rate:.1f} steps/s  ETA {duration((steps - step) / max(rate, 1e-9))}",
+                  flush=True)
+        if config["checkpoint"] and now - last_save >= config["checkpoint_every"]:
+            save_or_warn(config["checkpoint"], checkpoint_arrays(config, rng, run), step)
+            last_save = time.monotonic()
     if run["step"] > step0:
         print(f"{run['step'] - step0:,} steps in {duration(time.monotonic() - started)}")
-    return stop["now"]
 
 
 def main(argv=None) -> int:
@@ -620,21 +862,27 @@ def main(argv=None) -> int:
 
 
 def run_experiment(config):
-    print(f"{PROG}: copy task (SPEC §6)")
+    print(f"{PROG}: the copy task of Benzing et al. 2019 (arXiv 1902.03993), with its curriculum")
     for key, value in config.items():
         print(f"  {key:17s}{value}")
     config_line = f"{PROG} config: {json.dumps(config)}"
+    plot_files = ([config["plot"], os.path.splitext(config["plot"])[0] + "-noise.png"]
+                  if config["plot"] and config["measure_noise"] else [config["plot"]])
+    check_writable_outputs([("--checkpoint", config["checkpoint"]), ("--log", config["log"]),
+                            ("--noise-log", config["noise_log"])]
+                           + [("--plot", path) for path in plot_files])
+    print(f"memory: about {mib(check_memory(config, N_SYMBOLS))} for the learner and weights")
     if config["plot"] and matplotlib_pyplot() is None:
         print("note: matplotlib is not installed, so --plot will be skipped "
               "(pip install matplotlib)")
     rng = np.random.default_rng(config["seed"])
     run = new_run(config, rng)
-    resume_step = None
-    if config["checkpoint"] and os.path.exists(config["checkpoint"]):
-        restore_run(load_checkpoint(config["checkpoint"], config, EXPERIMENT_KEYS), run, rng,
-                    config["checkpoint"])
-        resume_step = run["step"]
+
+    def restore(arrays):
+        restore_run(arrays, run, rng, config["checkpoint"])
         print(f"resuming from {config['checkpoint']} at step {run['step']:,} (T {run['T']})")
+        return run["step"]
+    resume_step = resume_or_start(config, EXPERIMENT_KEYS, restore)
     if resume_step is not None and resume_step >= config["steps"]:
         print(f"already at step {run['step']:,} >= --steps {config['steps']:,}: nothing to train")
     log = None
@@ -645,24 +893,24 @@ def run_experiment(config):
     if config["measure_noise"]:
         noise_log = open_log(config["noise_log"], config_line, ("step", "T", "method", "rank",
                              "median_cosine", "median_rel_error"), resume_step)
-    try:
-        interrupted = train(config, run, rng, log, noise_log)
-    finally:
-        for f in (log, noise_log):
-            if f is not None:
-                f.close()
-    if config["checkpoint"]:
-        save_atomically(config["checkpoint"], checkpoint_arrays(config, rng, run))
-        print(f"checkpoint: {config['checkpoint']} (step {run['step']:,})")
+    with stop_on_signals() as stop:
+        try:
+            train(config, run, rng, log, noise_log, stop)
+        finally:
+            for f in (log, noise_log):
+                if f is not None:
+                    close_log(f)
+        if config["checkpoint"]:
+            final_save(config["checkpoint"], checkpoint_arrays(config, rng, run), run["step"])
     if config["plot"]:
         steps_, Ts = zip(*[(0, 1)] + [(s, T) for s, T, _ in run["history"]])  # T_ starts at 1
         write_plot(config["plot"], steps_, Ts, "step", "curriculum T",
                    f"copy task, {config['method']}, n {config['hidden']}", drawstyle="steps-post",
                    integer_y=True)
         if run["noise"]:
-            write_noise_plot(os.path.splitext(config["plot"])[0] + "-noise.png", run["noise"])
+            write_noise_plot(plot_files[1], run["noise"])
     print(f"curriculum T {run['T']} at step {run['step']:,} (avg {run['avg']:.3f} bits)")
-    return 130 if interrupted else 0
+    return 128 + stop["signal"] if stop["signal"] else 0
 
 
 if __name__ == "__main__":

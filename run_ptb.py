@@ -1,12 +1,13 @@
 #!/usr/bin/env python3
-"""Character-level Penn Treebank trained online with OK, as in Benzing et al., ICML 2019 (SPEC §7).
+"""Character-level Penn Treebank trained online with OK, as in Benzing et al., ICML 2019.
 
 F. Benzing, M. M. Gauy, A. Mujika, A. Martinsson, A. Steger, "Optimal Kronecker-Sum Approximation
 of Real Time Recurrent Learning", arXiv:1902.03993. A one-layer recurrent highway network of 256
 units reads the training text as B = 32 streams and predicts the next symbol, updating its weights
 after every symbol. Validation bits per character (BPC) are measured every 10,000 steps; the test
 BPC of the best-validation weights is the result (the paper's code: best validation 1.740-1.745 on
-its own tokenisation, about 1.77 on the standard files used here, see SPEC §7).
+its own tokenisation, which read the word-level text as characters and so adds nearly free
+symbols; about 1.77 on the standard files used here, see the README's "Where we differ").
 
     python run_ptb.py --rank 8              # the paper's run; see the README for how long it takes
     python run_ptb.py --hidden 64 --batch 16 --rank 4 --lr 3e-3 --steps 20000 --eval-every 5000
@@ -32,19 +33,20 @@ import urllib.request
 import numpy as np
 
 import ok_rtrl as ok
-from run_copy import (UserError, _int_at_least, _output_path, _positive_float, cli_main,
-                      ctrl_c_sets_flag, duration, flatten, load_checkpoint, matplotlib_pyplot,
-                      open_log, rate_since, resolve_rank_and_trunc, save_atomically, train_step,
-                      unflatten, write_plot)
+from run_copy import (UserError, _int_at_least, _output_path, _positive_float,
+                      check_memory, check_writable_outputs, cli_main, close_log, duration,
+                      final_save, flatten, matplotlib_pyplot, mib, open_log, rate_since,
+                      resolve_rank_and_trunc, resume_or_start, save_or_warn, stop_on_signals,
+                      train_step, unflatten, write_line, write_plot)
 
 PROG = "run_ptb.py"
 METHOD_CHOICES = ok.METHODS + ("tbptt",)
 PROGRESS_SECONDS = 5.0  # a progress line at most this often
 
-# --- 7. The data: files, download, symbols (SPEC §7) -------------------------------------------
+# --- The data: files, download, symbols -------------------------------------------------------
 
 PTB_URL = "http://www.fit.vutbr.cz/~imikolov/rnnlm/simple-examples.tgz"
-PTB_SHA256 = {  # SPEC §7, of the unmodified files of the archive's data/ folder
+PTB_SHA256 = {  # of the unmodified ptb.char.*.txt files in the archive's data/ folder
     "train": "e313d91425e06c4f0a8fb6e881dcce0c291f2a0e9f4dda54833069b122f91da9",
     "valid": "21661f63ec355085879458b6524644d4add5573541b4be14fb52ab2e2e995eb8",
     "test": "1ef5607ac3c463b16e38bfe7900dd3bfc91de5a96e0f21e7eab5188b465b8ebe"}
@@ -73,6 +75,16 @@ def split_files(folder):
     return paths
 
 
+def what_is_missing(folder):
+    """Why split_files(folder) found nothing: the folder, or which files, are not there."""
+    if not os.path.isdir(folder):
+        return "the folder does not exist" if not os.path.exists(folder) else "it is not a folder"
+    missing = [split for split in SPLITS
+               if not any(os.path.isfile(os.path.join(folder, name.format(split)))
+                          for name in FILE_NAMES)]
+    return "; ".join(f"no {split}.txt or ptb.char.{split}.txt in it" for split in missing)
+
+
 def where_to_put(folder):
     return (f"put train.txt, valid.txt and test.txt (or ptb.char.train.txt, ptb.char.valid.txt and "
             f"ptb.char.test.txt from the data/ folder of {PTB_URL}) into {folder}, or pass "
@@ -89,8 +101,8 @@ def locate_ptb(data_dir):
         if folder:
             paths = split_files(folder)
             if paths is None:
-                raise UserError(f"{origin} {folder} does not hold the PTB char files: "
-                                + where_to_put(folder))
+                raise UserError(f"{origin} {folder} does not hold the PTB char files "
+                                f"({what_is_missing(folder)}): " + where_to_put(folder))
             return paths
     folder = cache_folder()
     paths = split_files(folder)
@@ -105,9 +117,16 @@ def download_ptb(folder, url=None):
     only then move them into folder: nothing unchecked or half-written is ever left there."""
     url = url or PTB_URL
     parent = os.path.dirname(os.path.abspath(folder))
-    os.makedirs(parent, exist_ok=True)
+    try:  # first make sure that the download has somewhere to go
+        os.makedirs(parent, exist_ok=True)
+        staging_folder = tempfile.TemporaryDirectory(dir=parent, prefix=".ptb-char-download-")
+    except OSError as e:
+        raise UserError(f"cannot create the data cache {folder} ({e.strerror or e}): set "
+                        "XDG_CACHE_HOME to a folder where one can be made, or put train.txt, "
+                        "valid.txt and test.txt in a folder of your own and pass --data-dir DIR "
+                        "or set OK_RTRL_DATA=DIR") from None
     print(f"PTB char files not found in {folder}: downloading {url} (about 34 MB)", flush=True)
-    with tempfile.TemporaryDirectory(dir=parent, prefix=".ptb-char-download-") as staging:
+    with staging_folder as staging:
         archive = os.path.join(staging, "simple-examples.tgz")
         try:
             with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT) as answer, \
@@ -123,9 +142,14 @@ def download_ptb(folder, url=None):
                                 f"{PTB_SHA256[split]}; nothing was kept: {where_to_put(folder)}")
             with open(os.path.join(staging, f"{split}.txt"), "wb") as f:
                 f.write(content)
-        os.makedirs(folder, exist_ok=True)
-        for split in SPLITS:  # all three are verified: now move them in, each atomically
-            os.replace(os.path.join(staging, f"{split}.txt"), os.path.join(folder, f"{split}.txt"))
+        try:
+            os.makedirs(folder, exist_ok=True)
+            for split in SPLITS:  # all three are verified: now move them in, each atomically
+                os.replace(os.path.join(staging, f"{split}.txt"),
+                           os.path.join(folder, f"{split}.txt"))
+        except OSError as e:
+            raise UserError(f"cannot save the verified files in the data cache {folder} "
+                            f"({e.strerror or e}): {where_to_put(folder)}") from None
     print(f"PTB char files verified and saved in {folder}")
 
 
@@ -148,12 +172,19 @@ def read_symbols(path):
     Symbols are separated by whitespace; each line adds one EOS. Worked example: the sentence
     "the cat" is stored as the line 't h e _ c a t ' (every character followed by a space, '_'
     between words), and gives the 8 symbols  t h e _ c a t EOS. Lines after the first start
-    with a space and the file ends with '\\n ' (shared/data/ptb-char/SOURCE.md), so the text
+    with a space and the file ends with '\\n ' (as the archive's files do), so the text
     after the last newline holds no symbol; if it held some it would count as a line too.
     """
     with open(path, "rb") as f:
         raw = f.read()
-    lines = raw.decode("utf-8").split("\n")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise UserError(f"{path} is not UTF-8 text (byte {e.start} on line {line} is "
+                        f"0x{raw[e.start]:02x}): not the PTB char text, whose files are "
+                        "plain ASCII; use the unmodified ptb.char.*.txt files") from None
+    lines = text.split("\n")
     if not lines[-1].strip():
         lines.pop()
     symbols = []
@@ -224,33 +255,35 @@ def bits_per_character(params, ids, eos_id, warmup, rows=EVAL_ROWS):
 
 def build_parser():
     p = argparse.ArgumentParser(
-        prog=PROG, description="Character-level Penn Treebank (SPEC §7), trained online with OK "
-        "or a baseline. The defaults are the paper's configuration.")
+        prog=PROG, description="Character-level Penn Treebank as in Benzing et al. 2019 (arXiv "
+        "1902.03993), trained online with OK or a baseline. The defaults are the paper's "
+        "configuration.")
     p.add_argument("--method", choices=METHOD_CHOICES, default="ok",
-                   help="learning algorithm (default ok, the paper's): a baseline of SPEC §5, "
-                   "exact RTRL (small --hidden only), or TBPTT")
+                   help="learning algorithm (default ok, the paper's): KF-RTRL (kf), kf-avg "
+                   "(r averaged KF-RTRL copies), UORO, exact RTRL (small --hidden only), or TBPTT "
+                   "(ok_rtrl.py, section 5)")
     p.add_argument("--rank", type=_int_at_least(1), metavar="R",
                    help="OK's rank, or kf-avg's number of averaged KF-RTRL copies (default 8, "
-                   "the paper's PTB rank, SPEC §7); kf is rank 1")
+                   "the paper's PTB rank); kf is rank 1")
     p.add_argument("--trunc", type=_int_at_least(1), metavar="K",
-                   help="TBPTT window, --method tbptt only (default 100, the reset interval of "
-                   "SPEC §7)")
+                   help="TBPTT window, --method tbptt only (default 100, the paper's reset "
+                   "interval)")
     p.add_argument("--hidden", type=_int_at_least(1), default=256, metavar="N",
-                   help="hidden units (default 256, the paper's, SPEC §7)")
+                   help="hidden units (default 256, the paper's PTB network)")
     p.add_argument("--batch", type=_int_at_least(1), default=32, metavar="B",
                    help="streams at evenly spaced offsets of the training text (default 32, "
-                   "SPEC §7)")
+                   "the paper's)")
     p.add_argument("--lr", type=_positive_float, default=10 ** -3.5,
-                   help="Adam learning rate (default 10^-3.5 = 3.16e-4, SPEC §7)")
+                   help="Adam learning rate (default 10^-3.5 = 3.16e-4, the paper's)")
     p.add_argument("--steps", type=_int_at_least(0), default=1_000_000,
                    help="total steps of B symbols each, a resumed checkpoint's included "
-                   "(default 1,000,000, SPEC §7)")
+                   "(default 1,000,000, the paper's run; 1e6 or 1_000_000 work too)")
     p.add_argument("--eval-every", type=_int_at_least(1), default=10_000, metavar="STEPS",
                    help="steps between validations on the whole validation text, and one at "
-                   "the last step (default 10,000, SPEC §7)")
+                   "the last step (default 10,000, the paper's)")
     p.add_argument("--reset-every", type=_int_at_least(1), default=100, metavar="STEPS",
                    help="steps between resets of every stream's h and learner state (default "
-                   "100 characters, SPEC §7)")
+                   "100 characters, the paper's)")
     p.add_argument("--seed", type=_int_at_least(0), default=0,
                    help="seed of the one numpy Generator behind all randomness (default 0)")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32",
@@ -265,7 +298,9 @@ def build_parser():
                    help="steps between log rows (default 1000)")
     p.add_argument("--checkpoint", type=_output_path, metavar="FILE.npz",
                    help="resume from FILE if it exists; save to it periodically, after each "
-                   "validation, at the end and on Ctrl-C; it holds the best-validation weights")
+                   "validation, at the end and on Ctrl-C or SIGTERM; it holds the current run "
+                   "(weights, Adam, learner state, data position) and the best-validation "
+                   "weights")
     p.add_argument("--checkpoint-every", type=_positive_float, default=300.0, metavar="SECONDS",
                    help="seconds between periodic checkpoints (default 300)")
     p.add_argument("--plot", type=_output_path, metavar="FILE.png",
@@ -360,44 +395,45 @@ def log_row(run, log, bpc, chars_per_s):
     run["row_nats"], run["row_steps"] = 0.0, 0
     if log is not None:
         valid = "" if bpc is None else f"{bpc:.6f}"
-        log.write(f"{run['step']},{train_bits:.6f},{valid},{chars_per_s:.1f}\n")
+        write_line(log, f"{run['step']},{train_bits:.6f},{valid},{chars_per_s:.1f}\n")
 
 
-def train(config, run, rng, data, log):
-    """Run steps until --steps or Ctrl-C; returns True if stopped by Ctrl-C."""
+def train(config, run, rng, data, log, stop):
+    """Run steps until --steps, or until stop["signal"] is set (Ctrl-C, SIGTERM)."""
     steps, B, text = config["steps"], config["batch"], data["train"]
     started, step0 = time.monotonic(), run["step"]
-    row_mark, print_mark, last_save = [started, step0], [started, step0], started
+    busy = 0.0  # seconds inside training steps: the log's rate leaves out validations and saves
+    row_mark, print_mark, last_save = [busy, step0], [started, step0], started
     shown = [0.0, 0]  # training loss (nats) and steps since the last progress line
-    with ctrl_c_sets_flag() as stop:
-        while run["step"] < steps and not stop["now"]:
-            p = stream_positions(run["step"], B, len(text))
-            reset = np.full(B, run["step"] % config["reset_every"] == 0)  # all streams at once
-            nats = train_step(run, config, rng, text[p], text[p + 1], reset)  # TBPTT: 0 or K
-            run["step"] += 1
-            run["row_nats"] += float(nats.sum())
-            run["row_steps"] += len(nats)
-            shown = [shown[0] + float(nats.sum()), shown[1] + len(nats)]
-            step, bpc = run["step"], None
-            if step % config["eval_every"] == 0 or step == steps:
-                bpc = validate(run, data, config)
-            now = time.monotonic()
-            if step % config["log_every"] == 0 or bpc is not None:
-                log_row(run, log, bpc, B * rate_since(row_mark, step, now))
-            if now - print_mark[0] >= PROGRESS_SECONDS or step == steps:
-                rate = rate_since(print_mark, step, now)
-                recent = f"{ok.bits(shown[0] / shown[1]):.3f}" if shown[1] else "-"
-                best = f"  best valid {run['best_bpc']:.3f}" if run["best_step"] >= 0 else ""
-                print(f"step {step:,}/{steps:,}  train {recent} bits{best}  {B * rate:,.0f} "
-                      f"chars/s  ETA {duration((steps - step) / max(rate, 1e-9))}", flush=True)
-                shown = [0.0, 0]
-            if config["checkpoint"] and (bpc is not None
-                                         or now - last_save >= config["checkpoint_every"]):
-                save_atomically(config["checkpoint"], checkpoint_arrays(config, rng, run))
-                last_save = time.monotonic()
+    while run["step"] < steps and not stop["signal"]:
+        begun = time.monotonic()
+        p = stream_positions(run["step"], B, len(text))
+        reset = np.full(B, run["step"] % config["reset_every"] == 0)  # all streams at once
+        nats = train_step(run, config, rng, text[p], text[p + 1], reset)  # TBPTT: 0 or K
+        busy += time.monotonic() - begun
+        run["step"] += 1
+        run["row_nats"] += float(nats.sum())
+        run["row_steps"] += len(nats)
+        shown = [shown[0] + float(nats.sum()), shown[1] + len(nats)]
+        step, bpc = run["step"], None
+        if step % config["eval_every"] == 0 or step == steps:
+            bpc = validate(run, data, config)
+        now = time.monotonic()
+        if step % config["log_every"] == 0 or bpc is not None:
+            log_row(run, log, bpc, B * rate_since(row_mark, step, busy))
+        if now - print_mark[0] >= PROGRESS_SECONDS or step == steps:
+            rate = rate_since(print_mark, step, now)
+            recent = f"{ok.bits(shown[0] / shown[1]):.3f}" if shown[1] else "-"
+            best = f"  best valid {run['best_bpc']:.3f}" if run["best_step"] >= 0 else ""
+            print(f"step {step:,}/{steps:,}  train {recent} bits{best}  {B * rate:,.0f} "
+                  f"chars/s  ETA {duration((steps - step) / max(rate, 1e-9))}", flush=True)
+            shown = [0.0, 0]
+        if config["checkpoint"] and (bpc is not None
+                                     or now - last_save >= config["checkpoint_every"]):
+            save_or_warn(config["checkpoint"], checkpoint_arrays(config, rng, run), step)
+            last_save = time.monotonic()
     if run["step"] > step0:
         print(f"{run['step'] - step0:,} steps in {duration(time.monotonic() - started)}")
-    return stop["now"]
 
 
 def main(argv=None) -> int:
@@ -405,9 +441,11 @@ def main(argv=None) -> int:
 
 
 def run_experiment(config):
-    print(f"{PROG}: character-level Penn Treebank (SPEC §7)")
+    print(f"{PROG}: character-level Penn Treebank as in Benzing et al. 2019 (arXiv 1902.03993)")
     for key, value in config.items():
         print(f"  {key:17s}{value}")
+    check_writable_outputs([("--checkpoint", config["checkpoint"]), ("--log", config["log"]),
+                            ("--plot", config["plot"])])
     if config["plot"] and matplotlib_pyplot() is None:
         print("note: matplotlib is not installed, so --plot will be skipped "
               "(pip install matplotlib)")
@@ -419,45 +457,47 @@ def run_experiment(config):
           + ", ".join(f"{split} {len(ids[split]):,}" for split in SPLITS)
           + f" symbols; vocabulary {len(vocab)} (train, end of line included)")
     if sha != PTB_SHA256:
-        print("note: these are not the published PTB files (sha256 differs, see SPEC §7): "
-              "the BPC is not comparable with the paper's")
+        print("note: these are not the published PTB files (their sha256 differs): the BPC is "
+              "not comparable with the paper's")
+    print(f"memory: about {mib(check_memory(config, len(vocab)))} for the learner and weights")
     config_line = f"{PROG} config: {json.dumps(config)}"
     rng = np.random.default_rng(config["seed"])
     run = new_run(config, rng, len(vocab))
-    resume_step = None
-    if config["checkpoint"] and os.path.exists(config["checkpoint"]):
-        restore_run(load_checkpoint(config["checkpoint"], config, EXPERIMENT_KEYS), run, rng,
-                    config["checkpoint"])
-        resume_step = run["step"]
+
+    def restore(arrays):
+        restore_run(arrays, run, rng, config["checkpoint"])
         print(f"resuming from {config['checkpoint']} at step {run['step']:,}")
+        return run["step"]
+    resume_step = resume_or_start(config, EXPERIMENT_KEYS, restore)
     if resume_step is not None and resume_step >= config["steps"]:
         print(f"already at step {run['step']:,} >= --steps {config['steps']:,}: nothing to train")
     log = None
     if config["log"]:
         log = open_log(config["log"], config_line,
                        ("step", "train_bits", "valid_bpc", "chars_per_s"), resume_step)
-    try:
-        interrupted = train(config, run, rng, data, log)
-        if not interrupted:
-            if run["last_eval"] != run["step"]:  # e.g. --steps 0
-                validate(run, data, config)
-            test = bits_per_character(run["best"], data["test"], data["eos"], config["reset_every"])
-            summary = (f"test BPC {test:.4f} of the best weights (step {run['best_step']:,}, "
-                       f"validation {run['best_bpc']:.4f})")
-            print(summary)
+    with stop_on_signals() as stop:
+        try:
+            train(config, run, rng, data, log, stop)
+            if not stop["signal"]:
+                if run["last_eval"] != run["step"]:  # e.g. --steps 0
+                    validate(run, data, config)
+                test = bits_per_character(run["best"], data["test"], data["eos"],
+                                          config["reset_every"])
+                summary = (f"test BPC {test:.4f} of the best weights (step {run['best_step']:,}, "
+                           f"validation {run['best_bpc']:.4f})")
+                print(summary)
+                if log is not None:
+                    write_line(log, f"# {summary}\n")
+        finally:
             if log is not None:
-                log.write(f"# {summary}\n")
-    finally:
-        if log is not None:
-            log.close()
-    if config["checkpoint"]:
-        save_atomically(config["checkpoint"], checkpoint_arrays(config, rng, run))
-        print(f"checkpoint: {config['checkpoint']} (step {run['step']:,})")
+                close_log(log)
+        if config["checkpoint"]:
+            final_save(config["checkpoint"], checkpoint_arrays(config, rng, run), run["step"])
     if config["plot"] and run["valid_curve"]:
         x, y = zip(*run["valid_curve"])
         write_plot(config["plot"], x, y, "step", "validation bits per character",
                    f"char PTB, {config['method']}, n {config['hidden']}")
-    return 130 if interrupted else 0
+    return 128 + stop["signal"] if stop["signal"] else 0
 
 
 if __name__ == "__main__":

@@ -790,3 +790,66 @@ def test_apply_gradients_rejects_nan_and_clips_dW():
     assert np.linalg.norm(p3.W_out - p2.W_out) > 1e-6, "dW_out must not be clipped"
     assert not np.allclose(p1.W, p.W), "no step taken"
     np.testing.assert_array_equal(p.W, W_before)  # inputs untouched
+
+
+# --- Non-finite input: one rule for every public function -----------------------------------
+# A public function given an array argument that holds NaN or inf raises ValueError naming that
+# argument, before any work (the SVD of OK would fail with an unexplained LinAlgError, the other
+# learners would return NaN). apply_gradients keeps its FloatingPointError for a non-finite
+# gradient: that is a run that diverged, which the runners report as such.
+
+
+def _poison(array, value):
+    """A float64 copy of array with one entry set to value (NaN, inf or -inf)."""
+    array = np.array(array, dtype=np.float64)
+    array.flat[array.size // 2] = value
+    return array
+
+
+def _with_bad(params, field, value):
+    return params._replace(**{field: _poison(getattr(params, field), value)})
+
+
+def _non_finite_calls(value):
+    """id: (argument name that the message must give, the call) for one bad value."""
+    p, xs, ys, _ = make_problem(n=3, V=2, O=3, T=3, B=2, scale=0.3, seed=0)
+    rng, us, As, us2, As2 = (np.random.default_rng(0), np.ones((3, 4)), np.ones((3, 3, 4)),
+                             np.ones((2, 4)), np.ones((2, 3, 4)))
+    h = np.zeros((2, 3))
+    calls = {
+        "ok_reduce us": ("us", lambda: ok.ok_reduce(_poison(us, value), As, np.ones(3))),
+        "ok_reduce As": ("As", lambda: ok.ok_reduce(us, _poison(As, value), np.ones(3))),
+        "kf_reduce us": ("us", lambda: ok.kf_reduce(_poison(us2, value), As2, np.ones(2))),
+        "kf_reduce As": ("As", lambda: ok.kf_reduce(us2, _poison(As2, value), np.ones(2))),
+        "bptt h0": ("h0", lambda: ok.bptt(p, xs, ys, h0=_poison(h, value))),
+        "evaluate W": ("params.W", lambda: ok.evaluate(_with_bad(p, "W", value), xs, ys)),
+        "evaluate h0": ("h0", lambda: ok.evaluate(p, xs, ys, h0=_poison(h, value))),
+        "agreement W_out": ("params.W_out", lambda: ok.gradient_agreement(
+            _with_bad(p, "W_out", value), xs, ys, [("ok", 1)], rng)),
+        "agreement h0": ("h0", lambda: ok.gradient_agreement(p, xs, ys, [("kf", 1)], rng,
+                                                             h0=_poison(h, value))),
+    }
+    for method in ("bptt",) + ok.METHODS:
+        for field in ("W", "W_out"):
+            calls[f"sequence_grad {method} {field}"] = (f"params.{field}", lambda m=method, f=field:
+                ok.sequence_grad(_with_bad(p, f, value), xs, ys, m, rank=2, rng=rng))
+    for method in ok.METHODS:
+        def step(params=p, h=h, method=method):
+            state = ok.init_learner(method, p, 2, 2)
+            signs = ok.draw_signs(np.random.default_rng(1), method, 2, 2, 3)
+            return ok.learner_step(params, state, h, xs[0], ys[0], method, signs)
+        calls[f"learner_step {method} W"] = ("params.W", lambda s=step: s(
+            params=_with_bad(p, "W", value)))
+        calls[f"learner_step {method} W_out"] = ("params.W_out", lambda s=step: s(
+            params=_with_bad(p, "W_out", value)))
+        calls[f"learner_step {method} h"] = ("h", lambda s=step: s(h=_poison(h, value)))
+    return calls
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("case", sorted(_non_finite_calls(np.nan)))
+def test_non_finite_input_raises_value_error_naming_it(case, value):
+    name, call = _non_finite_calls(value)[case]
+    with pytest.raises(ValueError, match=rf"^{name} holds .*NaN or inf"):
+        call()
+
