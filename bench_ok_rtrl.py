@@ -1,20 +1,25 @@
 """Benchmark: one training step of every learner against OK's floor, the r products H_t A_k.
 
-    python bench_ok_rtrl.py [--repeats 5] [--dtype float32]
+    python bench_ok_rtrl.py [--repeats 5] [--dtype float32] [--baseline OLD_ok_rtrl.py]
 
 Prints a markdown table: per configuration (n, B, r), the median time of the batched H A
 products alone (the floor), of one full training step (cell, learner update, gradient, clipping,
 Adam) for each method, OK-step / floor, the GFLOP/s that OK achieves on the floor's work, and the
-learner state per stream. Then the Numba compile time with a cold and a warm cache. Timings are
+learner state per stream. --baseline times the OK step of another copy of the module (say, from
+an older commit: `git show REV:ok_rtrl.py > /tmp/old.py`) in the same run, as an extra column.
+Then the Numba compile time with a cold and a warm cache. Timings are
 medians over repeated steps after warm-up, measured side by side in one run: these machines are
 noisy, so compare ratios, not absolute numbers across runs.
 """
 import argparse
+import importlib.util
 import os
 import subprocess
 import sys
 import tempfile
 import time
+
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "12")  # before numpy: see run_copy.py
 
 import numpy as np
 
@@ -23,8 +28,8 @@ import ok_rtrl as ok
 CONFIGS = [  # (n, B, r, V): sizes of the two paper tasks and two smaller networks
     (32, 16, 16, 4),
     (64, 16, 16, 4),
-    (128, 16, 16, 4),  # copy task (SPEC §6)
-    (256, 32, 8, 50),  # character-level PTB (SPEC §7)
+    (128, 16, 16, 4),  # the paper's copy task: n 128, B 16, rank 16, 4 symbols
+    (256, 32, 8, 50),  # the paper's character-level PTB: n 256, B 32, rank 8, 50 symbols
 ]
 TBPTT_WINDOW = 20
 MAX_RTRL_BYTES = 2 * 2**30  # exact RTRL only where G fits comfortably in memory
@@ -50,22 +55,28 @@ def time_floor(n, B, r, dtype, rng, repeats):
     return median_seconds(lambda: np.matmul(H[:, None], As, out=out), repeats)
 
 
-def time_online(method, params, B, r, rng, repeats):
-    """One online training step: learner_step, then clipping and Adam."""
+def time_online(method, params, B, r, rng, repeats, module=ok):
+    """One online training step: learner_step, then clipping and Adam (of module's version).
+
+    The learner first runs r + 1 steps untimed, so that OK's Kronecker sum has all r terms.
+    """
     V, n, _ = ok.sizes(params)
-    state = [ok.init_learner(method, params, B, r), np.zeros((B, n), params.W.dtype),
-             params, ok.adam_init(params)]
+    state = [module.init_learner(method, params, B, r), np.zeros((B, n), params.W.dtype),
+             params, module.adam_init(params)]
 
     def step():
         learner, h, p, adam = state
         x, y = rng.integers(0, V, B), rng.integers(0, V, B)
-        signs = ok.draw_signs(rng, method, B, r, n)
-        _, p, adam, h, learner = ok.online_update(p, adam, learner, h, x, y, method, signs,
-                                                  1e-3, max_norm=B)
+        signs = module.draw_signs(rng, method, B, r, n)
+        _, p, adam, h, learner = module.online_update(p, adam, learner, h, x, y, method, signs,
+                                                      1e-3, max_norm=B)
         state[:] = learner, h, p, adam
 
+    for _ in range(r + 1):
+        step()
     seconds = median_seconds(step, repeats)
-    state_bytes = sum(field.nbytes for field in state[0]) / B
+    # memory held: OK's factors are views of a larger two-slot buffer (ok_rtrl._next_slot)
+    state_bytes = sum((f if f.base is None else f.base).nbytes for f in state[0]) / B
     return seconds, state_bytes
 
 
@@ -101,32 +112,49 @@ def compile_seconds():
         return run(), run()
 
 
+def load_module(path):
+    """Import another copy of ok_rtrl.py under its own name, beside this one."""
+    spec = importlib.util.spec_from_file_location("ok_rtrl_baseline", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5, help="timed steps per measurement")
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    parser.add_argument("--baseline", metavar="FILE", help="another ok_rtrl.py whose OK step to "
+                        "time side by side (e.g. from an older commit)")
     args = parser.parse_args(argv)
+    baseline = load_module(args.baseline) if args.baseline else None
     dtype = np.dtype(args.dtype)
     rng = np.random.default_rng(0)
     print(f"dtype {args.dtype}, {os.cpu_count()} cores, median of {args.repeats} steps\n")
-    print("| n, B, r | floor H A | OK | OK / floor | OK GFLOP/s | KF | kf-avg | UORO "
+    old = "| OK baseline | baseline / floor " if baseline else ""
+    print(f"| n, B, r | floor H A | OK | OK / floor {old}| OK GFLOP/s | KF | kf-avg | UORO "
           f"| TBPTT-{TBPTT_WINDOW} | exact RTRL | OK state / stream |")
-    print("|---" * 11 + "|")
+    print("|---" * (13 if baseline else 11) + "|")
     for n, B, r, V in CONFIGS:
         params = ok.init_params(V, n, V, rng, dtype)
         floor = time_floor(n, B, r, dtype, rng, args.repeats)
-        times = {m: time_online(m, params, B, r, rng, args.repeats) for m in ("ok", "kf", "kf-avg", "uoro")}
+        times = {m: time_online(m, params, B, r, rng, args.repeats)
+                 for m in ("ok", "kf", "kf-avg", "uoro")}
         tbptt = time_tbptt(params, B, rng, args.repeats)
         m = V + n + 1
         rtrl_bytes, rtrl_flop = B * n * m * 2 * n * dtype.itemsize, 2 * B * n * n * m * 2 * n
-        rtrl = (f"{1e3 * time_online('rtrl', params, B, r, rng, 3)[0]:.1f} ms"
+        rtrl = (f"{1e3 * time_online('rtrl', params, B, 1, rng, 3)[0]:.1f} ms"
                 if rtrl_bytes < MAX_RTRL_BYTES and rtrl_flop < MAX_RTRL_FLOP else "too big")
         ok_seconds, ok_bytes = times["ok"]
+        if baseline:
+            old_seconds = time_online("ok", params, B, r, rng, args.repeats, baseline)[0]
+            old = f"| {1e3 * old_seconds:.2f} ms | {old_seconds / floor:.1f} "
         floor_flop = 2 * B * r * n * n * 2 * n
         ms = {k: f"{1e3 * v[0]:.2f} ms" for k, v in times.items()}
-        print(f"| {n}, {B}, {r} | {1e3 * floor:.2f} ms | {ms['ok']} | {ok_seconds / floor:.1f} "
-              f"| {floor_flop / ok_seconds / 1e9:.0f} | {ms['kf']} | {ms['kf-avg']} | {ms['uoro']} "
-              f"| {1e3 * tbptt[0]:.2f} ms | {rtrl} | {ok_bytes / 2**20:.1f} MiB |", flush=True)
+        print(f"| {n}, {B}, {r} | {1e3 * floor:.2f} ms | {ms['ok']} | {ok_seconds / floor:.2f} "
+              f"{old}| {floor_flop / ok_seconds / 1e9:.0f} | {ms['kf']} | {ms['kf-avg']} "
+              f"| {ms['uoro']} | {1e3 * tbptt[0]:.2f} ms | {rtrl} | {ok_bytes / 2**20:.1f} MiB |",
+              flush=True)
     cold, warm = compile_seconds()
     print(f"\nNumba: import and first OK steps (float32 and float64) take {cold:.1f} s with a cold "
           f"cache, {warm:.1f} s with a warm one.")

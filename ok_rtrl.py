@@ -1,15 +1,37 @@
 """Optimal Kronecker-Sum Approximation of Real Time Recurrent Learning (OK), in numpy and Numba.
 
 F. Benzing, M. M. Gauy, A. Mujika, A. Martinsson, A. Steger. "Optimal Kronecker-Sum Approximation
-of Real Time Recurrent Learning". ICML 2019, arXiv:1902.03993. Section numbers (SPEC §n) refer to
-the project's SPEC.md, which restates the paper in the notation below.
+of Real Time Recurrent Learning". ICML 2019, arXiv:1902.03993. "§n" below names a section of this
+module; "§3.k" is step k of the OK step listed here. README.md gives the derivations at length.
 
 Real Time Recurrent Learning (RTRL) carries the influence G_t = dh_t/dW forward in time, which
-gives exact online gradients at the price of n*m*2n numbers per stream. OK stores G as a sum of r
-Kronecker products u_k (x) A_k. Each step adds one new product, a_t (x) D_t, and OK replaces the
-resulting r+1 terms by r terms chosen at random so that the estimate stays unbiased and its
-variance is the least possible (the paper's Theorem: Opt below reaches V_min). KF-RTRL and UORO
-are other unbiased reductions with more noise; exact RTRL and (T)BPTT are the references.
+gives exact online gradients at the price of n*m*2n numbers per stream (§2). OK stores G as a sum
+of r Kronecker products u_k (x) A_k. Each step adds one new product, a_t (x) D_t, and OK replaces
+the resulting r+1 terms by r terms chosen at random so that the estimate stays unbiased and its
+variance is the least possible. KF-RTRL and UORO (§5) are other unbiased reductions with more
+noise; exact RTRL and (T)BPTT are the references.
+
+One OK step (§3, the paper's Algorithm 1 with its Opt, §4), per stream:
+  1. Terms: (u_k, H_t A_k) for k <= r and (a_t, D_t); their sum is exactly H_t G_{t-1} + F_t.
+  2. Factor each side, terms^T = Q R with orthonormal Q (m x (r+1) and 2n^2 x (r+1)), by the
+     Gram-and-rotate factorisation (§3a): Gram = terms terms^T = E diag(lambda) E^T in float64,
+     Y = E^T terms (rows orthogonal), s_i = ||Y_i|| measured on Y, Q = Y^T diag(1/s), R = diag(s)
+     E^T. Q R = terms^T for any s since E is orthogonal, so OK is unbiased whatever the rounding;
+     measuring s on Y rather than as sqrt(lambda) keeps directions far below sqrt(eps) of the
+     largest accurate, which makes the variance equal V_min on rank-deficient input too.
+  3. C = R_u R_A^T ((r+1) x (r+1)): sum_k u_k (x) A_k = Q_u C Q_A^T. SVD C = U diag(sigma) V^T.
+  4. Opt (§4) draws X (r+1 x r) with E[X X^T] = diag(sigma) and the least E||X X^T - diag||^2:
+     keep sigma_1..sigma_p exactly (x_i = sqrt(sigma_i) e_i), where p is the smallest index with
+     (r - p) sigma_{p+1} <= S = sum_{i>p} sigma_i; spread the other r+1-p values over q = r - p
+     terms as c (I - v v^T), c = S / q, v_i = +-sqrt(1 - sigma_i / c) with random signs: a unit
+     vector whose squared entries average to 1 - sigma_i / c, so the mean is diag(sigma).
+     The paper's theorem: no unbiased rank-r replacement has less variance than
+     V_min = S^2 / q - sum_{i>p} sigma_i^2, and Opt reaches it. Because the Q's are
+     orthonormal, the same V_min bounds E||G' - G||^2 over all unbiased rank-r Kronecker sums.
+  5. New factors u'_j = Q_u U x_j, A'_j = Q_A V x_j: the same x_j on both sides (the symmetric
+     split) gives ||u'_j|| = ||A'_j|| and reaches V_min; the paper's released code divides one
+     side by sqrt(sigma) and multiplies the other, which stays unbiased but not minimal.
+  6. dL_t/dW = sum_j outer(u'_j, q_t A'_j); W_out gets its exact gradient.
 
 Notation (B streams lead every batched array; sizes n, m, r, B, T, V, O):
 
@@ -23,13 +45,15 @@ Notation (B streams lead every batched array; sizes n, m, r, B, T, V, O):
     q_t            q             (B, n)                     dL_t/dh_t (of the batch-mean loss)
     G_t            G             (B, n, m, 2n)              influence dh_t/dW (exact RTRL)
     u_k, A_k       us, As        (B, r, m), (B, r, n, 2n)   Kronecker factors: G[i,l,j] ~ sum_k u_k[l] A_k[i,j]
-    Q, R           Q_u, R_u ...  (B, m, r+1), (B, r+1, r+1) thin QR of the r+1 terms on each side
+    (§3a)          E, s, Y       (B, r+1, r+1), (B, r+1),   Gram eigenvectors, row norms of Y = E^T terms
+                                 (B, r+1, d)                (Y replaces the terms in place, d = m or 2n^2)
+    Q, R           (implicit)    Q = Y^T diag(1/s)          R = diag(s) E^T; Q is never formed
     C, sigma       C, sigma      (B, r+1, r+1), (B, r+1)    C = R_u R_A^T and its singular values, descending
     V_min          min_variance  scalar                     least variance of any unbiased rank-r reduction
     s, theta       s, theta      (B, n), (B, m, 2n)         UORO's factors: G ~ s (x) theta
 
-Layout: §1 cell, §2 exact RTRL and BPTT, §3-4 OK and Opt, §5 baselines, then the online learner
-interface shared by the runners, whole-sequence gradients, and the optimiser.
+Layout: §1 cell, §2 exact RTRL and BPTT, §3 OK with §3a its factorisation, §4 Opt, §5 baselines,
+then the online learner interface shared by the runners, whole-sequence gradients, and training.
 """
 from typing import NamedTuple
 
@@ -41,7 +65,7 @@ UORO_EPS = 1e-7  # UORO's epsilon in its rescaling factors (Tallec and Ollivier 
 INIT_STD = 0.01  # weight initialisation N(0, 0.01^2), as the paper's code
 
 
-# --- 1. The recurrent highway cell (SPEC §1) ---------------------------------------------------
+# --- 1. The recurrent highway cell ----------------------------------------------------------------
 
 
 class Params(NamedTuple):
@@ -69,7 +93,7 @@ def sizes(params):
 
 @njit(cache=True)
 def _gates(z, h_prev):
-    """Elementwise part of one cell step (SPEC §1): h = f * h_prev + (1 - f) * c.
+    """Elementwise part of one cell step (§1): h = f * h_prev + (1 - f) * c.
 
     z (B, 2n), h_prev (B, n) -> h, f, alpha, beta, each (B, n), where c = 2 sigmoid(z_c) - 1,
     f = sigmoid(z_f), alpha = dh/dz_c = (1 - f) c' and beta = dh/dz_f = (h_prev - c) f'.
@@ -92,7 +116,7 @@ def _gates(z, h_prev):
 
 
 def cell_step(W, x, h_prev):
-    """One step of the cell (SPEC §1): a_t = [onehot(x_t), h_{t-1}, 1], z_t = a_t W, h_t.
+    """One step of the cell (§1): a_t = [onehot(x_t), h_{t-1}, 1], z_t = a_t W, h_t.
 
     W (m, 2n), x (B,) ints, h_prev (B, n) -> h (B, n), a (B, m), f, alpha, beta (B, n).
     """
@@ -108,7 +132,7 @@ def cell_step(W, x, h_prev):
 
 
 def jacobians(W, f, alpha, beta):
-    """H_t = dh_t/dh_{t-1} (B, n, n) and D_t = dh_t/dz_t (B, n, 2n) of SPEC §1.
+    """H_t = dh_t/dh_{t-1} (B, n, n) and D_t = dh_t/dz_t (B, n, 2n) of §1.
 
     H = diag(f) + diag(alpha) W_hc^T + diag(beta) W_hf^T, D = [diag(alpha), diag(beta)].
     """
@@ -125,7 +149,7 @@ def jacobians(W, f, alpha, beta):
 
 
 def readout(W_out, h, y):
-    """Softmax read-out y_t = softmax([h_t, 1] W_out) and its cross-entropy (SPEC §1).
+    """Softmax read-out y_t = softmax([h_t, 1] W_out) and its cross-entropy (§1).
 
     W_out (n + 1, O), h (B, n), y (B,) ints -> losses (B,) in nats, and dlogits (B, O) =
     softmax - onehot(y), the gradient of each stream's own loss with respect to its logits.
@@ -149,7 +173,7 @@ def _output_grads(W_out, h, dlogits):
     return q, dW_out
 
 
-# --- 2. Exact RTRL and BPTT (SPEC §2) ----------------------------------------------------------
+# --- 2. Exact RTRL and BPTT -----------------------------------------------------------------------
 
 
 class RTRLState(NamedTuple):
@@ -157,7 +181,7 @@ class RTRLState(NamedTuple):
 
 
 def _rtrl_update(state, a, H, D):
-    """Exact RTRL: G_t = H_t G_{t-1} + F_t with F_t[i, l, j] = a_t[l] D_t[i, j] (SPEC §2)."""
+    """Exact RTRL: G_t = H_t G_{t-1} + F_t with F_t[i, l, j] = a_t[l] D_t[i, j] (§2)."""
     G = state.G
     B, n, m, two_n = G.shape
     HG = (H @ G.reshape(B, n, m * two_n)).reshape(G.shape)  # (B, n, m, 2n)
@@ -170,7 +194,7 @@ def bptt(params, xs, ys, h0=None, resets=None):
     resets (T, B) bool, optional: stream b starts afresh (h = 0) at step t, so no gradient flows
     into earlier steps. Returns (losses, dW, dW_out, h_T): losses (T,) the batch-mean cross-entropy
     of each step, (dW, dW_out) the gradient of their sum. Called once per window with h0 = the last
-    window's h_T, this is TBPTT-k (SPEC §5; see tbptt_update).
+    window's h_T, this is TBPTT-k (§5; see tbptt_update).
     """
     W, W_out = params
     V, n, O = sizes(params)
@@ -207,7 +231,7 @@ def bptt(params, xs, ys, h0=None, resets=None):
     return step_losses, dW, dW_out, h
 
 
-# --- 3. One step of OK (SPEC §3, the paper's Algorithms 1-3) -----------------------------------
+# --- 3. One step of OK (the paper's Algorithm 1) --------------------------------------------------
 
 
 class KronState(NamedTuple):
@@ -216,43 +240,61 @@ class KronState(NamedTuple):
 
 
 def _ok_update(state, a, H, D, signs):
-    """One OK step for all streams (SPEC §3): add a_t (x) D_t to H_t G_{t-1}, reduce r+1 -> r."""
+    """One OK step for all streams (§3): add a_t (x) D_t to H_t G_{t-1}, reduce r+1 -> r."""
     us, As = state
     B, r = us.shape[:2]
     # 1. The r+1 terms (u_k, H A_k) and (a_t, D_t); their sum is exactly H_t G_{t-1} + F_t.
-    U_terms = np.concatenate([us, a[:, None]], axis=1)  # (B, r+1, m)
-    A_terms = np.empty((B, r + 1) + As.shape[2:], dtype=As.dtype)  # (B, r+1, n, 2n)
+    U_terms, A_terms = _next_slot(us), _next_slot(As)  # (B, r+1, m), (B, r+1, n, 2n)
+    U_terms[:, :r] = us
+    U_terms[:, r] = a
     np.matmul(H[:, None], As, out=A_terms[:, :r])  # the r products H A_k: the floor of the cost
     A_terms[:, r] = D
     return KronState(*_ok_reduce_batch(U_terms, A_terms, signs))
 
 
-def _ok_reduce_batch(us, As, signs):
-    """Steps 2-5 of SPEC §3 for B streams: us (B, r+1, m), As (B, r+1, n, k) -> r terms each.
+def _next_slot(factors):
+    """Where the next step's r+1 terms go: the other half of the state's two-slot buffer.
 
-    us and As are overwritten (by the rotated terms Y of SPEC §3a): pass arrays you own.
+    init_learner puts OK's factors (B, r, ...) in slot 0 of a (2, B, r+1, ...) buffer, and each
+    step computes its terms, and then its new factors, in place in the other slot. Fresh arrays
+    of tens of MB every step would cost a page fault per 4 kB on first write: at the paper's
+    sizes that took as long as the H A products themselves. The state from two steps back is
+    overwritten, which is why learner_step consumes the state it is given.
+    """
+    B, r = factors.shape[:2]
+    slots = factors.base  # the buffer a view of init_learner's or of this function lives in
+    shape = (2, B, r + 1) + factors.shape[2:]
+    if slots is None or slots.shape != shape or slots.dtype != factors.dtype:
+        return np.empty(shape, factors.dtype)[0]  # a state made elsewhere: start a new buffer
+    return slots[1] if np.may_share_memory(factors, slots[0]) else slots[0]
+
+
+def _ok_reduce_batch(us, As, signs):
+    """Steps 2-5 of §3 for B streams: us (B, r+1, m), As (B, r+1, n, k) -> r terms each.
+
+    In place: the new factors are us[:, :r] and As[:, :r], views that are returned.
     """
     B, r_plus_1, m = us.shape
     r = r_plus_1 - 1
     A_rows = As.reshape(B, r_plus_1, -1)  # (B, r+1, n*k): each term flattened to a row, a view
-    # 2. Factor each side through its Gram matrix (SPEC §3a): terms^T = Q R with Q = Y^T diag(1/s),
+    # 2. Factor each side through its Gram matrix (§3a): terms^T = Q R with Q = Y^T diag(1/s),
     # R = diag(s) E^T, where Y = E^T terms replaces the terms in place and s are its row norms.
     E_u, s_u = _gram_rotate(us)  # (B, r+1, r+1), (B, r+1), float64
     E_A, s_A = _gram_rotate(A_rows)
     # 3. sum_k u_k (x) A_k = Q_u C Q_A^T with the small core C = R_u R_A^T; C = U diag(sigma) V^T.
     C = (s_u[:, :, None] * E_u.transpose(0, 2, 1)) @ (E_A * s_A[:, None, :])  # (B, r+1, r+1)
     U, sigma, Vt = np.linalg.svd(C)  # sigma (B, r+1), descending
-    # 4. Opt: X X^T replaces diag(sigma), unbiased, rank r, with the least variance (SPEC §4).
+    # 4. Opt: X X^T replaces diag(sigma), unbiased, rank r, with the least variance (§3.4).
     X = _opt_factors(sigma, signs.astype(sigma.dtype))  # (B, r+1, r)
     # 5. Map back: u'_j = Q_u U x_j, A'_j = Q_A V x_j. Since x_j serves both sides, ||u'_j|| =
-    # ||A'_j|| = ||x_j|| already (Q orthonormal): the optional rescale of SPEC §3.5 is built in.
-    us_new = _map_back(us, s_u, U, X)  # (B, r, m)
-    As_new = _map_back(A_rows, s_A, Vt.transpose(0, 2, 1), X)  # (B, r, n*k)
-    return us_new, As_new.reshape((B, r) + As.shape[2:])
+    # ||A'_j|| = ||x_j|| already (Q orthonormal): the optional rescale of §3.5 is built in.
+    _map_back(us, s_u, U, X)  # us[:, :r] <- u'_j
+    _map_back(A_rows, s_A, Vt.transpose(0, 2, 1), X)  # As[:, :r] <- A'_j, through its flat view
+    return us[:, :r], As[:, :r]
 
 
 def _gram_rotate(terms):
-    """Steps 1-4 of SPEC §3a, the Gram-and-rotate factorisation terms[b]^T = Q R, in place.
+    """Steps 1-4 of §3a, the Gram-and-rotate factorisation terms[b]^T = Q R, in place.
 
     terms (B, k, d), float32 or float64, is overwritten by Y = E^T terms. Returns E (B, k, k) and
     s (B, k), float64, where terms terms^T = E diag(lambda) E^T and s are the row norms of Y. Then
@@ -263,25 +305,30 @@ def _gram_rotate(terms):
     """
     B, k, d = terms.shape
     gram = _gram(terms)  # 1. (B, k, k), accumulated in float64
+    if not np.isfinite(gram).all():  # overflow in H A (a diverging run) or NaN in the terms
+        raise FloatingPointError("the OK state is not finite (NaN or inf): the run diverged; "
+                                 "lower the learning rate or train in float64")
     _, E = np.linalg.eigh(gram)  # 2. lambda (ascending) is not used: see step 4
-    s = np.sqrt(_rotate(terms, E))  # 3-4. terms <- Y, and ||Y_i||
-    if d < k:  # a side shorter than its number of terms (SPEC §3.2): k - d directions of E span
+    s = np.sqrt(_transform_rows(terms, E))  # 3-4. terms <- Y, and ||Y_i||
+    if d < k:  # a side shorter than its number of terms (§3.2): k - d directions of E span
         terms[:, :k - d] = 0.0  # the Gram's null space, their rows of Y are rounding errors
         s[:, :k - d] = 0.0  # only, so they are exact zeros: Q gets zero columns there
     return E, s
 
 
 def _map_back(Y, s, W, X):
-    """New factors (Q W X)^T of SPEC §3.5 with Q = Y^T diag(1/s) (SPEC §3a).
+    """New factors (Q W X)^T of §3.5 with Q = Y^T diag(1/s) (§3a), into Y[:, :r].
 
     Y (B, k, d) from _gram_rotate, s (B, k), W (B, k, k) the singular vectors of this side, X
-    (B, k, r) from Opt -> (B, r, d) in Y's dtype: the (k, r) coefficients diag(1/s) W X are formed
-    in float64 and applied to Y in one product. Q is used through Y and never formed.
+    (B, k, r) from Opt. The (k, r) coefficients diag(1/s) W X are formed in float64 and applied
+    to Y by the same kernel as the rotation; Q is used through Y and never formed.
     """
     tiny = np.finfo(np.float64).tiny  # s below it is an exact zero row of Y (or underflow)
     inv_s = np.divide(1.0, s, out=np.zeros_like(s), where=s > tiny)  # zero row -> zero column of Q
-    coefficients = inv_s[:, :, None] * (W @ X)  # (B, k, r)
-    return coefficients.transpose(0, 2, 1).astype(Y.dtype) @ Y  # (B, r, d)
+    _transform_rows(Y, inv_s[:, :, None] * (W @ X))
+
+
+# --- 3a. The Gram-and-rotate factorisation: Numba kernels -----------------------------------------
 
 
 # Numba kernels for the Gram-and-rotate factorisation. The terms are long (d = 2 n^2 on the A side)
@@ -298,7 +345,7 @@ _FASTMATH = {"reassoc", "contract"}
 
 @njit(cache=True, parallel=True, fastmath=_FASTMATH)
 def _gram(terms):
-    """SPEC §3a step 1: gram[b] = terms[b] terms[b]^T, accumulated in float64.
+    """§3a step 1: gram[b] = terms[b] terms[b]^T, accumulated in float64.
 
     terms (B, k, d) -> (B, k, k). Blocks of 4 x 4 dot products share their loads (_dot_4x4).
     """
@@ -321,28 +368,32 @@ def _gram(terms):
 
 
 @njit(cache=True, parallel=True, fastmath=_FASTMATH)
-def _rotate(terms, E):
-    """SPEC §3a steps 3-4: terms[b] <- Y = E[b]^T terms[b], in place; returns ||Y_i||^2 (B, k).
+def _transform_rows(terms, M):
+    """terms[b, :p] <- M[b]^T terms[b], in place; returns the new rows' squared norms (B, p).
 
-    Y is built one column block at a time (the block's terms are copied first), 4 of its rows
-    from 4 terms per sweep, in float64; the squared norms are summed from Y as stored.
+    terms (B, k, d), M (B, k, p) float64 with p <= k. §3a steps 3-4 with M = E (p = k): the
+    rotation Y = E^T terms and ||Y_i||^2; §3.5 with M the map-back coefficients (p = r).
+    Each column block of the terms is copied before it is overwritten, and its new rows are
+    built 4 at a time from 4 terms per sweep, in float64; the squares are summed from the rows
+    as stored.
     """
     B, k, d = terms.shape
-    k4 = (k + 3) // 4 * 4
-    sq_norms = np.empty((B, k))
+    p = M.shape[2]
+    k4, p4 = (k + 3) // 4 * 4, (p + 3) // 4 * 4
+    sq_norms = np.empty((B, p))
     for b in prange(B):
-        E4 = np.zeros((k4, k4))  # zero padding: padded rows and columns of Y stay zero
-        E4[:k, :k] = E[b]
-        acc = np.zeros(k4)
-        rows = np.zeros((k4, _BLOCK))
-        y = np.empty((4, _BLOCK))
+        M4 = np.zeros((k4, p4), terms.dtype)  # zero padding: padded terms contribute nothing
+        M4[:k, :p] = M[b]
+        acc = np.zeros(p4)
+        rows = np.zeros((k4, _BLOCK), terms.dtype)
+        y = np.empty((4, _BLOCK), terms.dtype)
         for c0 in range(0, d, _BLOCK):
             width = _load_block(terms[b], c0, rows)
-            for i in range(0, k4, 4):
+            for i in range(0, p4, 4):
                 y[:, :width] = 0.0
                 for l in range(0, k4, 4):
-                    _rotate_4x4(rows, E4, l, i, width, y)
-                for t in range(min(4, k - i)):
+                    _combine_4x4(rows, M4, l, i, width, y)
+                for t in range(min(4, p - i)):
                     dst = terms[b, i + t, c0:c0 + width]
                     total = 0.0
                     for c in range(width):
@@ -350,7 +401,7 @@ def _rotate(terms, E):
                         stored = np.float64(dst[c])  # ... and its square summed in float64
                         total += stored * stored
                     acc[i + t] += total
-        sq_norms[b] = acc[:k]
+        sq_norms[b] = acc[:p]
     return sq_norms
 
 
@@ -385,31 +436,34 @@ def _dot_4x4(rows, i, j, width, acc):
         a20 += p2 * q0; a21 += p2 * q1; a22 += p2 * q2; a23 += p2 * q3  # noqa: E702
         a30 += p3 * q0; a31 += p3 * q1; a32 += p3 * q2; a33 += p3 * q3  # noqa: E702
     acc[i, j] += a00; acc[i, j + 1] += a01; acc[i, j + 2] += a02; acc[i, j + 3] += a03  # noqa: E702
-    acc[i + 1, j] += a10; acc[i + 1, j + 1] += a11; acc[i + 1, j + 2] += a12; acc[i + 1, j + 3] += a13  # noqa: E501,E702
-    acc[i + 2, j] += a20; acc[i + 2, j + 1] += a21; acc[i + 2, j + 2] += a22; acc[i + 2, j + 3] += a23  # noqa: E501,E702
-    acc[i + 3, j] += a30; acc[i + 3, j + 1] += a31; acc[i + 3, j + 2] += a32; acc[i + 3, j + 3] += a33  # noqa: E501,E702
+    acc[i + 1, j] += a10; acc[i + 1, j + 1] += a11  # noqa: E702
+    acc[i + 1, j + 2] += a12; acc[i + 1, j + 3] += a13  # noqa: E702
+    acc[i + 2, j] += a20; acc[i + 2, j + 1] += a21  # noqa: E702
+    acc[i + 2, j + 2] += a22; acc[i + 2, j + 3] += a23  # noqa: E702
+    acc[i + 3, j] += a30; acc[i + 3, j + 1] += a31  # noqa: E702
+    acc[i + 3, j + 2] += a32; acc[i + 3, j + 3] += a33  # noqa: E702
 
 
 @njit(cache=True, fastmath=_FASTMATH)
-def _rotate_4x4(rows, E, l, i, width, y):
-    """y[t, :width] += sum_{s<4} E[l+s, i+t] rows[l+s, :width] for t < 4: 4 rows of Y = E^T terms
-    from 4 terms. Written out so that each loaded value of the terms serves 4 rows of Y."""
+def _combine_4x4(rows, M, l, i, width, y):
+    """y[t, :width] += sum_{s<4} M[l+s, i+t] rows[l+s, :width] for t < 4: 4 rows of M^T terms
+    from 4 terms. Written out so that each loaded value of the terms serves 4 rows of y."""
     x0, x1, x2, x3 = rows[l], rows[l + 1], rows[l + 2], rows[l + 3]
     y0, y1, y2, y3 = y[0], y[1], y[2], y[3]
-    e00, e01, e02, e03 = E[l, i], E[l, i + 1], E[l, i + 2], E[l, i + 3]
-    e10, e11, e12, e13 = E[l + 1, i], E[l + 1, i + 1], E[l + 1, i + 2], E[l + 1, i + 3]
-    e20, e21, e22, e23 = E[l + 2, i], E[l + 2, i + 1], E[l + 2, i + 2], E[l + 2, i + 3]
-    e30, e31, e32, e33 = E[l + 3, i], E[l + 3, i + 1], E[l + 3, i + 2], E[l + 3, i + 3]
+    m00, m01, m02, m03 = M[l, i], M[l, i + 1], M[l, i + 2], M[l, i + 3]
+    m10, m11, m12, m13 = M[l + 1, i], M[l + 1, i + 1], M[l + 1, i + 2], M[l + 1, i + 3]
+    m20, m21, m22, m23 = M[l + 2, i], M[l + 2, i + 1], M[l + 2, i + 2], M[l + 2, i + 3]
+    m30, m31, m32, m33 = M[l + 3, i], M[l + 3, i + 1], M[l + 3, i + 2], M[l + 3, i + 3]
     for c in range(width):
         p0, p1, p2, p3 = x0[c], x1[c], x2[c], x3[c]
-        y0[c] += e00 * p0 + e10 * p1 + e20 * p2 + e30 * p3
-        y1[c] += e01 * p0 + e11 * p1 + e21 * p2 + e31 * p3
-        y2[c] += e02 * p0 + e12 * p1 + e22 * p2 + e32 * p3
-        y3[c] += e03 * p0 + e13 * p1 + e23 * p2 + e33 * p3
+        y0[c] += m00 * p0 + m10 * p1 + m20 * p2 + m30 * p3
+        y1[c] += m01 * p0 + m11 * p1 + m21 * p2 + m31 * p3
+        y2[c] += m02 * p0 + m12 * p1 + m22 * p2 + m32 * p3
+        y3[c] += m03 * p0 + m13 * p1 + m23 * p2 + m33 * p3
 
 
 def ok_reduce(us, As, signs):
-    """One OK reduction of one stream (SPEC §3 steps 2-5): r+1 Kronecker terms -> r terms.
+    """One OK reduction of one stream (§3, steps 2-5): r+1 Kronecker terms -> r terms.
 
     us (r+1, m), As (r+1, n, k), signs (r+1,) of +-1 -> us_new (r, m), As_new (r, n, k) with
     E[sum_j us_new[j] (x) As_new[j]] = sum_k us[k] (x) As[k] and variance min_variance(sigma, r).
@@ -428,14 +482,14 @@ def ok_reduce(us, As, signs):
     return us_new[0], As_new[0]
 
 
-# --- 4. Opt: the optimal unbiased rank-r replacement of diag(sigma) (SPEC §4) ------------------
+# --- 4. Opt: the optimal unbiased rank-r replacement of diag(sigma) (step 4 of §3) ----------------
 
 
 @njit(cache=True)
 def _opt_split(sigma, r):
     """p, the number of singular values Opt keeps exactly, and S, the sum of the others.
 
-    p is the smallest index in 0..r-1 with (r - p) sigma[p] <= sum(sigma[p:]) (SPEC §4, 0-based);
+    p is the smallest index in 0..r-1 with (r - p) sigma[p] <= sum(sigma[p:]) (§3.4, 0-based);
     p = r - 1 always qualifies, so the search stops there even if rounding says otherwise.
     """
     for p in range(r - 1):
@@ -447,7 +501,7 @@ def _opt_split(sigma, r):
 
 @njit(cache=True)
 def _opt_factors(sigma, signs):
-    """Opt (SPEC §4): X with E[X X^T] = diag(sigma) and the least variance, V_min.
+    """Opt (§3.4): X with E[X X^T] = diag(sigma) and the least variance, V_min.
 
     sigma (B, r+1) descending, signs (B, r+1) of +-1 -> X (B, r+1, r). Column j of X is x_j = y_j.
     Kept: x_i = sqrt(sigma_i) e_i for i < p. Mixed: with c = S / q, q = r - p, and the unit
@@ -487,7 +541,7 @@ def _opt_factors(sigma, signs):
 
 
 def min_variance(sigma, r):
-    """V_min(sigma, r) = S^2 / (r - p) - sum_{i >= p} sigma_i^2 (SPEC §4, the paper's Theorem).
+    """V_min(sigma, r) = S^2 / (r - p) - sum_{i >= p} sigma_i^2 (§3.4, the paper's optimality theorem).
 
     The least E||C' - diag(sigma)||_F^2 over random rank-<=r matrices C' with mean diag(sigma);
     sigma (r+1,) non-negative and descending. For r = 1 it is 2 sigma_1 sigma_2.
@@ -502,11 +556,11 @@ def min_variance(sigma, r):
     return float(S * S / (r - p) - (sigma[p:] ** 2).sum())
 
 
-# --- 5. The baselines: KF-RTRL, r-KF-RTRL-AVG, UORO (SPEC §5); TBPTT is bptt() per window ------
+# --- 5. The baselines: KF-RTRL, r-KF-RTRL-AVG, UORO; TBPTT is bptt() per window -------------------
 
 
 def _kf_update(state, a, H, D, signs):
-    """KF-RTRL for r independent rank-1 estimates (SPEC §5): u' = c0 rho0 u + c1 rho1 a_t,
+    """KF-RTRL for r independent rank-1 estimates (§5): u' = c0 rho0 u + c1 rho1 a_t,
     A' = c0 H A / rho0 + c1 D_t / rho1. signs (B, r, 2) = (c0, c1). kf: r = 1; kf-avg averages r.
     """
     HA = H[:, None] @ state.As  # (B, r, n, 2n)
@@ -547,7 +601,7 @@ class UOROState(NamedTuple):
 
 
 def _uoro_update(state, a, H, D, nu):
-    """UORO (SPEC §5): s' = rho0 H s + rho1 nu, theta' = theta / rho0 + (nu^T F_t) / rho1.
+    """UORO (§5): s' = rho0 H s + rho1 nu, theta' = theta / rho0 + (nu^T F_t) / rho1.
 
     nu (B, n) of +-1; nu^T F_t = outer(a_t, D_t^T nu) costs O(n m), never forming F_t.
     """
@@ -590,6 +644,9 @@ def init_learner(method, params, B, rank=1):
     if method == "uoro":
         return UOROState(np.zeros((B, n), dtype), np.zeros((B, m, 2 * n), dtype))
     r = 1 if method == "kf" else rank
+    if method == "ok":  # factors in slot 0 of a two-slot buffer with room for r+1 terms (_next_slot)
+        return KronState(np.zeros((2, B, r + 1, m), dtype)[0, :, :r],
+                         np.zeros((2, B, r + 1, n, 2 * n), dtype)[0, :, :r])
     return KronState(np.zeros((B, r, m), dtype), np.zeros((B, r, n, 2 * n), dtype))
 
 
@@ -612,12 +669,16 @@ _UPDATES = {"ok": _ok_update, "kf": _kf_update, "kf-avg": _kf_update, "uoro": _u
 
 
 def learner_step(params, state, h, x, y, method, signs=None, reset=None):
-    """One online step: cell, learner update, gradient estimate of this step's loss (SPEC §2-5).
+    """One online step: cell, learner update, gradient estimate of this step's loss (§2-5).
 
     h (B, n), x, y (B,) ints, signs as draw_signs gives, reset (B,) bool or None: those streams
     start a new sequence, so their h and learner state are zeroed first. Returns (losses (B,),
     dW, dW_out, h, state); dW, dW_out estimate the gradient of the batch-mean loss of this step,
-    dW_out exactly, dW as sum_k outer(u_k, q A_k) (SPEC §3.6) or its analogue.
+    dW_out exactly, dW as sum_k outer(u_k, q A_k) (§3.6) or its analogue.
+
+    The state is consumed: its arrays may be reused for later states (OK computes each step in
+    the memory of the state two steps back, see _next_slot). To keep a state, copy it first:
+    type(state)(*map(np.copy, state)).
     """
     W, W_out = params
     V, n, O = sizes(params)
@@ -627,10 +688,10 @@ def learner_step(params, state, h, x, y, method, signs=None, reset=None):
     _check_finite_params(params)  # then H_t and a_t, the update's inputs, are finite too
     _check_finite("h", h)
     if reset is not None and np.any(reset):
-        keep = ~np.asarray(reset, dtype=bool)
-        h = h * keep[:, None]
-        state = type(state)(*(field * keep.reshape((B,) + (1,) * (field.ndim - 1))
-                              for field in state))
+        reset = np.asarray(reset, dtype=bool)
+        h = np.where(reset[:, None], 0.0, h).astype(h.dtype)
+        for field in state:  # in place: the state is consumed (see the docstring)
+            field[reset] = 0.0
     if not isinstance(state, _STATE_TYPES[method]):
         raise ValueError(f"method {method!r} needs a {_STATE_TYPES[method].__name__} from "
                          f"init_learner, got a {type(state).__name__}")
@@ -648,14 +709,14 @@ def learner_step(params, state, h, x, y, method, signs=None, reset=None):
 
 
 def _influence_grad(method, state, q):
-    """dL/dW = sum_i q[i] G[i] summed over streams, from the learner's (approximate) G (SPEC §2)."""
+    """dL/dW = sum_i q[i] G[i] summed over streams, from the learner's (approximate) G (§2)."""
     if method == "rtrl":
         return np.einsum("bi,bilj->lj", q, state.G)
     if method == "uoro":  # G ~ s (x) theta: q G = (q . s) theta
         return np.einsum("b,blj->lj", (q * state.s).sum(axis=1), state.theta)
     us, As = state
     B, r, m = us.shape
-    qA = np.einsum("bi,bkij->bkj", q, As)  # (B, r, 2n)
+    qA = (q[:, None, None, :] @ As)[:, :, 0]  # (B, r, 2n): q A_k, one BLAS product per term
     dW = us.reshape(B * r, m).T @ qA.reshape(B * r, -1)  # sum_b sum_k outer(u_k, q A_k): (m, 2n)
     return dW / r if method == "kf-avg" else dW  # kf-avg: the mean of r estimates
 
@@ -761,7 +822,7 @@ def _agreement(g, g_exact):
     return cosine, error / norm_exact**2
 
 
-# --- Training: W-gradient clipping, Adam, and one update of each kind (SPEC §5-7) --------------
+# --- Training: W-gradient clipping, Adam, and one update of each kind -----------------------------
 
 
 class AdamState(NamedTuple):
@@ -800,7 +861,7 @@ def apply_gradients(params, adam, dW, dW_out, lr, max_norm, beta1=0.9, beta2=0.9
 
 
 def online_update(params, adam, state, h, x, y, method, signs, lr, max_norm, reset=None):
-    """One fully online training step (SPEC §6-7): learner_step, then apply_gradients.
+    """One fully online training step, as in the paper's experiments: learner_step, then Adam.
 
     Returns (losses (B,), params, adam, h, state). The runners clip at max_norm = B.
     """
@@ -810,7 +871,7 @@ def online_update(params, adam, state, h, x, y, method, signs, lr, max_norm, res
 
 
 def tbptt_update(params, adam, h, xs, ys, resets, lr, max_norm):
-    """One TBPTT-K update (SPEC §5): BPTT over a window xs, ys (K, B) from the carried h.
+    """One TBPTT-K update (§5): BPTT over a window xs, ys (K, B) from the carried h.
 
     The window's gradient is divided by K, so that one update sees the mean over time and batch,
     the scale of one online step: the clipping threshold then means the same for every method

@@ -27,6 +27,12 @@ import tempfile
 import time
 import zipfile
 
+# OK's Numba kernels use every core between the BLAS products. OpenBLAS's idle threads spin for
+# about 0.1 s (2^28 cycles) after each product before they sleep, on the same cores: measured on
+# 2 cores, that made the OK step up to 2x slower. 2^12 cycles lets them sleep at once. It must be
+# set before numpy is imported, and a value set by the user wins.
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "12")
+
 import numpy as np
 
 import ok_rtrl as ok

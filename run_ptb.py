@@ -30,6 +30,8 @@ import tempfile
 import time
 import urllib.request
 
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "12")  # before numpy: see run_copy.py
+
 import numpy as np
 
 import ok_rtrl as ok
