@@ -759,6 +759,32 @@ def test_learner_step_reset_starts_a_fresh_sequence(method):
         assert_close(sum(o[2] for o in both), ex.dW_out, 1e-9, what="summed dW_out")
 
 
+def test_ok_state_from_anywhere_gives_the_same_steps():
+    """OK computes each step in the other slot of the state's two-slot buffer (_next_slot). A
+    state built from plain arrays, one from init_learner, and a copy taken after every step give
+    the same losses and gradients, and the state returned by a step leaves its input intact."""
+    p, xs, ys, _ = make_problem(n=3, V=2, O=2, T=6, B=2, scale=0.5, seed=5)
+    B, (m, two_n), r = 2, p.W.shape, 2
+    signs = 2 * np.random.default_rng(6).integers(0, 2, (6, B, r + 1)) - 1
+    plain = ok.KronState(np.zeros((B, r, m)), np.zeros((B, r, two_n // 2, two_n)))
+    runs = []
+    for kind in ("init_learner", "plain", "copied"):
+        state, h, out = (plain if kind == "plain" else ok.init_learner("ok", p, B, r)), \
+            np.zeros((B, two_n // 2)), []
+        for t in range(6):
+            before = ok.KronState(*map(np.copy, state))
+            losses, dW, dW_out, h, new = ok.learner_step(p, state, h, xs[t], ys[t], "ok", signs[t])
+            for got, want in zip(state, before):
+                np.testing.assert_array_equal(got, want)  # the input state is not overwritten
+            state = ok.KronState(*map(np.copy, new)) if kind == "copied" else new
+            out.append((losses, dW, dW_out, h))
+        runs.append(out)
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            for x, y in zip(a, b):
+                np.testing.assert_array_equal(x, y)  # the same float64 operations: bit for bit
+
+
 def test_draw_signs_shapes_and_values():
     """draw_signs gives +-1 arrays of the shapes sequence_grad's signs= takes (API.md)."""
     rng = np.random.default_rng(0)
