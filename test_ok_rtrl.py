@@ -1,10 +1,13 @@
-"""Property tests of ok_rtrl: each test states a claim of SPEC.md / the paper and proves it against
-an independent oracle written here from SPEC's formulas, never with the module's own code.
+"""Property tests of ok_rtrl: each test states a claim of the paper or of ok_rtrl.py and proves it
+against an independent oracle written here from the formulas, never with the module's own code.
 
 Benzing, Gauy, Mujika, Martinsson, Steger, "Optimal Kronecker-Sum Approximation of Real Time
 Recurrent Learning", ICML 2019 (arXiv 1902.03993). Oracles: a slow dense RTRL twin with explicit
-H, D, F = a (x) D and G (SPEC §1-2), central finite differences, Kronecker sums expanded to dense
+H, D, F = a (x) D and G (§1-2), central finite differences, Kronecker sums expanded to dense
 tensors with one einsum, exact enumeration of every sign pattern, and a brute-force Opt variance.
+"§n" names a section of ok_rtrl.py (§1 cell, §2 exact RTRL and BPTT, §3 one OK step, the paper's
+Algorithm 1, with §3a its Gram-and-rotate factorisation, §4 Opt, §5 baselines); "§3.k" is step k
+of the OK step listed in ok_rtrl.py's docstring. README.md derives what the tests rely on.
 Profiles "ci" (default) and "thorough" live in conftest.py: pytest --hypothesis-profile thorough.
 """
 import itertools
@@ -25,7 +28,7 @@ def fewer(factor):
     return settings(max_examples=max(5, settings.default.max_examples // factor))
 
 
-# --- Oracles: helpers and slow twins written from SPEC's formulas -------------------------------
+# --- Oracles: helpers and slow twins written from the paper's formulas --------------------------
 
 
 def assert_close(got, want, rtol, scale=None, what="value"):
@@ -52,7 +55,7 @@ class Exact(NamedTuple):
 
 
 def slow_rtrl(params, xs, ys, h0=None, resets=None):
-    """Dense RTRL twin (SPEC §1-2), one stream at a time, float64, explicit G (n, m, 2n).
+    """Dense RTRL twin (§1-2), one stream at a time, float64, explicit G (n, m, 2n).
 
     resets (T, B): that stream's h and G are zero before step t (a new sequence).
     """
@@ -125,7 +128,8 @@ def slow_min_variance(sigma, r):
 
     Keep any subset K (|K| = p <= r-1), spread the other k = r+1-p values over q = r - p terms at
     level c = S/q (feasible iff every mixed sigma <= c): variance q c^2 - sum_mixed sigma^2.
-    SPEC §4 claims the best of these is the prefix K = {1..p} with the smallest feasible p.
+    By the paper's optimality theorem (§4) the best of these is the prefix K = {1..p} with the
+    smallest feasible p.
     """
     best = np.inf
     for p in range(r):
@@ -138,7 +142,7 @@ def slow_min_variance(sigma, r):
 
 
 def slow_opt(sigma, r, signs, asymmetric=False):
-    """Opt of SPEC §4 as a dense (r+1, r+1) matrix C' = sum_j x_j y_j^T for one sign pattern.
+    """Opt (§4) as a dense (r+1, r+1) matrix C' = sum_j x_j y_j^T for one sign pattern.
 
     asymmetric: y-side multiplied by sqrt(sigma), x-side divided (the paper's released scaling,
     D^{-1} M D): still unbiased, since the diagonal is unchanged, but with more variance.
@@ -157,7 +161,7 @@ def slow_opt(sigma, r, signs, asymmetric=False):
 
 
 def slow_kf_mix(u0, A0, u1, A1, signs):
-    """KF-RTRL's mix of two terms into one (SPEC §5): rho_i = sqrt(||A_i|| / ||u_i||), or 1."""
+    """KF-RTRL's mix of two terms into one (§5): rho_i = sqrt(||A_i|| / ||u_i||), or 1."""
     def rho(u, A):
         nu, nA = np.linalg.norm(u), np.linalg.norm(A)
         return np.sqrt(nA / nu) if nu > 0 and nA > 0 else 1.0
@@ -171,7 +175,7 @@ def naive_reduce(us, As, signs):
     return np.vstack([us[:-2], u]), np.concatenate([As[:-2], A[None]])
 
 
-# --- Strategies: tiny problems from sizes, a seed and a scale (STYLE.md §5) -------------------
+# --- Strategies: tiny problems from sizes, a seed and a scale ----------------------------------
 
 
 class Problem(NamedTuple):
@@ -207,7 +211,7 @@ SATURATED = make_problem(4, 3, 3, 5, 2, 30.0, 2)  # |z| ~ 70: sigmoid' ~ e^-70, 
 def kron_terms(draw, r=None, kinds=("random", "first step", "repeated", "cancelling", "parallel",
                                      "sigma")):
     """r+1 Kronecker terms us (r+1, m), As (r+1, n, k) of a given structure (r <= 4, m <= 6,
-    n <= 3, k <= 6): sides shorter than r+1 come up and exercise SPEC §3.2's zero padding."""
+    n <= 3, k <= 6): sides shorter than r+1 come up and exercise §3a's zero columns of Q."""
     r = draw(st.integers(1, 4)) if r is None else r
     m, n, k = draw(st.integers(1, 6)), draw(st.integers(1, 3)), draw(st.integers(1, 6))
     scale, kind = draw(st.sampled_from([1e-3, 1.0, 1e3])), draw(st.sampled_from(kinds))
@@ -237,14 +241,14 @@ ZERO_TERMS = (1, np.zeros((2, 3)), np.zeros((2, 2, 4)))  # all-zero influence
 SAME_TERMS = (2, np.ones((3, 2)), np.ones((3, 1, 2)))  # identical terms: sigma = (6, 0, 0)
 
 
-# --- 1. Exact gradients: RTRL = BPTT = dense twin = finite differences (SPEC §1-2) --------------
+# --- 1. Exact gradients: RTRL = BPTT = dense twin = finite differences (§1-2) -------------------
 
 
 @given(problems())
 @example(ZERO_PARAMS)
 @example(SATURATED)
 def test_rtrl_equals_bptt(problem):
-    """RTRL's forward-mode and BPTT's reverse-mode gradients of the same loss agree (SPEC §2)."""
+    """RTRL's forward-mode and BPTT's reverse-mode gradients of the same loss agree (§2)."""
     p, xs, ys, _ = problem
     loss_r, dW_r, dWo_r = ok.sequence_grad(p, xs, ys, "rtrl")
     loss_b, dW_b, dWo_b = ok.sequence_grad(p, xs, ys, "bptt")
@@ -259,7 +263,7 @@ def test_rtrl_equals_bptt(problem):
 @example(ZERO_PARAMS)
 @example(SATURATED)
 def test_rtrl_and_bptt_match_the_dense_twin(problem):
-    """sequence_grad "rtrl" and "bptt" equal the dense RTRL written here from SPEC §1-2."""
+    """sequence_grad "rtrl" and "bptt" equal the dense RTRL written here from §1-2."""
     p, xs, ys, _ = problem
     ex = slow_rtrl(p, xs, ys)
     for method in ("rtrl", "bptt"):
@@ -298,7 +302,7 @@ def test_rtrl_matches_finite_differences(problem, seed):
 @given(problems(), st.integers(0, 2**32 - 1))
 def test_bptt_with_h0_and_resets_matches_the_dense_twin(problem, seed):
     """bptt() from a given h0, with resets (h = 0, no gradient across), equals the dense twin;
-    evaluate() from h0 gives the twin's per-step losses (SPEC §2, §5 TBPTT windows)."""
+    evaluate() from h0 gives the twin's per-step losses (§2; TBPTT windows, §5)."""
     p, xs, ys, _ = problem
     rng = np.random.default_rng(seed)
     (T, B), n = xs.shape, p.W.shape[1] // 2
@@ -315,7 +319,7 @@ def test_bptt_with_h0_and_resets_matches_the_dense_twin(problem, seed):
     assert_close(h_T, ex.h_T, 1e-9, what="h_T")
 
 
-# --- 2-3. One OK reduction: unbiased, rank r, variance V_min, least of all (SPEC §3-4) --------
+# --- 2-3. One OK reduction: unbiased, rank r, variance V_min, least of all (§3-4) --------------
 
 
 @given(kron_terms())
@@ -323,7 +327,8 @@ def test_bptt_with_h0_and_resets_matches_the_dense_twin(problem, seed):
 @example(SAME_TERMS)
 def test_ok_reduce_is_unbiased(terms):
     """Mean over all 2^(r+1) sign patterns of the OK reduction is the (r+1)-term sum, and every
-    output has r terms of the input's shapes, so Kronecker rank <= r (SPEC §3, paper Alg. 1-3)."""
+    output has r terms of the input's shapes, so Kronecker rank <= r (§3, the paper's Algorithms
+    1-3)."""
     r, us, As = terms
     (_, m), (_, n, k) = us.shape, As.shape
     for signs in sign_patterns(r + 1):
@@ -339,7 +344,7 @@ def test_ok_reduce_is_unbiased(terms):
 @example(SAME_TERMS)
 def test_ok_reduce_variance_equals_min_variance(terms):
     """E||G' - G||_F^2 over all sign patterns equals V_min(sigma, r) of the paper's Theorem, sigma
-    the singular values of the dense sum (np.linalg.svd); min_variance agrees (SPEC §4)."""
+    the singular values of the dense sum (np.linalg.svd); min_variance agrees (§4)."""
     r, us, As = terms
     sigma = kron_sigma(us, As)
     _, _, variance = enumerate_reduction(ok.ok_reduce, us, As, r + 1)
@@ -351,8 +356,8 @@ def test_ok_reduce_variance_equals_min_variance(terms):
 
 @given(kron_terms(kinds=("random",)))
 def test_ok_reduce_ignores_the_signs_of_kept_coordinates(terms):
-    """Opt keeps sigma_1..sigma_p exactly, so signs[:p] are unused (API.md); p from SPEC §4's rule
-    on the np.linalg.svd sigma (generic terms: no ties at the rule's boundary)."""
+    """Opt keeps sigma_1..sigma_p exactly, so signs[:p] are unused (ok_reduce's docstring); p from
+    Opt's rule (§4) on the np.linalg.svd sigma (generic terms: no ties at the rule's boundary)."""
     r, us, As = terms
     sigma = kron_sigma(us, As)
     p = next(p for p in range(r) if (r - p) * sigma[p] <= sigma[p:].sum())
@@ -367,7 +372,7 @@ def test_ok_reduce_ignores_the_signs_of_kept_coordinates(terms):
 @example(SAME_TERMS)
 def test_ok_reduce_beats_other_unbiased_reductions(terms):
     """OK's variance is <= that of two other unbiased rank-r reductions: keep r-1 terms and KF-mix
-    the last two, and Opt with the asymmetric scaling of the paper's released code (SPEC §4)."""
+    the last two, and Opt with the asymmetric scaling of the paper's released code (§4)."""
     r, us, As = terms
     G, sigma = expand(us, As), kron_sigma(us, As)
     _, _, var_ok = enumerate_reduction(ok.ok_reduce, us, As, r + 1)
@@ -385,7 +390,7 @@ def test_ok_reduce_beats_other_unbiased_reductions(terms):
 @given(kron_terms(r=1))
 @example(ZERO_TERMS)
 def test_ok_reduce_beats_kf_reduction(terms):
-    """At r = 1, kf_reduce is unbiased with variance >= OK's 2 sigma_1 sigma_2 (SPEC §4-5)."""
+    """At r = 1, kf_reduce is unbiased with variance >= OK's 2 sigma_1 sigma_2 (§4-5)."""
     _, us, As = terms
     scale = term_scale(us, As)
     _, mean_kf, var_kf = enumerate_reduction(ok.kf_reduce, us, As, 2)
@@ -396,8 +401,8 @@ def test_ok_reduce_beats_kf_reduction(terms):
 
 @given(kron_terms(r=1, kinds=("random",)))
 def test_kf_reduce_matches_its_twin_and_variance(terms):
-    """kf_reduce equals SPEC §5's formula sign by sign; on nonzero terms its variance is that of
-    the cross term c0 c1 (rho0/rho1 u_0 (x) A_1 + rho1/rho0 u_1 (x) A_0), which the balanced rho
+    """kf_reduce equals KF-RTRL's formula (§5) sign by sign; on nonzero terms its variance is that
+    of the cross term c0 c1 (rho0/rho1 u_0 (x) A_1 + rho1/rho0 u_1 (x) A_0), which the balanced rho
     make 2 ||u_0|| ||A_0|| ||u_1|| ||A_1|| + 2 <u_0, u_1> <A_0, A_1> (Mujika et al. 2018)."""
     _, us, As = terms
     scale = term_scale(us, As)
@@ -422,7 +427,8 @@ sigmas = st.lists(st.one_of(st.sampled_from([0.0, 1.0, 2.0]), st.floats(0, 10)),
 @example(np.array([2.0, 2.0, 1.0, 0.0, 0.0]))
 def test_min_variance_matches_brute_force(sigma):
     """min_variance equals the least variance over every 'keep some, mix the rest' scheme, and
-    the SPEC §4 construction written out here attains it, unbiased, rank <= r (paper's Theorem)."""
+    Opt's construction (§4) written out here attains it, unbiased, rank <= r (the paper's
+    optimality theorem)."""
     r = len(sigma) - 1
     V_min, scale = slow_min_variance(sigma, r), sigma.sum() ** 2
     assert_close(ok.min_variance(sigma, r), V_min, 1e-9, scale=scale, what="min_variance")
@@ -438,17 +444,17 @@ def test_min_variance_matches_brute_force(sigma):
 @example(0.0, 0.0)
 @example(1.0, 1.0)
 def test_min_variance_at_rank_one_is_two_sigma1_sigma2(s1, s2):
-    """V_min(sigma, 1) = 2 sigma_1 sigma_2 (SPEC §4; KF-RTRL's variance on balanced terms)."""
+    """V_min(sigma, 1) = 2 sigma_1 sigma_2 (§4; KF-RTRL's variance on balanced terms)."""
     sigma = np.array(sorted([s1, s2], reverse=True))
     # 3 flops: a few EPS64 relative to (s1 + s2)^2
     assert_close(ok.min_variance(sigma, 1), 2 * s1 * s2, 1e-12, scale=(s1 + s2) ** 2)
 
 
-# --- 4-5. The OK learner over a sequence: unbiased; exact at full rank (SPEC §3, §5) ----------
+# --- 4-5. The OK learner over a sequence: unbiased; exact at full rank (§3, §5) ----------------
 
 
 def sign_shape(method, rank, n, B=1):
-    """Shape of one step's signs (API.md)."""
+    """Shape of one step's signs for B streams, as draw_signs gives them."""
     return {"ok": (B, rank + 1), "kf": (B, 1, 2), "kf-avg": (B, rank, 2), "uoro": (B, n)}[method]
 
 
@@ -458,7 +464,7 @@ def sign_shape(method, rank, n, B=1):
 @given(data=st.data())
 def test_learner_is_unbiased_over_a_sequence(method, rank, data):
     """The mean of sequence_grad over every sign sequence is the exact RTRL gradient: each
-    reduction is unbiased given the past, and dL_t/dW is linear in G_t (SPEC §3-5). B = 1 (the
+    reduction is unbiased given the past, and dL_t/dW is linear in G_t (§3-5). B = 1 (the
     streams are independent); at most 2^9 sign sequences."""
     n = data.draw(st.integers(1, 3 if method == "uoro" else 4), label="n")
     per_step = int(np.prod(sign_shape(method, rank, n)))  # signs per step, B = 1
@@ -483,7 +489,7 @@ def test_learner_is_unbiased_over_a_sequence(method, rank, data):
 @given(problems(max_n=3, max_V=2, min_T=2, max_T=2, max_B=1))
 def test_kf_avg_variance_is_kf_variance_over_rank(problem):
     """r-KF-RTRL-AVG averages r independent KF estimators, so its variance is exactly KF's over
-    r (SPEC §5): r = 2, T = 2 (step 1 alone is exact), all 2^4 and 2^8 sign sequences."""
+    r (§5): r = 2, T = 2 (step 1 alone is exact), all 2^4 and 2^8 sign sequences."""
     p, xs, ys, _ = problem
 
     def estimates(method, rank):
@@ -501,7 +507,7 @@ def test_kf_avg_variance_is_kf_variance_over_rank(problem):
 @pytest.mark.parametrize("method", ["kf-avg", "uoro"])
 def test_kf_avg_and_uoro_are_unbiased_by_monte_carlo(method):
     """Seeded Monte Carlo of the drawn-sign path (rng=, no signs) at a size enumeration can't
-    reach: 4 * 10^3 estimates of dW, compared coordinate-wise with exact RTRL (SPEC §5)."""
+    reach: 4 * 10^3 estimates of dW, compared coordinate-wise with exact RTRL (§5)."""
     p, xs, ys, _ = make_problem(n=4, V=2, O=3, T=5, B=1, scale=0.5, seed=7)
     dW = slow_rtrl(p, xs, ys).dW
     K, copies = 40, 100  # K batch means of 100 identical streams each: dW is the batch mean
@@ -519,7 +525,7 @@ def test_kf_avg_and_uoro_are_unbiased_by_monte_carlo(method):
 @given(problems(max_n=3, max_V=2, max_T=5), st.integers(0, 3))
 def test_ok_at_full_rank_is_exact(problem, extra):
     """With rank >= min(m, 2n^2), the r+1 terms span at most r Kronecker dimensions, sigma_{r+1}
-    = 0 and V_min = 0: OK is exact RTRL whatever the signs (SPEC §3-4)."""
+    = 0 and V_min = 0: OK is exact RTRL whatever the signs (§3-4)."""
     p, xs, ys, seed = problem
     m, n = p.W.shape[0], p.W.shape[1] // 2
     rank = min(m, 2 * n * n) + extra
@@ -527,7 +533,7 @@ def test_ok_at_full_rank_is_exact(problem, extra):
     for s in (seed, seed + 1):
         _, dW_ok, _ = ok.sequence_grad(p, xs, ys, "ok", rank=rank, rng=np.random.default_rng(s))
         # sigma_{r+1} is exactly 0 (a side has < r+1 dimensions, so its padded R has a zero row,
-        # SPEC §3.2) and Opt mixes nothing: rounding only (measured < 1e-15 of the terms' size).
+        # §3a) and Opt mixes nothing: rounding only (measured < 1e-15 of the terms' size).
         assert_close(dW_ok, ex.dW, 1e-9, scale=ex.dW_size, what="full-rank dW")
 
 
@@ -536,7 +542,7 @@ def test_ok_at_full_rank_is_exact(problem, extra):
 def test_gradient_agreement_is_perfect_for_exact_learners(problem, seed):
     """gradient_agreement: exact RTRL and full-rank OK (previous test) have cosine 1 and relative
     error 0 with exact RTRL at every step, resets included; KF-RTRL's per-step cosine equals the
-    one computed here from its own run with the same signs (SPEC §2-5)."""
+    one computed here from its own run with the same signs (§2-5)."""
     p, xs, ys, _ = problem
     (T, B), (m, two_n) = xs.shape, p.W.shape
     n = two_n // 2
@@ -563,7 +569,7 @@ def test_gradient_agreement_is_perfect_for_exact_learners(problem, seed):
         assert abs(cosine[t, 2] - want) <= 1e-9, f"step {t}: {cosine[t, 2]} != {want}"
 
 
-# --- 6-7. Degenerate inputs, float32 (SPEC §3.5, STYLE §3) -----------------------------------
+# --- 6-7. Degenerate inputs (§3a), float32 -----------------------------------------------------
 
 
 @st.composite
@@ -599,8 +605,9 @@ DEGENERATE_CASES = ("repeated", "first step", "nearly repeated", "norms 1 to 1e-
 @st.composite
 def degenerate_terms(draw):
     """r+1 terms (r <= 3) whose factorisation is rank-deficient or nearly so on one side or both:
-    the inputs on which SPEC §3a's row norms of Y differ from sqrt(lambda) (its step 4). Sides are
-    long enough (m, n k >= r + 1) that any deficiency comes from the terms, not from the sizes."""
+    the inputs on which §3a's row norms of Y differ from sqrt(lambda) (§3.2: s is measured on Y).
+    Sides are long enough (m, n k >= r + 1) that any deficiency comes from the terms, not from
+    the sizes."""
     case, r = draw(st.sampled_from(DEGENERATE_CASES)), draw(st.integers(1, 3))
     m, n, k = draw(st.integers(r + 1, 6)), draw(st.integers(1, 3)), draw(st.integers(r + 1, 6))
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
@@ -623,7 +630,7 @@ def degenerate_terms(draw):
 @given(degenerate_terms())
 def test_ok_reduce_is_exact_on_degenerate_terms(terms):
     """On degenerate terms OK stays unbiased and its variance equals V_min, both to 1e-12 of the
-    sum (squared for the variance), by enumeration of every sign pattern (SPEC §3a: the row norms
+    sum (squared for the variance), by enumeration of every sign pattern (§3a: the row norms
     of Y, not sqrt(lambda), are what make this hold; with sqrt(lambda) the variance is off by
     ~1e-8 of ||G||^2 on these cases)."""
     case, r, us, As = terms
@@ -679,7 +686,7 @@ def test_float32_tracks_float64(problem, rank):
         assert_close(r32[2], r64[2], tol, scale=ex.dW_out_size, what=f"{method} dW_out")
 
 
-# --- 8. Bad arguments raise ValueError naming the problem (STYLE §3) --------------------------
+# --- 8. Bad arguments raise ValueError naming the problem --------------------------------------
 
 
 _p, _xs, _ys, _ = make_problem(n=2, V=2, O=3, T=3, B=2, scale=0.3, seed=0)  # V = 2, O = 3
@@ -710,19 +717,19 @@ BAD_CALLS = {  # id: (loose pattern the ValueError message must contain, the cal
 
 @pytest.mark.parametrize("pattern, call", BAD_CALLS.values(), ids=BAD_CALLS.keys())
 def test_bad_arguments_raise_value_error(pattern, call):
-    """Public functions check their arguments (STYLE §3: ValueError naming argument and value)."""
+    """Public functions check their arguments (a ValueError naming the argument and its value)."""
     with pytest.raises(ValueError, match=pattern):
         call()
 
 
-# --- The online API: learner_step, init_learner, draw_signs, apply_gradients (SPEC §6-7) ------
+# --- The online API: learner_step, init_learner, draw_signs, apply_gradients -------------------
 
 
 @pytest.mark.parametrize("method", ok.METHODS)
 def test_learner_step_reset_starts_a_fresh_sequence(method):
     """A reset at step t zeroes that stream's h and learner state: with the same signs, stream 0
     then runs as a fresh sequence from t, stream 1 as if alone, and for rtrl the summed dW is the
-    dense twin's with resets (SPEC §6: at a new sequence h and G are reset to zero)."""
+    dense twin's with resets (a new sequence starts from h = 0 and G = 0, as in the runners)."""
     p, xs, ys, _ = make_problem(n=3, V=2, O=2, T=6, B=2, scale=0.5, seed=3)
     t0, rank, n = 3, 2, 3
     signs = None
@@ -786,7 +793,7 @@ def test_ok_state_from_anywhere_gives_the_same_steps():
 
 
 def test_draw_signs_shapes_and_values():
-    """draw_signs gives +-1 arrays of the shapes sequence_grad's signs= takes (API.md)."""
+    """draw_signs gives +-1 arrays of the shapes sequence_grad's signs= takes."""
     rng = np.random.default_rng(0)
     assert ok.draw_signs(rng, "rtrl", 3, 2, 4) is None
     for method in STOCHASTIC:
@@ -797,7 +804,7 @@ def test_draw_signs_shapes_and_values():
 
 def test_apply_gradients_rejects_nan_and_clips_dW():
     """A non-finite gradient raises FloatingPointError and leaves the inputs alone; dW is clipped
-    to max_norm before Adam, W_out's gradient is not (SPEC §7)."""
+    to max_norm before Adam, W_out's gradient is not (as in the paper's code)."""
     rng = np.random.default_rng(0)
     p = make_problem(n=3, V=2, O=2, T=1, B=1, scale=0.3, seed=5).params
     adam = ok.adam_init(p)
