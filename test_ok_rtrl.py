@@ -253,7 +253,7 @@ def test_rtrl_equals_bptt(problem):
     loss_r, dW_r, dWo_r = ok.sequence_grad(p, xs, ys, "rtrl")
     loss_b, dW_b, dWo_b = ok.sequence_grad(p, xs, ys, "bptt")
     # Both are exact; float64 rounding over T <= 8 steps of sums of <= 12 terms is ~1e-14
-    # relative, so 1e-9 (the bound) only fails on a real difference.
+    # relative, so a 1e-9 bound only fails on a real difference.
     assert_close(loss_r, loss_b, 1e-9, what="loss")
     assert_close(dW_r, dW_b, 1e-9, what="dW")
     assert_close(dWo_r, dWo_b, 1e-9, what="dW_out")
