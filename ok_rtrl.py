@@ -333,8 +333,10 @@ def _map_back(Y, s, W, X):
 
 # Numba kernels for the Gram-and-rotate factorisation. The terms are long (d = 2 n^2 on the A side)
 # and few (k = r + 1), a shape that BLAS serves poorly, so these kernels walk each stream's terms in
-# column blocks of _BLOCK, copied to float64 so that every product and sum is in float64, and
-# small enough (k x 512 doubles) to stay in the L1 cache while it is used k times over.
+# column blocks of _BLOCK columns, copied into a small buffer that stays in cache while it is used
+# k times over. The Gram's buffer is float64, so every product and sum is (§3a step 1 needs it);
+# the rotation and map-back run in the terms' dtype (float32 in training: twice the vector width,
+# and the rounding is the data's own), with the squared norms summed in float64.
 # fastmath: only "reassoc" (lets LLVM split a sum into vector lanes) and "contract" (fused
 # multiply-add); without "nnan"/"ninf", NaN and inf still propagate as IEEE says.
 # parallel: streams are independent and each is computed by one thread in a fixed order, so the
