@@ -305,16 +305,17 @@ def _fix_svd_signs(Y_u, s_u, U, Vt):
 
     Y_u (B, k, m), s_u (B, k) from _gram_rotate; U, Vt (B, k, k) from the SVD of C. Singular
     vectors come with arbitrary signs, and a flipped pair gives the same signs another
-    realisation (the same distribution). Q_u U_i is unique up to sign whatever factorisation
-    made Q_u; U_i alone is not. The u side is read because it is short (m, against 2n^2 on the
+    realisation (the same distribution). For a simple sigma_i, Q_u U_i is unique up to sign
+    whatever factorisation made Q_u; U_i alone is not. The u side is read because it is short (m, against 2n^2 on the
     A side). Q_u U_i = 0 only where sigma_i = 0, a direction Opt gives no weight to.
     """
     tiny = np.finfo(np.float64).tiny
     inv_s = np.divide(1.0, s_u, out=np.zeros_like(s_u), where=s_u > tiny)
-    QU = Y_u.transpose(0, 2, 1) @ (inv_s[:, :, None] * U)  # (B, m, k) = Q_u U, in float64
-    B, m, k = QU.shape
-    top = np.abs(QU).argmax(axis=1)  # (B, k): first index of the largest magnitude
-    flip = np.where(QU[np.arange(B)[:, None], top, np.arange(k)] < 0.0, -1.0, 1.0)  # (B, k)
+    coef = np.ascontiguousarray((inv_s[:, :, None] * U).transpose(0, 2, 1))  # U^T diag(1/s)
+    QU_t = coef @ Y_u.astype(np.float64)  # (B, k, m): row i is Q_u U_i = Y_u^T diag(1/s) U_i
+    top = np.abs(QU_t).argmax(axis=2)  # (B, k): first index of the largest magnitude
+    lead = np.take_along_axis(QU_t, top[:, :, None], axis=2)[:, :, 0]  # (B, k)
+    flip = np.where(lead < 0.0, -1.0, 1.0)
     U *= flip[:, None, :]
     Vt *= flip[:, :, None]
 
