@@ -1,4 +1,5 @@
-"""Hypothesis profiles for test_ok_rtrl.py: choose one with --hypothesis-profile.
+"""Hypothesis profiles for test_ok_rtrl.py (choose one with --hypothesis-profile), and the option
+--write-conformance, which rewrites conformance.json from the module (README.md, "Porting").
 
 They are registered here, not in the test file, because pytest reads --hypothesis-profile before
 it imports test modules. "ci" is the default when no profile is named (or HYPOTHESIS_PROFILE
@@ -13,3 +14,9 @@ settings.register_profile("ci", max_examples=50, deadline=None, derandomize=True
 settings.register_profile("thorough", max_examples=1000, deadline=None, database=None,
                           print_blob=True)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+def pytest_addoption(parser):
+    parser.addoption("--write-conformance", action="store_true",
+                     help="rewrite conformance.json from the module before comparing with it "
+                          "(only after an intended change of the numbers: README.md, 'Porting')")

@@ -20,6 +20,9 @@ One OK step (§3, the paper's Algorithm 1 with its Opt, §4), per stream:
      measuring s on Y rather than as sqrt(lambda) keeps directions far below sqrt(eps) of the
      largest accurate, which makes the variance equal V_min on rank-deficient input too.
   3. C = R_u R_A^T ((r+1) x (r+1)): sum_k u_k (x) A_k = Q_u C Q_A^T. SVD C = U diag(sigma) V^T.
+     Sign convention: each pair (U_i, V_i) is flipped so that the largest-magnitude entry of
+     Q_u U_i (lowest index on exact ties) is positive; then the realised factors do not depend
+     on the signs LAPACK (or the Gram's eigenvectors) chose, only on sigma's distinctness.
   4. Opt (§4) draws X (r+1 x r) with E[X X^T] = diag(sigma) and the least E||X X^T - diag||^2:
      keep sigma_1..sigma_p exactly (x_i = sqrt(sigma_i) e_i), where p is the smallest index with
      (r - p) sigma_{p+1} <= S = sum_{i>p} sigma_i; spread the other r+1-p values over q = r - p
@@ -49,6 +52,7 @@ Notation (B streams lead every batched array; sizes n, m, r, B, T, V, O):
                                  (B, r+1, d)                (Y replaces the terms in place, d = m or 2n^2)
     Q, R           (implicit)    Q = Y^T diag(1/s)          R = diag(s) E^T; Q is never formed
     C, sigma       C, sigma      (B, r+1, r+1), (B, r+1)    C = R_u R_A^T and its singular values, descending
+    U, V           U, Vt         (B, r+1, r+1) each         C's singular vectors, Vt = V^T; signs: max|Q_u U_i| > 0
     V_min          min_variance  scalar                     least variance of any unbiased rank-r reduction
     s, theta       s, theta      (B, n), (B, m, 2n)         UORO's factors: G ~ s (x) theta
 
@@ -297,6 +301,7 @@ def _ok_reduce_batch(us, As, signs):
     # 3. sum_k u_k (x) A_k = Q_u C Q_A^T with the small core C = R_u R_A^T; C = U diag(sigma) V^T.
     C = (s_u[:, :, None] * E_u.transpose(0, 2, 1)) @ (E_A * s_A[:, None, :])  # (B, r+1, r+1)
     U, sigma, Vt = np.linalg.svd(C)  # sigma (B, r+1), descending
+    _fix_svd_signs(us, s_u, U, Vt)  # one sign per pair (U_i, V_i), whatever LAPACK chose (§3.3)
     # 4. Opt: X X^T replaces diag(sigma), unbiased, rank r, with the least variance (§3.4).
     X = _opt_factors(sigma, signs.astype(sigma.dtype))  # (B, r+1, r)
     # 5. Map back: u'_j = Q_u U x_j, A'_j = Q_A V x_j. Since x_j serves both sides, ||u'_j|| =
@@ -304,6 +309,28 @@ def _ok_reduce_batch(us, As, signs):
     _map_back(us, s_u, U, X)  # us[:, :r] <- u'_j
     _map_back(A_rows, s_A, Vt.transpose(0, 2, 1), X)  # As[:, :r] <- A'_j, through its flat view
     return us[:, :r], As[:, :r]
+
+
+def _fix_svd_signs(Y_u, s_u, U, Vt):
+    """The sign convention of §3.3, in place: flip each pair (U[:, :, i], Vt[:, i, :]) so that
+    the largest-magnitude entry of Q_u U_i, the u-side singular vector of the whole sum, is
+    positive (the lowest index on exact ties; a zero vector is left as it is).
+
+    Y_u (B, k, m), s_u (B, k) from _gram_rotate; U, Vt (B, k, k) from the SVD of C. Singular
+    vectors come with arbitrary signs, and a flipped pair gives the same signs another
+    realisation (the same distribution). For a simple sigma_i, Q_u U_i is unique up to sign
+    whatever factorisation made Q_u; U_i alone is not. The u side is read because it is short (m, against 2n^2 on the
+    A side). Q_u U_i = 0 only where sigma_i = 0, a direction Opt gives no weight to.
+    """
+    tiny = np.finfo(np.float64).tiny
+    inv_s = np.divide(1.0, s_u, out=np.zeros_like(s_u), where=s_u > tiny)
+    coef = np.ascontiguousarray((inv_s[:, :, None] * U).transpose(0, 2, 1))  # U^T diag(1/s)
+    QU_t = coef @ Y_u.astype(np.float64)  # (B, k, m): row i is Q_u U_i = Y_u^T diag(1/s) U_i
+    top = np.abs(QU_t).argmax(axis=2)  # (B, k): first index of the largest magnitude
+    lead = np.take_along_axis(QU_t, top[:, :, None], axis=2)[:, :, 0]  # (B, k)
+    flip = np.where(lead < 0.0, -1.0, 1.0)
+    U *= flip[:, None, :]
+    Vt *= flip[:, :, None]
 
 
 def _gram_rotate(terms):
