@@ -319,8 +319,9 @@ def _fix_svd_signs(Y_u, s_u, U, Vt):
     Y_u (B, k, m), s_u (B, k) from _gram_rotate; U, Vt (B, k, k) from the SVD of C. Singular
     vectors come with arbitrary signs, and a flipped pair gives the same signs another
     realisation (the same distribution). For a simple sigma_i, Q_u U_i is unique up to sign
-    whatever factorisation made Q_u; U_i alone is not. The u side is read because it is short (m, against 2n^2 on the
-    A side). Q_u U_i = 0 only where sigma_i = 0, a direction Opt gives no weight to.
+    whatever factorisation made Q_u; U_i alone is not. The u side is read because it is short
+    (m, against 2n^2 on the A side). Q_u U_i = 0 only where sigma_i = 0, a direction Opt gives
+    no weight to.
     """
     tiny = np.finfo(np.float64).tiny
     inv_s = np.divide(1.0, s_u, out=np.zeros_like(s_u), where=s_u > tiny)
