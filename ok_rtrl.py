@@ -149,8 +149,8 @@ def jacobians(W, f, alpha, beta):
 @njit(cache=True, parallel=True)
 def _jacobians(W_hc_T, W_hf_T, f, alpha, beta):
     """jacobians' loops: H[b, i] = alpha[b, i] W_hc^T[i] + beta[b, i] W_hf^T[i] + f[b, i] e_i and
-    D[b, i] = alpha[b, i] e_i + beta[b, i] e_{n+i}, written once each (numpy needed temporaries
-    of H's size, 10 ms a step at the PTB configuration)."""
+    D[b, i] = alpha[b, i] e_i + beta[b, i] e_{n+i}, written once each. At the PTB configuration
+    numpy's temporaries of H's size took 10-20 ms; this takes 2.7 ms, 4.4 ms without prange."""
     B, n = f.shape
     H = np.empty((B, n, n), dtype=W_hc_T.dtype)
     D = np.zeros((B, n, 2 * n), dtype=W_hc_T.dtype)
