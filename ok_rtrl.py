@@ -301,31 +301,36 @@ def _ok_reduce_batch(us, As, signs):
     # 3. sum_k u_k (x) A_k = Q_u C Q_A^T with the small core C = R_u R_A^T; C = U diag(sigma) V^T.
     C = (s_u[:, :, None] * E_u.transpose(0, 2, 1)) @ (E_A * s_A[:, None, :])  # (B, r+1, r+1)
     U, sigma, Vt = np.linalg.svd(C)  # sigma (B, r+1), descending
-    _fix_svd_signs(us, s_u, U, Vt)  # one sign per pair (U_i, V_i), whatever LAPACK chose (§3.3)
+    inv_s_u, inv_s_A = _inverse_norms(s_u), _inverse_norms(s_A)  # Q = Y^T diag(1/s) on each side
+    _fix_svd_signs(us, inv_s_u, U, Vt)  # one sign per pair (U_i, V_i), whatever LAPACK chose
     # 4. Opt: X X^T replaces diag(sigma), unbiased, rank r, with the least variance (§3.4).
     X = _opt_factors(sigma, signs.astype(sigma.dtype))  # (B, r+1, r)
     # 5. Map back: u'_j = Q_u U x_j, A'_j = Q_A V x_j. Since x_j serves both sides, ||u'_j|| =
     # ||A'_j|| = ||x_j|| already (Q orthonormal): the optional rescale of §3.5 is built in.
-    _map_back(us, s_u, U, X)  # us[:, :r] <- u'_j
-    _map_back(A_rows, s_A, Vt.transpose(0, 2, 1), X)  # As[:, :r] <- A'_j, through its flat view
+    _map_back(us, inv_s_u, U, X)  # us[:, :r] <- u'_j
+    _map_back(A_rows, inv_s_A, Vt.transpose(0, 2, 1), X)  # As[:, :r] <- A'_j, via its flat view
     return us[:, :r], As[:, :r]
 
 
-def _fix_svd_signs(Y_u, s_u, U, Vt):
+def _inverse_norms(s):
+    """1 / s, the scale of Q's columns in Q = Y^T diag(1/s) (§3a), and 0 where s is 0 (an exact
+    zero row of Y, or one that underflowed below the smallest normal float): a zero column of Q."""
+    return np.divide(1.0, s, out=np.zeros_like(s), where=s > np.finfo(np.float64).tiny)
+
+
+def _fix_svd_signs(Y_u, inv_s_u, U, Vt):
     """The sign convention of §3.3, in place: flip each pair (U[:, :, i], Vt[:, i, :]) so that
     the largest-magnitude entry of Q_u U_i, the u-side singular vector of the whole sum, is
     positive (the lowest index on exact ties; a zero vector is left as it is).
 
-    Y_u (B, k, m), s_u (B, k) from _gram_rotate; U, Vt (B, k, k) from the SVD of C. Singular
-    vectors come with arbitrary signs, and a flipped pair gives the same signs another
-    realisation (the same distribution). For a simple sigma_i, Q_u U_i is unique up to sign
-    whatever factorisation made Q_u; U_i alone is not. The u side is read because it is short
-    (m, against 2n^2 on the A side). Q_u U_i = 0 only where sigma_i = 0, a direction Opt gives
-    no weight to.
+    Y_u (B, k, m) from _gram_rotate, inv_s_u (B, k) its _inverse_norms; U, Vt (B, k, k) from the
+    SVD of C. Singular vectors come with arbitrary signs, and a flipped pair gives the same signs
+    another realisation (the same distribution). For a simple sigma_i, Q_u U_i is unique up to
+    sign whatever factorisation made Q_u; U_i alone is not. The u side is read because it is
+    short (m, against 2n^2 on the A side). Q_u U_i = 0 only where sigma_i = 0, a direction Opt
+    gives no weight to.
     """
-    tiny = np.finfo(np.float64).tiny
-    inv_s = np.divide(1.0, s_u, out=np.zeros_like(s_u), where=s_u > tiny)
-    coef = np.ascontiguousarray((inv_s[:, :, None] * U).transpose(0, 2, 1))  # U^T diag(1/s)
+    coef = np.ascontiguousarray((inv_s_u[:, :, None] * U).transpose(0, 2, 1))  # U^T diag(1/s)
     QU_t = coef @ Y_u.astype(np.float64)  # (B, k, m): row i is Q_u U_i = Y_u^T diag(1/s) U_i
     top = np.abs(QU_t).argmax(axis=2)  # (B, k): first index of the largest magnitude
     lead = np.take_along_axis(QU_t, top[:, :, None], axis=2)[:, :, 0]  # (B, k)
@@ -357,15 +362,13 @@ def _gram_rotate(terms):
     return E, s
 
 
-def _map_back(Y, s, W, X):
+def _map_back(Y, inv_s, W, X):
     """New factors (Q W X)^T of §3.5 with Q = Y^T diag(1/s) (§3a), into Y[:, :r].
 
-    Y (B, k, d) from _gram_rotate, s (B, k), W (B, k, k) the singular vectors of this side, X
-    (B, k, r) from Opt. The (k, r) coefficients diag(1/s) W X are formed in float64 and applied
-    to Y by the same kernel as the rotation; Q is used through Y and never formed.
+    Y (B, k, d) from _gram_rotate, inv_s (B, k) its _inverse_norms, W (B, k, k) the singular
+    vectors of this side, X (B, k, r) from Opt. The (k, r) coefficients diag(1/s) W X are formed
+    in float64 and applied to Y by the same kernel as the rotation; Q is never formed.
     """
-    tiny = np.finfo(np.float64).tiny  # s below it is an exact zero row of Y (or underflow)
-    inv_s = np.divide(1.0, s, out=np.zeros_like(s), where=s > tiny)  # zero row -> zero column of Q
     _transform_rows(Y, inv_s[:, :, None] * (W @ X))
 
 
