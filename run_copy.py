@@ -135,8 +135,8 @@ def train_step(run, config, rng, x, y, reset):
                                      "the run diverged; lower the learning rate or train in "
                                      "float64")
     except (FloatingPointError, np.linalg.LinAlgError) as e:  # apply_gradients refuses a
-        # non-finite gradient; a learner state that overflowed fails in OK's SVD (its input is
-        # not checked every step: that costs a pass over the whole state)
+        # non-finite gradient, OK a state that overflowed (checked on its Gram matrix, before
+        # eigh and the SVD); LinAlgError stays as the last resort of a failing decomposition
         if isinstance(e, np.linalg.LinAlgError):
             e = (f"the learner's update failed ({e}): its state is no longer finite, the run "
                  "diverged; lower the learning rate or train in float64")
