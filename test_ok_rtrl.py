@@ -541,6 +541,29 @@ def test_ok_at_full_rank_is_exact(problem, extra):
         assert_close(dW_ok, ex.dW, 1e-9, scale=ex.dW_size, what="full-rank dW")
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@given(problems(max_n=4, max_V=3, min_T=4, max_T=4, scales=(0.3, 1.0)), st.integers(0, 2**32 - 1))
+def test_ok_carries_no_rounding_noise_as_terms(dtype, problem, seed):
+    """t steps after a reset, G_t is a sum of t Kronecker terms, so OK of rank r > t keeps
+    exactly t nonzero terms: the other singular values of C are rounding noise, set to zero
+    (§3 step 3). Carried instead, such terms shrink under H into subnormal floats (slow)."""
+    p, xs, ys, _ = problem
+    p = ok.Params(*(w.astype(dtype) for w in p))
+    T, B = xs.shape
+    rank = T + 2
+    rng = np.random.default_rng(seed)
+    state, h = ok.init_learner("ok", p, B, rank), np.zeros((B, p.W.shape[1] // 2), dtype)
+    for t in range(T):
+        signs = ok.draw_signs(rng, "ok", B, rank, p.W.shape[1] // 2)
+        _, _, _, h, state = ok.learner_step(p, state, h, xs[t], ys[t], "ok", signs)
+        nonzero_u = np.any(state.us != 0, axis=2)  # (B, r)
+        nonzero_A = np.any(state.As != 0, axis=(2, 3))
+        # each term's factors are both zero or both not; at most t + 1 of them are nonzero (D_t,
+        # hence a_t (x) D_t, can vanish for saturated gates, never add a dimension)
+        np.testing.assert_array_equal(nonzero_u, nonzero_A)
+        assert nonzero_u.sum(axis=1).max() <= t + 1, f"step {t + 1}: {nonzero_u.sum(axis=1)}"
+
+
 @given(problems(max_n=3, max_V=2, max_T=5), st.integers(0, 2**32 - 1))
 @example(ZERO_PARAMS, 0)
 def test_gradient_agreement_is_perfect_for_exact_learners(problem, seed):
