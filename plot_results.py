@@ -1,0 +1,321 @@
+#!/usr/bin/env python3
+"""One command redraws every figure from the logs in results/ and prints the README's table of
+the runs at the paper's sizes, ours beside the authors' (Benzing et al., ICML 2019, arXiv
+1902.03993).
+
+    python plot_results.py          # results/copy-paper-size.png, results/ptb-paper-size.png, table
+    python plot_results.py --table  # the table only (needs no matplotlib)
+
+Our logs are the CSV files the runners write with --log: a '#' line holding the run's config as
+JSON, the column names, a row every --log-every steps and, for PTB, a last '#' line with the test
+BPC. Each log is recognised by its config (task, size, learning rate, method, rank, seed), not by
+its file name; logs of other sizes and the noise logs are left out. A run still going is drawn as
+far as it has got. The authors' numbers are results/paper-copy-n128-ok16-T.csv and
+results/paper-ptb-n256-ok8-valid.csv; their '#' lines say where they come from. Only drawing needs
+matplotlib.
+"""
+import argparse
+import contextlib
+import glob
+import json
+import math
+import os
+import statistics
+import sys
+
+from run_copy import UserError, matplotlib_pyplot, save_figure
+
+PROG = "plot_results.py"
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+PAPER_LR = 10 ** -3.5
+
+# The two experiments at the paper's sizes: which of our logs belong (task, size; the learning
+# rate is the paper's 10^-3.5 in both; logs without a runner's config line, such as the
+# authors' files, are no runs of ours), the log's columns and the one drawn, the OK rank the paper
+# reports, the authors' file and column, the steps the table reports and how it writes a value.
+COPY = {"task": "copy", "hidden": 128, "batch": 16, "rank": 16,
+        "columns": ["step", "T", "avg_bits", "steps_per_s"], "value": "T", "convert": int,
+        "paper": "paper-copy-n128-ok16-T.csv", "paper_value": "T",
+        "table_steps": (25_000, 50_000, 100_000), "what": "T at", "fmt": "{:g}".format,
+        "figure": "copy-paper-size.png", "max_step": 100_000}
+PTB = {"task": "ptb", "hidden": 256, "batch": 32, "rank": 8,
+       "columns": ["step", "train_bits", "valid_bpc", "chars_per_s"], "value": "valid_bpc",
+       "convert": float, "paper": "paper-ptb-n256-ok8-valid.csv",
+       "paper_value": "valid_bpc_standard_files",
+       "table_steps": (10_000, 20_000), "what": "valid BPC at", "fmt": "{:.3f}".format,
+       "figure": "ptb-paper-size.png", "max_step": 20_000}
+PTB_ZOOM = (2.70, 3.15)  # BPC range of the figure's right panel, where OK and the authors' runs lie
+
+METHOD_ORDER = ("ok", "kf", "kf-avg", "uoro", "rtrl", "tbptt")
+# One colour per baseline in both figures; OK at the paper's rank is C0, the authors' runs grey.
+COLOURS = {"OK rank 1": "C1", "KF-RTRL": "C2", "UORO": "C3", "TBPTT-5": "C4", "TBPTT-10": "C5",
+           "TBPTT-20": "C6", "exact RTRL": "C7"}
+LINESTYLES = ("-", "--", ":", "-.")  # seed after seed of one method
+AUTHORS = "0.55"  # their runs: thin grey lines
+
+
+# --- Reading the logs ---------------------------------------------------------------------------
+
+
+def read_csv(path):
+    """A CSV with '#' comment lines anywhere -> (comments without their '# ', column names, rows
+    as lists of strings)."""
+    comments, columns, rows = [], None, []
+    try:
+        with open(path, newline="") as f:
+            for number, line in enumerate(f, 1):
+                line = line.rstrip("\r\n")
+                if line.startswith("#"):
+                    comments.append(line[1:].strip())
+                elif columns is None:
+                    columns = line.split(",")
+                elif line:
+                    rows.append(line.split(","))
+                    if len(rows[-1]) != len(columns):
+                        raise UserError(f"{path}, line {number}: {len(rows[-1])} fields, the "
+                                        f"header has {len(columns)}; is the file damaged?")
+    except OSError as e:
+        raise UserError(f"cannot read {path} ({e.strerror or e})") from None
+    if columns is None:
+        raise UserError(f"{path}: no column names; is the file damaged?")
+    return comments, columns, rows
+
+
+def run_config(path, comments):
+    """The config a runner wrote in its log's first '#' line, or None for another kind of CSV."""
+    for runner in ("run_copy.py", "run_ptb.py"):
+        prefix = f"{runner} config: "
+        if comments and comments[0].startswith(prefix):
+            try:
+                return json.loads(comments[0][len(prefix):])
+            except json.JSONDecodeError:
+                raise UserError(f"{path}: its config line is not valid JSON; is the file "
+                                "damaged?") from None
+    return None
+
+
+@contextlib.contextmanager
+def numbers(path):
+    """Reading numbers from path's rows: one that does not parse becomes a UserError."""
+    try:
+        yield
+    except ValueError as e:
+        raise UserError(f"{path}: {e}; is the file damaged?") from None
+
+
+def method_label(config):
+    """'OK rank 16', 'KF-RTRL', 'TBPTT-20', ... from a log's config."""
+    method = config["method"]
+    if method == "ok":
+        return f"OK rank {config['rank']}"
+    if method == "kf-avg":
+        return f"KF-avg rank {config['rank']}"
+    if method == "tbptt":
+        return f"TBPTT-{config['trunc']}"
+    return {"kf": "KF-RTRL", "uoro": "UORO", "rtrl": "exact RTRL"}.get(method, method)
+
+
+def our_runs(results, experiment):
+    """Our logs of an experiment at the paper's size and learning rate, sorted: OK at the paper's
+    rank first, then the baselines, each by seed -> list of (config, curve), curve = {step:
+    value} of T (copy) or of the validation BPC (PTB, rows with a validation only)."""
+    runs = []
+    for path in sorted(glob.glob(os.path.join(results, "*.csv"))):
+        comments, columns, rows = read_csv(path)
+        config = run_config(path, comments)
+        if (config is None or columns != experiment["columns"]
+                or any(config.get(key) != experiment[key] for key in ("task", "hidden", "batch"))
+                or not math.isclose(config.get("lr", 0), PAPER_LR)):
+            continue
+        at = columns.index(experiment["value"])
+        with numbers(path):
+            curve = {int(row[0]): experiment["convert"](row[at]) for row in rows if row[at]}
+        runs.append((dict(config, log=os.path.basename(path)), curve))
+    return sorted(runs, key=lambda run: (not is_main(run[0], experiment),
+                                         METHOD_ORDER.index(run[0]["method"]),
+                                         run[0]["rank"] or 0, run[0]["trunc"] or 0,
+                                         run[0]["seed"]))
+
+
+def is_main(config, experiment):
+    """True for OK at the rank the paper reports for this experiment."""
+    return config["method"] == "ok" and config["rank"] == experiment["rank"]
+
+
+def authors_runs(results, experiment):
+    """The authors' runs -> list of curves {step: value}: T (copy), or the validation BPC on the
+    standard files (PTB)."""
+    path = os.path.join(results, experiment["paper"])
+    if not os.path.exists(path):
+        raise UserError(f"{path} is missing: it comes with the repository (git checkout -- "
+                        f"results/{experiment['paper']})")
+    _, columns, rows = read_csv(path)
+    if experiment["paper_value"] not in columns:
+        raise UserError(f"{path}: no column '{experiment['paper_value']}'; is the file damaged?")
+    at, runs = columns.index(experiment["paper_value"]), {}
+    with numbers(path):
+        for row in rows:
+            runs.setdefault(row[0], {})[int(row[1])] = experiment["convert"](row[at])
+    return list(runs.values())
+
+
+# --- The table ----------------------------------------------------------------------------------
+
+
+def table(results):
+    """The README's two markdown tables of the runs at the paper's sizes."""
+    return ("**Copy task**, n 128, B 16, OK rank 16, lr 10^-3.5: curriculum T reached\n\n"
+            + experiment_table(results, COPY)
+            + "\n\n**Character-level PTB**, n 256, B 32, OK rank 8, lr 10^-3.5: validation BPC on "
+              "the standard files\n\n" + experiment_table(results, PTB))
+
+
+def experiment_table(results, experiment):
+    """Ours (each seed of OK at the paper's rank, then their median) beside the authors' spread,
+    one column per table step; '-' where a run has not reached the step (a median needs every
+    seed there)."""
+    steps, fmt, rank = experiment["table_steps"], experiment["fmt"], experiment["rank"]
+    head = [f"{experiment['what']} {steps[0] // 1000}k steps"] + [f"{s // 1000}k"
+                                                                  for s in steps[1:]]
+    lines = ["| run | " + " | ".join(head) + " | log |", "|---" * (len(steps) + 2) + "|"]
+
+    def row(name, values, log):
+        cells = ["-" if value is None else value for value in values]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {log} |")
+
+    ours = [(config, curve) for config, curve in our_runs(results, experiment)
+            if is_main(config, experiment)]
+    for config, curve in ours:
+        row(f"OK rank {rank}, seed {config['seed']}",
+            [fmt(curve[s]) if s in curve else None for s in steps], f"`results/{config['log']}`")
+    if len(ours) > 1:
+        row(f"OK rank {rank}, median of {len(ours)} seeds",
+            [fmt(statistics.median(curve[s] for _, curve in ours))
+             if all(s in curve for _, curve in ours) else None for s in steps], "")
+    theirs = authors_runs(results, experiment)
+    row(f"authors' code, {len(theirs)} runs (min-max)",
+        [spread([curve[s] for curve in theirs if s in curve], fmt) for s in steps],
+        f"`results/{experiment['paper']}`")
+    return "\n".join(lines)
+
+
+def spread(values, fmt):
+    """'low-high' of values as fmt writes them ('low' alone when they agree; None for none)."""
+    if not values:
+        return None
+    low, high = fmt(min(values)), fmt(max(values))
+    return low if low == high else f"{low}-{high}"
+
+
+# --- The figures --------------------------------------------------------------------------------
+
+
+def draw_runs(ax, results, experiment, drawstyle, marker):
+    """Ours and the authors' runs up to the figure's last step, in the legend's order: OK at the
+    paper's rank (C0, one line style per seed), the authors' runs (thin, grey, one entry), our
+    baselines (each in its colour)."""
+    last, theirs = experiment["max_step"], authors_runs(results, experiment)
+
+    def draw(curve, **style):
+        steps = sorted(s for s in curve if s <= last)
+        ax.plot(steps, [curve[s] for s in steps], drawstyle=drawstyle, marker=marker, ms=3,
+                **style)
+
+    ours, seeds_drawn = our_runs(results, experiment), {}
+
+    def draw_ours(config, curve, **style):
+        """One of our runs, in the next line style for its method."""
+        name = method_label(config)
+        seeds_drawn[name] = seeds_drawn.get(name, 0) + 1
+        draw(curve, ls=LINESTYLES[(seeds_drawn[name] - 1) % len(LINESTYLES)], **style)
+
+    for config, curve in ours:
+        if is_main(config, experiment):
+            draw_ours(config, curve, color="C0", lw=2.0, zorder=3,
+                      label=f"{method_label(config)} (ours), seed {config['seed']}")
+    for i, curve in enumerate(theirs):
+        draw(curve, color=AUTHORS, lw=0.9, zorder=1, label=None if i else
+             f"OK rank {experiment['rank']}, authors' code, {len(theirs)} runs")
+    for config, curve in ours:
+        if not is_main(config, experiment):
+            draw_ours(config, curve, color=COLOURS.get(method_label(config), "C8"), lw=1.2,
+                      zorder=2, label=f"{method_label(config)}, seed {config['seed']}")
+
+
+def steps_axis(ax, low, high, every):
+    """Steps low to high on the x axis (and 2% more, so a last point is not on the frame), a
+    tick every `every` steps, written 0, 10k, 20k, ..."""
+    ax.set_xticks(range(-(-low // every) * every, high + 1, every))
+    ax.set_xlim(low, high + (high - low) * 0.02)  # after the ticks, which would widen it
+    ax.xaxis.set_major_formatter(lambda x, _: f"{x / 1000:g}k" if x else "0")
+
+
+def draw_copy(plt, results, path):
+    """Curriculum T against training steps, 0-100k."""
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    draw_runs(ax, results, COPY, "steps-post", None)
+    ax.set(ylim=(0, None), xlabel="training steps",
+           ylabel="curriculum length T reached",
+           title="Copy task, n 128, batch 16, lr 10^-3.5: curriculum T against steps")
+    ax.yaxis.get_major_locator().set_params(integer=True)
+    steps_axis(ax, 0, COPY["max_step"], 10_000)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    save_figure(plt, fig, path)
+
+
+def draw_ptb(plt, results, path):
+    """Validation BPC against training steps, 0-20k: all runs (left) and OK's range (right),
+    one legend below both."""
+    fig, (full, zoom) = plt.subplots(1, 2, figsize=(12, 6))
+    for ax in (full, zoom):
+        draw_runs(ax, results, PTB, "default", "o")
+        ax.grid(alpha=0.3)
+        ax.set(xlabel="training steps", ylabel="validation BPC (standard files)")
+    last, zoom_from = PTB["max_step"], PTB["max_step"] * 9 // 20
+    full.set(title="all runs")
+    steps_axis(full, 0, last, 5_000)
+    zoom.set(ylim=PTB_ZOOM, title=f"zoom on OK: BPC {PTB_ZOOM[0]:.2f}-{PTB_ZOOM[1]:.2f}, from "
+                                  f"{zoom_from:,} steps")
+    steps_axis(zoom, zoom_from, last, 2_000)
+    handles, labels = full.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), fontsize=9)
+    fig.suptitle("Character-level PTB, n 256, batch 32, lr 10^-3.5: validation BPC against steps")
+    rows = -(-len(labels) // 4)  # the legend's rows, below the panels
+    fig.tight_layout(rect=(0, 0.04 + 0.035 * rows, 1, 1))
+    save_figure(plt, fig, path)
+
+
+# --- Command line -------------------------------------------------------------------------------
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    parser.add_argument("--table", action="store_true",
+                        help="print the table only; draw nothing (needs no matplotlib)")
+    parser.add_argument("--results", default=RESULTS, metavar="DIR",
+                        help="the folder of the logs, where the figures go (default: results/ "
+                             "beside this script)")
+    args = parser.parse_args(argv)
+    plt = None if args.table else matplotlib_pyplot()
+    if not args.table and plt is None:
+        print(f"{PROG} needs matplotlib: pip install matplotlib", file=sys.stderr)
+        return 1
+    try:
+        if not os.path.isdir(args.results):
+            raise UserError(f"no folder {args.results}; give the folder of the logs with --results")
+        text = table(args.results)
+        if not args.table:
+            for draw, experiment in ((draw_copy, COPY), (draw_ptb, PTB)):
+                draw(plt, args.results,
+                     os.path.relpath(os.path.join(args.results, experiment["figure"])))
+    except UserError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 1
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,249 @@
+"""Tests of plot_results.py: the README's table from the logs (exact text, from small logs written
+here with known numbers), the logs' '#' lines, '-' for steps a run has not reached, one line
+without matplotlib, and the committed logs read as the README quotes them. Drawing is tested only
+where matplotlib is installed (it is optional; CI does not install it).
+"""
+import json
+import os
+import sys
+
+import pytest
+
+import plot_results
+from plot_results import COPY, PTB, our_runs, table
+
+PAPER_LR = 10 ** -3.5
+
+
+# --- Helpers: logs in the runners' format and the authors' files --------------------------------
+
+
+def write_log(path, config, columns, rows, trailer=None):
+    """A log as run_copy.py / run_ptb.py write it: a '#' config line, the column names, rows, and
+    optionally a last '#' line (run_ptb.py's test BPC)."""
+    lines = [f"# {config['task'].replace('copy', 'run_copy.py').replace('ptb', 'run_ptb.py')} "
+             f"config: {json.dumps(config)}", ",".join(columns)]
+    lines += [",".join(str(v) for v in row) for row in rows]
+    if trailer:
+        lines.append(f"# {trailer}")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def run_config(task, method, seed, rank=None, trunc=None, hidden=None, batch=None, lr=PAPER_LR):
+    size = COPY if task == "copy" else PTB
+    return {"task": task, "method": method, "rank": rank, "trunc": trunc,
+            "hidden": hidden or size["hidden"], "batch": batch or size["batch"], "lr": lr,
+            "seed": seed, "dtype": "float32", "log_every": 1000}
+
+
+def copy_log(folder, name, T_at, last, **config):
+    """A copy log with a row every 1,000 steps to `last`; T is T_at[s] from the largest s in
+    T_at at or below the row's step (so T holds between the table's steps)."""
+    rows = [(step, T_at[max(s for s in T_at if s <= step)], "0.200000", "25.00")
+            for step in range(1000, last + 1, 1000)]
+    write_log(os.path.join(folder, name), run_config("copy", **config), COPY["columns"], rows)
+
+
+def ptb_log(folder, name, valid_at, last, **config):
+    """A PTB log with a row every 1,000 steps to `last`, the validation BPC only where valid_at
+    has the step, and the test BPC line at the end."""
+    rows = [(step, "3.100000", f"{valid_at[step]:.6f}" if step in valid_at else "", "90.0")
+            for step in range(1000, last + 1, 1000)]
+    write_log(os.path.join(folder, name), run_config("ptb", **config), PTB["columns"], rows,
+              trailer="test BPC 2.7000 of the best weights (step 20,000, validation 2.7100)")
+
+
+def write_authors(folder, copy_runs, ptb_runs):
+    """The two paper-*.csv files: '#' lines above the columns (and one at the end, which the
+    reader must skip too), rows per run. copy_runs: [{step: T}], ptb_runs: [{step: (BPC on
+    their tokenisation, BPC on the standard files)}]."""
+    with open(os.path.join(folder, COPY["paper"]), "w") as f:
+        f.write("# The authors' runs, as numbers\n#\n# run, step, T\nrun,step,T\n")
+        for run, curve in enumerate(copy_runs, 1):
+            f.writelines(f"{run},{step},{T}\n" for step, T in sorted(curve.items()))
+        f.write("# end\n")
+    with open(os.path.join(folder, PTB["paper"]), "w") as f:
+        f.write("# The authors' runs, as numbers\n"
+                "run,step,valid_bpc_paper_tokenisation,valid_bpc_standard_files\n")
+        for run, curve in enumerate(ptb_runs, 1):
+            f.writelines(f"{run},{step},{paper:.6f},{standard:.6f}\n"
+                         for step, (paper, standard) in sorted(curve.items()))
+
+
+def synthetic_results(folder):
+    """A results folder with known numbers: the authors' runs, OK at the paper's ranks (one log
+    under a misleading name, runs that stop early), a baseline, and logs that are not ours at
+    the paper's size (another size, another learning rate, a noise log)."""
+    write_authors(folder,
+                  copy_runs=[{25000: 8, 50000: 11, 100000: 15, 200000: 20},
+                             {25000: 9, 50000: 12, 100000: 17}],
+                  ptb_runs=[{10000: (2.97, 3.0212), 20000: (2.70, 2.7431)},
+                            {10000: (2.98, 3.0303), 20000: (2.71, 2.7604)}])
+    copy_log(folder, "copy-n128-ok16-seed1.csv", {1000: 1, 25000: 8, 50000: 12, 100000: 16},
+             100000, method="ok", rank=16, seed=1)
+    copy_log(folder, "copy-n128-ok16-seed2.csv", {1000: 1, 25000: 9, 50000: 13}, 60000,
+             method="ok", rank=16, seed=2)
+    copy_log(folder, "copy-n128-ok16-seed3.csv", {1000: 1, 25000: 10, 50000: 13, 100000: 17},
+             100000, method="ok", rank=16, seed=3)
+    copy_log(folder, "copy-n128-kf-seed9.csv", {1000: 1, 25000: 11, 50000: 14, 100000: 18},
+             100000, method="ok", rank=16, seed=4)  # the header, not the name, says what it is
+    copy_log(folder, "copy-n128-kf-seed1.csv", {1000: 1, 25000: 4, 50000: 7, 100000: 8},
+             100000, method="kf", rank=1, seed=1)
+    copy_log(folder, "copy-n64-ok16-seed1.csv", {1000: 1, 25000: 3}, 30000, method="ok",
+             rank=16, seed=1, hidden=64)
+    copy_log(folder, "copy-n128-ok16-lr3-seed1.csv", {1000: 1, 25000: 3}, 30000, method="ok",
+             rank=16, seed=1, lr=1e-3)
+    write_log(os.path.join(folder, "copy_noise.csv"), run_config("copy", "ok", 1, rank=16),
+              ["step", "T", "method", "rank", "cosine", "rel_error"],
+              [(1000, 1, "ok", 16, 0.9, 0.1)])
+    ptb_log(folder, "ptb-n256-ok8-seed1.csv",
+            {2000: 3.7, 10000: 3.0652, 12000: 3.0, 20000: 2.7923}, 20000,
+            method="ok", rank=8, seed=1)
+    ptb_log(folder, "ptb-n256-ok8-seed2.csv", {2000: 3.6, 10000: 3.0250}, 15000,
+            method="ok", rank=8, seed=2)
+    ptb_log(folder, "ptb-n256-ok8-seed3.csv", {8000: 3.2, 12000: 3.0}, 12000,
+            method="ok", rank=8, seed=3)  # no validation at 10k
+    ptb_log(folder, "ptb-n256-uoro-seed1.csv", {10000: 4.3, 20000: 4.3}, 20000,
+            method="uoro", seed=1)
+
+
+SYNTHETIC_TABLE = """\
+**Copy task**, n 128, B 16, OK rank 16, lr 10^-3.5: curriculum T reached
+
+| run | T at 25k steps | 50k | 100k | log |
+|---|---|---|---|---|
+| OK rank 16, seed 1 | 8 | 12 | 16 | `results/copy-n128-ok16-seed1.csv` |
+| OK rank 16, seed 2 | 9 | 13 | - | `results/copy-n128-ok16-seed2.csv` |
+| OK rank 16, seed 3 | 10 | 13 | 17 | `results/copy-n128-ok16-seed3.csv` |
+| OK rank 16, seed 4 | 11 | 14 | 18 | `results/copy-n128-kf-seed9.csv` |
+| OK rank 16, median of 4 seeds | 9.5 | 13 | - |  |
+| authors' code, 2 runs (min-max) | 8-9 | 11-12 | 15-17 | `results/paper-copy-n128-ok16-T.csv` |
+
+**Character-level PTB**, n 256, B 32, OK rank 8, lr 10^-3.5: validation BPC on the standard files
+
+| run | valid BPC at 10k steps | 20k | log |
+|---|---|---|---|
+| OK rank 8, seed 1 | 3.065 | 2.792 | `results/ptb-n256-ok8-seed1.csv` |
+| OK rank 8, seed 2 | 3.025 | - | `results/ptb-n256-ok8-seed2.csv` |
+| OK rank 8, seed 3 | - | - | `results/ptb-n256-ok8-seed3.csv` |
+| OK rank 8, median of 3 seeds | - | - |  |
+| authors' code, 2 runs (min-max) | 3.021-3.030 | 2.743-2.760 | `results/paper-ptb-n256-ok8-valid.csv` |"""
+
+
+# --- The table ----------------------------------------------------------------------------------
+
+
+def test_table_from_synthetic_logs(tmp_path):
+    """Each seed of OK at the paper's rank (found by its header, whatever the file's name), the
+    median over seeds (9.5 from 8, 9, 10, 11; '-' unless every seed has reached the step), '-'
+    where a run stopped early or has no validation at the step, the authors' min-max on the
+    standard files. The baselines, other sizes, other learning rates and noise logs stay out."""
+    synthetic_results(str(tmp_path))
+    assert table(str(tmp_path)) == SYNTHETIC_TABLE
+
+
+def test_table_command_prints_it_without_matplotlib(tmp_path, monkeypatch, capsys):
+    synthetic_results(str(tmp_path))
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    assert plot_results.main(["--table", "--results", str(tmp_path)]) == 0
+    out, err = capsys.readouterr()
+    assert (out, err) == (SYNTHETIC_TABLE + "\n", "")
+    assert not [name for name in os.listdir(tmp_path) if name.endswith(".png")]
+
+
+def test_table_with_no_runs_of_ours_has_the_authors_rows_only(tmp_path):
+    """Before any run of ours: the authors' spread, over the runs that reach each step."""
+    write_authors(str(tmp_path), copy_runs=[{25000: 9, 50000: 12}, {25000: 9}],
+                  ptb_runs=[{10000: (2.97, 3.0212)}, {10000: (2.98, 3.0303)}])
+    parts = table(str(tmp_path)).split("\n\n")  # title, table, title, table
+    copy_rows, ptb_rows = parts[1].splitlines()[2:], parts[3].splitlines()[2:]
+    assert copy_rows == [
+        "| authors' code, 2 runs (min-max) | 9 | 12 | - | `results/paper-copy-n128-ok16-T.csv` |"]
+    assert ptb_rows == ["| authors' code, 2 runs (min-max) | 3.021-3.030 | - | "
+                        "`results/paper-ptb-n256-ok8-valid.csv` |"]
+
+
+def test_the_curves_skip_comment_lines_and_rows_without_validation(tmp_path):
+    """A PTB log's curve holds the validated steps only; its config and test lines are no rows."""
+    synthetic_results(str(tmp_path))
+    runs = {(config["method"], config["seed"]): curve
+            for config, curve in our_runs(str(tmp_path), PTB)}
+    assert runs == {("ok", 1): {2000: 3.7, 10000: 3.0652, 12000: 3.0, 20000: 2.7923},
+                    ("ok", 2): {2000: 3.6, 10000: 3.025}, ("ok", 3): {8000: 3.2, 12000: 3.0},
+                    ("uoro", 1): {10000: 4.3, 20000: 4.3}}
+
+
+# --- Errors and the optional matplotlib ---------------------------------------------------------
+
+
+def test_without_matplotlib_the_figures_are_skipped_with_one_line(tmp_path, monkeypatch, capsys):
+    synthetic_results(str(tmp_path))
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    assert plot_results.main(["--results", str(tmp_path)]) == 1
+    assert capsys.readouterr() == (
+        "", "plot_results.py needs matplotlib: pip install matplotlib\n")
+    assert not [name for name in os.listdir(tmp_path) if name.endswith(".png")]
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("row", "copy-n128-ok16-seed1.csv, line 4: 3 fields, the header has 4"),
+    ("number", "copy-n128-ok16-seed1.csv: invalid literal for int() with base 10: 'x'"),
+    ("config", "copy-n128-ok16-seed1.csv: its config line is not valid JSON"),
+    ("paper", "paper-copy-n128-ok16-T.csv is missing")])
+def test_a_damaged_or_missing_file_gives_one_line(tmp_path, capsys, damage, message):
+    synthetic_results(str(tmp_path))
+    path = tmp_path / "copy-n128-ok16-seed1.csv"
+    lines = path.read_text().splitlines(keepends=True)
+    if damage == "row":
+        lines[3] = "3000,2,0.2\n"
+    elif damage == "number":
+        lines[3] = "3000,x,0.2,25.00\n"
+    elif damage == "config":
+        lines[0] = lines[0][:-5] + "\n"
+    path.write_text("".join(lines))
+    if damage == "paper":
+        os.unlink(tmp_path / COPY["paper"])
+    assert plot_results.main(["--table", "--results", str(tmp_path)]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("plot_results.py: error: ") and message in err
+    assert err.count("\n") == 1
+
+
+# --- The committed logs -------------------------------------------------------------------------
+
+
+def test_the_committed_logs_read_as_the_readme_quotes_them():
+    """The baselines' T at 25k / 50k / 100k and validation BPC at 10k / 20k as the README's tables
+    give them (KF-RTRL's 3.839461 at 20k rounds to 3.839), and the authors' spread as the paper's
+    logs give it (copy T 15-17 at 100k; PTB 3.021-3.030 and 2.743-2.760 on the standard files)."""
+    copy = {plot_results.method_label(config): [curve[s] for s in (25000, 50000, 100000)]
+            for config, curve in our_runs(plot_results.RESULTS, COPY)
+            if config["seed"] == 1 and not plot_results.is_main(config, COPY)}
+    assert copy == {"OK rank 1": [5, 8, 9], "KF-RTRL": [4, 7, 8], "UORO": [3, 4, 4],
+                    "TBPTT-5": [5, 7, 8], "TBPTT-10": [4, 7, 9], "TBPTT-20": [3, 5, 8]}
+    ptb = {plot_results.method_label(config): [f"{curve[s]:.3f}" for s in (10000, 20000)]
+           for config, curve in our_runs(plot_results.RESULTS, PTB)
+           if config["seed"] == 1 and not plot_results.is_main(config, PTB)}
+    assert ptb == {"KF-RTRL": ["3.691", "3.839"], "UORO": ["4.345", "4.328"]}
+    text = table(plot_results.RESULTS)
+    assert ("| authors' code, 5 runs (min-max) | 8-9 | 11-12 | 15-17 | "
+            "`results/paper-copy-n128-ok16-T.csv` |") in text
+    assert ("| authors' code, 5 runs (min-max) | 3.021-3.030 | 2.743-2.760 | "
+            "`results/paper-ptb-n256-ok8-valid.csv` |") in text
+
+
+# --- The figures (only with matplotlib) ---------------------------------------------------------
+
+
+def test_the_figures_are_drawn(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    synthetic_results(str(tmp_path))
+    assert plot_results.main(["--results", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert out.endswith(SYNTHETIC_TABLE + "\n")
+    for name in (COPY["figure"], PTB["figure"]):
+        assert f"plot: {os.path.relpath(tmp_path / name)}\n" in out
+        with open(tmp_path / name, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert not [name for name in os.listdir(tmp_path) if name.endswith(".tmp")]  # atomic writes
