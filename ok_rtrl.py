@@ -301,6 +301,9 @@ def _ok_reduce_batch(us, As, signs):
     # 3. sum_k u_k (x) A_k = Q_u C Q_A^T with the small core C = R_u R_A^T; C = U diag(sigma) V^T.
     C = (s_u[:, :, None] * E_u.transpose(0, 2, 1)) @ (E_A * s_A[:, None, :])  # (B, r+1, r+1)
     U, sigma, Vt = np.linalg.svd(C)  # sigma (B, r+1), descending
+    # A side shorter than its r+1 terms (d < r+1, §3a) caps C's rank at d: sigma_d.. are zero,
+    # set exactly, since the SVD's ~1e-16 there would change Opt's realisation (~1e-8, signs).
+    sigma[:, min(m, A_rows.shape[2]):] = 0.0
     inv_s_u, inv_s_A = _inverse_norms(s_u), _inverse_norms(s_A)  # Q = Y^T diag(1/s) on each side
     _fix_svd_signs(us, inv_s_u, U, Vt)  # one sign per pair (U_i, V_i), whatever LAPACK chose
     # 4. Opt: X X^T replaces diag(sigma), unbiased, rank r, with the least variance (§3.4).
