@@ -7,7 +7,7 @@ H, D, F = a (x) D and G (§1-2), central finite differences, Kronecker sums expa
 tensors with one einsum, exact enumeration of every sign pattern, and a brute-force Opt variance.
 "§n" names a section of ok_rtrl.py (§1 cell, §2 exact RTRL and BPTT, §3 one OK step, the paper's
 Algorithm 1, with §3a its Gram-and-rotate factorisation, §4 Opt, §5 baselines); "§3.k" is step k
-of the OK step listed in ok_rtrl.py's docstring. README.md derives what the tests rely on.
+of the OK step listed in ok_rtrl.py's docstring. docs/math.md derives what the tests rely on.
 Profiles "ci" (default) and "thorough" live in conftest.py: pytest --hypothesis-profile thorough.
 The last part is the porting kit: conformance.json's writer and checker (pytest option
 --write-conformance), a loop-based OK twin that a port would write, and the sign-flip tests.
@@ -905,7 +905,7 @@ CONFORMANCE_RANKS = {"ok": 2, "kf": 1, "kf-avg": 2, "uoro": 1, "rtrl": 1}  # r o
 SHORT_SIDE_CASES = ((1, 2, 2, 2, 6, 4, 20190226), (1, 1, 2, 2, 6, 3, 20190215))
 CONFORMANCE_DESCRIPTION = [
     "Conformance vectors of ok-rtrl: fixed inputs and the exact float64 outputs of every step,",
-    "for ports of ok_rtrl.py (README.md, 'Porting'). Notation and section numbers (§n) are those",
+    "for ports of ok_rtrl.py (docs/porting.md). Notation and section numbers (§n) are those",
     "of ok_rtrl.py's module docstring. Arrays are nested lists in row-major (C) order, floats",
     "written with repr precision (they parse back to the same float64); ints are ints.",
     "Steps t = 0..T-1: step t reads xs[t], ys[t] and h_{t-1} (h0 at t = 0) and gives cell.h[t].",
@@ -1090,8 +1090,8 @@ def load_conformance():
 
 def test_conformance_file_matches_the_module(request):
     """conformance.json holds what the module computes now, to 1e-12 relative: the file cannot
-    drift from the code. With --write-conformance the file is rewritten first (README.md,
-    "Porting", says when that is legitimate), then read back and compared."""
+    drift from the code. With --write-conformance the file is rewritten first (docs/porting.md
+    says when that is legitimate), then read back and compared."""
     data = conformance_data()
     if request.config.getoption("--write-conformance"):
         with open(CONFORMANCE, "w", encoding="utf-8") as file:
@@ -1101,7 +1101,7 @@ def test_conformance_file_matches_the_module(request):
 
 
 # What a port runs: one OK step written from the math alone (ok_rtrl.py's docstring, §3 and §4,
-# and README.md), with Householder QR instead of §3a's Gram-and-rotate and no call into ok_rtrl.
+# and docs/porting.md), with Householder QR instead of §3a's Gram-and-rotate and no call into ok_rtrl.
 
 
 def twin_cell(W, W_out, x, h_prev, y, B):
@@ -1350,7 +1350,7 @@ def test_ok_realisations_do_not_depend_on_eigenvector_or_singular_vector_signs(m
 
 
 def test_float32_steps_match_the_conformance_vectors():
-    """The tolerance README.md's "Porting" gives float32 ports: every learner's step, run in
+    """The tolerance docs/porting.md gives float32 ports: every learner's step, run in
     float32 from the file's state before it, matches the file within 1e-5 relative per array.
     The vectors' decisions (sign convention, p, distinct sigma) have margins of 1e-2 and more,
     far above float32 rounding, so OK's realisation is the same one as in float64; the short
