@@ -1,5 +1,5 @@
 """Hypothesis profiles for test_ok_rtrl.py (choose one with --hypothesis-profile), and the option
---write-conformance, which rewrites conformance.json from the module (README.md, "Porting").
+--write-conformance, which rewrites conformance.json from the module (docs/porting.md).
 
 They are registered here, not in the test file, because pytest reads --hypothesis-profile before
 it imports test modules. "ci" is the default when no profile is named (or HYPOTHESIS_PROFILE
@@ -19,4 +19,4 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 def pytest_addoption(parser):
     parser.addoption("--write-conformance", action="store_true",
                      help="rewrite conformance.json from the module before comparing with it "
-                          "(only after an intended change of the numbers: README.md, 'Porting')")
+                          "(only after an intended change of the numbers: docs/porting.md)")

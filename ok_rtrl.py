@@ -2,7 +2,7 @@
 
 F. Benzing, M. M. Gauy, A. Mujika, A. Martinsson, A. Steger. "Optimal Kronecker-Sum Approximation
 of Real Time Recurrent Learning". ICML 2019, arXiv:1902.03993. "§n" below names a section of this
-module; "§3.k" is step k of the OK step listed here. README.md gives the derivations at length.
+module; "§3.k" is step k of the OK step listed here. docs/math.md gives the derivations at length.
 
 Real Time Recurrent Learning (RTRL) carries the influence G_t = dh_t/dW forward in time, which
 gives exact online gradients at the price of n*m*2n numbers per stream (§2). OK stores G as a sum

@@ -7,7 +7,7 @@ H, D, F = a (x) D and G (§1-2), central finite differences, Kronecker sums expa
 tensors with one einsum, exact enumeration of every sign pattern, and a brute-force Opt variance.
 "§n" names a section of ok_rtrl.py (§1 cell, §2 exact RTRL and BPTT, §3 one OK step, the paper's
 Algorithm 1, with §3a its Gram-and-rotate factorisation, §4 Opt, §5 baselines); "§3.k" is step k
-of the OK step listed in ok_rtrl.py's docstring. README.md derives what the tests rely on.
+of the OK step listed in ok_rtrl.py's docstring. docs/math.md derives what the tests rely on.
 Profiles "ci" (default) and "thorough" live in conftest.py: pytest --hypothesis-profile thorough.
 The last part is the porting kit: conformance.json's writer and checker (pytest option
 --write-conformance), a loop-based OK twin that a port would write, and the sign-flip tests.
@@ -922,9 +922,13 @@ def test_non_finite_input_raises_value_error_naming_it(case, value):
 
 CONFORMANCE = Path(__file__).with_name("conformance.json")  # at the top of the repository
 CONFORMANCE_RANKS = {"ok": 2, "kf": 1, "kf-avg": 2, "uoro": 1, "rtrl": 1}  # r of each learner
+# Short sides (V, n, O, B, T, r, seed): m = 4 < r + 1 = 5 (u side short by one, one zero sigma:
+# Opt mixes it, d = 0 exactly); m = 3 and 2 n^2 = 2 < r + 1 = 4 (both sides short, two zeros:
+# Opt keeps two values and leaves a zero term).
+SHORT_SIDE_CASES = ((1, 2, 2, 2, 6, 4, 20190226), (1, 1, 2, 2, 6, 3, 20190215))
 CONFORMANCE_DESCRIPTION = [
     "Conformance vectors of ok-rtrl: fixed inputs and the exact float64 outputs of every step,",
-    "for ports of ok_rtrl.py (README.md, 'Porting'). Notation and section numbers (§n) are those",
+    "for ports of ok_rtrl.py (docs/porting.md). Notation and section numbers (§n) are those",
     "of ok_rtrl.py's module docstring. Arrays are nested lists in row-major (C) order, floats",
     "written with repr precision (they parse back to the same float64); ints are ints.",
     "Steps t = 0..T-1: step t reads xs[t], ys[t] and h_{t-1} (h0 at t = 0) and gives cell.h[t].",
@@ -953,6 +957,14 @@ CONFORMANCE_DESCRIPTION = [
     "  updates[i]: dW, dW_out, the gradients given (bptt's, below max_norm, then rtrl's of the",
     "  last step, above it: dW is clipped to norm max_norm, dW_out never), norm (of dW before",
     "  clipping), and after the step W, W_out, m_W, m_W_out, v_W, v_W_out, t.",
+    "short_sides: two more OK runs, each with its own sizes, params, xs, ys, h0, cell and",
+    "  learners.ok (no other learner), keyed as above, in which a side is shorter than its r+1",
+    "  terms: [0] m = 4 < r+1 = 5 (the u side), [1] m = 3 and 2n^2 = 2 < r+1 = 4 (both sides).",
+    "  A side of length d < r+1 factors into d directions and r+1-d zero ones (zero columns of",
+    "  Q, zero rows of R); C then has rank <= the shorter side's d, and the sigma beyond it are",
+    "  exactly 0, not the SVD's rounding. Opt treats them like any other value: in [0] it mixes",
+    "  the last nonzero sigma with the zero one (d_i = 0 there, so v_0 = 0 and sign(v_0) = +1 in",
+    "  the Householder vector), in [1] it keeps two values and leaves a zero term.",
     "Written by: python -m pytest -q test_ok_rtrl.py -k conformance --write-conformance",
 ]
 
@@ -960,50 +972,10 @@ CONFORMANCE_DESCRIPTION = [
 def conformance_data():
     """The conformance vectors, computed by the module itself, as a JSON-ready dict."""
     V, n, O, B, T = 3, 3, 3, 2, 6
-    m = V + n + 1
     rng = np.random.default_rng(20190210)
-    params = ok.Params(0.5 * rng.standard_normal((m, 2 * n)), 0.5 * rng.standard_normal((n + 1, O)))
-    xs, ys = rng.integers(0, V, (T, B)), rng.integers(0, O, (T, B))
-    h0 = rng.uniform(-0.5, 0.5, (B, n))
-    cell = {"a": [], "h": [], "H": [], "D": []}
-    h = h0
-    for t in range(T):
-        h, a, f, alpha, beta = ok.cell_step(params.W, xs[t], h)
-        H, D = ok.jacobians(params.W, f, alpha, beta)
-        for key, value in zip("ahHD", (a, h, H, D)):
-            cell[key].append(value)
-    learners = {}
-    for method, r in CONFORMANCE_RANKS.items():
-        if method == "rtrl":
-            state = ok.RTRLState(0.3 * rng.standard_normal((B, n, m, 2 * n)))
-        elif method == "uoro":
-            state = ok.UOROState(rng.standard_normal((B, n)), rng.standard_normal((B, m, 2 * n)))
-        else:
-            state = ok.KronState(rng.standard_normal((B, r, m)),
-                                 0.3 * rng.standard_normal((B, r, n, 2 * n)))
-        record = {"rank": r, "initial": state._asdict()}
-        signs = np.array([ok.draw_signs(rng, method, B, r, n) for _ in range(T)])
-        if method != "rtrl":
-            record["signs"] = signs
-        steps = {key: [] for key in state._fields + ("losses", "dW", "dW_out")}
-        if method == "ok":
-            steps.update(sigma=[], p=[])
-        state, h = type(state)(*map(np.copy, state)), h0
-        for t in range(T):
-            if method == "ok":  # sigma of the r+1 terms of this step, from the dense sum
-                HAs = cell["H"][t][:, None] @ state.As  # (B, r, n, 2n)
-                sigmas = [kron_sigma(np.vstack([state.us[b], cell["a"][t][b][None]]),
-                                     np.concatenate([HAs[b], cell["D"][t][b][None]]))
-                          for b in range(B)]
-                steps["sigma"].append(sigmas)
-                steps["p"].append([ok._opt_split(s, r)[0] for s in sigmas])
-            losses, dW, dW_out, h, state = ok.learner_step(params, state, h, xs[t], ys[t],
-                                                           method, signs[t])
-            for key, value in zip(state._fields + ("losses", "dW", "dW_out"),
-                                  tuple(state) + (losses, dW, dW_out)):
-                steps[key].append(np.copy(value))
-        record["steps"] = steps
-        learners[method] = record
+    params, xs, ys, h0, cell = _conformance_inputs(V, n, O, B, T, rng)
+    learners = {method: _conformance_learner(method, r, params, xs, ys, h0, cell, rng)
+                for method, r in CONFORMANCE_RANKS.items()}
     losses, dW, dW_out, h_T = ok.bptt(params, xs, ys, h0=h0)
     bptt = {"losses": losses, "loss": losses.sum(), "dW": dW, "dW_out": dW_out, "h_T": h_T}
     lr, max_norm = 0.01, 0.25  # between the norms of the two dW below (0.240 and 0.261)
@@ -1015,12 +987,78 @@ def conformance_data():
                         "m_W": adam.m.W, "m_W_out": adam.m.W_out, "v_W": adam.v.W,
                         "v_W_out": adam.v.W_out, "t": adam.t})
     data = {"description": CONFORMANCE_DESCRIPTION,
-            "sizes": {"V": V, "n": n, "O": O, "m": m, "B": B, "T": T},
+            "sizes": {"V": V, "n": n, "O": O, "m": V + n + 1, "B": B, "T": T},
             "params": params._asdict(), "xs": xs, "ys": ys, "h0": h0, "cell": cell,
             "learners": learners, "bptt": bptt,
             "adam": {"lr": lr, "max_norm": max_norm, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8,
-                     "updates": updates}}
+                     "updates": updates},
+            "short_sides": [_short_side_case(*sizes) for sizes in SHORT_SIDE_CASES]}
     return _plain(data)
+
+
+def _conformance_inputs(V, n, O, B, T, rng):
+    """Random params (N(0, 0.5^2)), symbols xs, ys (T, B), h0 (B, n) from rng, and the cell's
+    a, h, H, D of every step (lists over t), which do not depend on the learner."""
+    m = V + n + 1
+    params = ok.Params(0.5 * rng.standard_normal((m, 2 * n)), 0.5 * rng.standard_normal((n + 1, O)))
+    xs, ys = rng.integers(0, V, (T, B)), rng.integers(0, O, (T, B))
+    h0 = rng.uniform(-0.5, 0.5, (B, n))
+    cell = {"a": [], "h": [], "H": [], "D": []}
+    h = h0
+    for t in range(T):
+        h, a, f, alpha, beta = ok.cell_step(params.W, xs[t], h)
+        H, D = ok.jacobians(params.W, f, alpha, beta)
+        for key, value in zip("ahHD", (a, h, H, D)):
+            cell[key].append(value)
+    return params, xs, ys, h0, cell
+
+
+def _conformance_learner(method, r, params, xs, ys, h0, cell, rng):
+    """One learner's record: rank, a random initial state and signs from rng, and every step."""
+    (T, B), (m, two_n) = xs.shape, params.W.shape
+    n = two_n // 2
+    if method == "rtrl":
+        state = ok.RTRLState(0.3 * rng.standard_normal((B, n, m, 2 * n)))
+    elif method == "uoro":
+        state = ok.UOROState(rng.standard_normal((B, n)), rng.standard_normal((B, m, 2 * n)))
+    else:
+        state = ok.KronState(rng.standard_normal((B, r, m)),
+                             0.3 * rng.standard_normal((B, r, n, 2 * n)))
+    record = {"rank": r, "initial": state._asdict()}
+    signs = np.array([ok.draw_signs(rng, method, B, r, n) for _ in range(T)])
+    if method != "rtrl":
+        record["signs"] = signs
+    steps = {key: [] for key in state._fields + ("losses", "dW", "dW_out")}
+    if method == "ok":
+        steps.update(sigma=[], p=[])
+    state, h = type(state)(*map(np.copy, state)), h0
+    for t in range(T):
+        if method == "ok":  # sigma of the r+1 terms of this step, from the dense sum
+            HAs = cell["H"][t][:, None] @ state.As  # (B, r, n, 2n)
+            sigmas = [kron_sigma(np.vstack([state.us[b], cell["a"][t][b][None]]),
+                                 np.concatenate([HAs[b], cell["D"][t][b][None]]))
+                      for b in range(B)]
+            for sigma in sigmas:  # rank <= the shorter side: exact zeros beyond it (§3a)
+                sigma[min(m, 2 * n * n):] = 0.0
+            steps["sigma"].append(sigmas)
+            steps["p"].append([ok._opt_split(s, r)[0] for s in sigmas])
+        losses, dW, dW_out, h, state = ok.learner_step(params, state, h, xs[t], ys[t],
+                                                       method, signs[t])
+        for key, value in zip(state._fields + ("losses", "dW", "dW_out"),
+                              tuple(state) + (losses, dW, dW_out)):
+            steps[key].append(np.copy(value))
+    record["steps"] = steps
+    return record
+
+
+def _short_side_case(V, n, O, B, T, r, seed):
+    """An OK run whose u side (m = V + n + 1) or A side (2 n^2) is shorter than its r + 1 terms:
+    the inputs, the cell and learners.ok, keyed as in the main case."""
+    rng = np.random.default_rng(seed)
+    params, xs, ys, h0, cell = _conformance_inputs(V, n, O, B, T, rng)
+    return {"sizes": {"V": V, "n": n, "O": O, "m": V + n + 1, "B": B, "T": T},
+            "params": params._asdict(), "xs": xs, "ys": ys, "h0": h0, "cell": cell,
+            "learners": {"ok": _conformance_learner("ok", r, params, xs, ys, h0, cell, rng)}}
 
 
 def _plain(obj):
@@ -1075,8 +1113,8 @@ def load_conformance():
 
 def test_conformance_file_matches_the_module(request):
     """conformance.json holds what the module computes now, to 1e-12 relative: the file cannot
-    drift from the code. With --write-conformance the file is rewritten first (README.md,
-    "Porting", says when that is legitimate), then read back and compared."""
+    drift from the code. With --write-conformance the file is rewritten first (docs/porting.md
+    says when that is legitimate), then read back and compared."""
     data = conformance_data()
     if request.config.getoption("--write-conformance"):
         with open(CONFORMANCE, "w", encoding="utf-8") as file:
@@ -1086,7 +1124,7 @@ def test_conformance_file_matches_the_module(request):
 
 
 # What a port runs: one OK step written from the math alone (ok_rtrl.py's docstring, §3 and §4,
-# and README.md), with Householder QR instead of §3a's Gram-and-rotate and no call into ok_rtrl.
+# and docs/porting.md), with Householder QR instead of §3a's Gram-and-rotate and no call into ok_rtrl.
 
 
 def twin_cell(W, W_out, x, h_prev, y, B):
@@ -1109,8 +1147,13 @@ def twin_cell(W, W_out, x, h_prev, y, B):
     return a, h, H, D, -np.log(p[y]), e, W_out[:n] @ e
 
 
-def twin_opt(sigma, signs):
-    """Opt (§4) from its formulas: X (k, r) with columns x_j; loops, no vectorisation."""
+def twin_opt(sigma, signs, mistake=None):
+    """Opt (§4) from its formulas: X (k, r) with columns x_j; loops, no vectorisation.
+
+    mistake, for the tests that show the vectors catch a port's slips on a short side:
+    "sign(0) = 0" takes the Householder sign from np.sign, which is 0 for v_0 = 0; "keep" keeps
+    every value exactly when the last sigma is 0 (the sum has rank <= r), skipping Opt's mix.
+    """
     k = len(sigma)
     r = k - 1
     p = r - 1  # the smallest p in 0..r-1 with (r - p) sigma_p <= S_p (0-based); r - 1 always does
@@ -1118,6 +1161,8 @@ def twin_opt(sigma, signs):
         if (r - candidate) * sigma[candidate] <= sigma[candidate:].sum():
             p = candidate
             break
+    if mistake == "keep" and sigma[r] == 0:
+        p = r
     X = np.zeros((k, r))
     for i in range(p):
         X[i, i] = np.sqrt(sigma[i])
@@ -1128,7 +1173,10 @@ def twin_opt(sigma, signs):
         v = np.array([signs[p + i] * np.sqrt(max(1 - sigma[p + i] / c, 0.0)) for i in range(q + 1)])
         v /= np.linalg.norm(v)
         w = v.copy()
-        w[0] += 1.0 if v[0] >= 0 else -1.0  # Householder: P v = -sign(v_0) e_0
+        if mistake == "sign(0) = 0":
+            w[0] += np.sign(v[0])
+        else:
+            w[0] += 1.0 if v[0] >= 0 else -1.0  # Householder: P v = -sign(v_0) e_0, sign(0) = +1
         P = np.eye(q + 1) - 2 * np.outer(w, w) / (w @ w)
         for j in range(q):
             for i in range(q + 1):
@@ -1136,54 +1184,67 @@ def twin_opt(sigma, signs):
     return X, p
 
 
-def twin_ok_step(us, As, a, H, D, signs):
+def twin_factor(terms):
+    """terms^T = Q R by Householder QR, terms (k, d). A side shorter than its terms (d < k) gives
+    Q (d, d) and R (d, k): padded with k - d zero columns of Q and zero rows of R (§3a)."""
+    k, d = terms.shape
+    Q, R = np.linalg.qr(terms.T)
+    return np.pad(Q, ((0, 0), (0, k - Q.shape[1]))), np.pad(R, ((0, k - R.shape[0]), (0, 0)))
+
+
+def twin_ok_step(us, As, a, H, D, signs, mistake=None):
     """One OK step of one stream (§3.1-3.5): us (r, m), As (r, n, 2n) -> new factors, and the
-    margins of its decisions: sigma's smallest relative gap, the sign convention's (largest
-    against second-largest |entry|), and p's (|(r - p) sigma_p - S_p| / S_p over p' <= p)."""
+    margins of its decisions over the nonzero sigma: their smallest relative gap (the last
+    nonzero one's to 0 included), the sign convention's (largest against second-largest
+    |entry|), and p's (|(r - p) sigma_p - S_p| / S_p over p' <= p). mistake: see twin_opt."""
     r, m = us.shape
     n = As.shape[1]
     terms_u = np.vstack([us, a[None]])  # (k, m)
     terms_A = np.vstack([(H @ A).ravel() for A in As] + [D.ravel()])  # (k, 2n^2), row-major
-    Q_u, R_u = np.linalg.qr(terms_u.T)  # (m, k), (k, k): Householder
-    Q_A, R_A = np.linalg.qr(terms_A.T)
+    Q_u, R_u = twin_factor(terms_u)  # (m, k), (k, k)
+    Q_A, R_A = twin_factor(terms_A)
     U, sigma, Vt = np.linalg.svd(R_u @ R_A.T)  # C = R_u R_A^T
+    sigma[min(m, 2 * n * n):] = 0.0  # C's rank is at most the shorter side: exact zeros there
     QU, QV = Q_u @ U, Q_A @ Vt.T  # singular vectors of the whole sum
+    nonzero = int(np.count_nonzero(sigma))
     sign_margin = np.inf
     for i in range(r + 1):  # the sign convention: max |Q_u U_i| is positive
         order = np.argsort(-np.abs(QU[:, i]), kind="stable")
-        top, second = np.abs(QU[order[:2], i])
-        sign_margin = min(sign_margin, (top - second) / top)
+        if i < nonzero:  # a zero sigma's vectors get no weight: their sign does not matter
+            top, second = np.abs(QU[order[:2], i])
+            sign_margin = min(sign_margin, (top - second) / top)
         if QU[order[0], i] < 0:
             QU[:, i], QV[:, i] = -QU[:, i], -QV[:, i]
-    X, p = twin_opt(sigma, signs)
+    X, p = twin_opt(sigma, signs, mistake)
     new_us = np.array([QU @ X[:, j] for j in range(r)])
     new_As = np.array([(QV @ X[:, j]).reshape(n, 2 * n) for j in range(r)])
     p_margin = min([abs((r - i) * sigma[i] - sigma[i:].sum()) / sigma[i:].sum()
-                    for i in range(min(p + 1, r - 1))], default=np.inf)  # p = r-1 is no test
-    gaps = -np.diff(sigma) / sigma[0]
+                    for i in range(min(p + 1, r - 1, nonzero))], default=np.inf)  # r-1: no test
+    gaps = -np.diff(sigma[:nonzero + 1]) / sigma[0]
     return new_us, new_As, {"sigma": sigma, "p": p, "sigma_gap": gaps.min(),
                             "sign_margin": sign_margin, "p_margin": p_margin}
 
 
-def twin_ok_run(data):
-    """The twin's OK steps on the file's inputs, each from the file's state before it: the
-    file's keys of cell and of learners.ok.steps, and each (step, stream)'s margins."""
-    W, W_out = (np.array(data["params"][k]) for k in ("W", "W_out"))
-    xs, ys, h0 = np.array(data["xs"]), np.array(data["ys"]), np.array(data["h0"])
-    record = data["learners"]["ok"]
+def twin_ok_run(case, mistake=None):
+    """The twin's OK steps on a case's inputs (the file's main case or one of its short_sides),
+    each from the file's state before it: the case's keys of cell and of learners.ok.steps, and
+    each (step, stream)'s margins. mistake: see twin_opt."""
+    W, W_out = (np.array(case["params"][k]) for k in ("W", "W_out"))
+    xs, ys, h0 = np.array(case["xs"]), np.array(case["ys"]), np.array(case["h0"])
+    record = case["learners"]["ok"]
     signs = np.array(record["signs"])
     T, B = xs.shape
     us_in = np.array([record["initial"]["us"]] + record["steps"]["us"][:-1])  # (T, B, r, m)
     As_in = np.array([record["initial"]["As"]] + record["steps"]["As"][:-1])  # (T, B, r, n, 2n)
     out = {key: np.zeros(np.shape(record["steps"][key])) for key in record["steps"]}
-    out.update({key: np.zeros(np.shape(data["cell"][key])) for key in data["cell"]})
+    out.update({key: np.zeros(np.shape(case["cell"][key])) for key in case["cell"]})
     margins = []
     h = h0
     for t in range(T):
         h_next = np.zeros_like(h)
         for b in range(B):
             a, h_next[b], H, D, loss, e, q = twin_cell(W, W_out, xs[t, b], h[b], ys[t, b], B)
-            us, As, info = twin_ok_step(us_in[t, b], As_in[t, b], a, H, D, signs[t, b])
+            us, As, info = twin_ok_step(us_in[t, b], As_in[t, b], a, H, D, signs[t, b], mistake)
             for key, value in (("a", a), ("H", H), ("D", D), ("losses", loss), ("us", us),
                                ("As", As), ("sigma", info["sigma"]), ("p", info["p"])):
                 out[key][t, b] = value
@@ -1194,27 +1255,61 @@ def twin_ok_run(data):
     return out, margins
 
 
+def conformance_cases(data):
+    """The file's main case and its short-side cases, each with params, xs, ys, h0, cell and
+    learners.ok."""
+    return [data] + data["short_sides"]
+
+
+def assert_twin_matches(got, case, what):
+    """The twin's output against the case's cell and learners.ok.steps, 1e-12 per array."""
+    for key, value in got.items():
+        want = case["cell"][key] if key in case["cell"] else case["learners"]["ok"]["steps"][key]
+        # Householder QR and §3a's Gram-and-rotate round differently, by a few eps each step
+        assert_close(value, want, 1e-12, what=f"{what} {key}")
+
+
 def test_an_independent_twin_reproduces_the_conformance_vectors():
     """The porting kit is usable: a loop-based OK step written from the math alone (Householder
     QR, the sign convention of §3.3, Opt of §4, no ok_rtrl call) reproduces the file's ok values
-    step by step, and so does its cell (h, a, H, D, losses, dW, dW_out)."""
+    step by step, and so does its cell (h, a, H, D, losses, dW, dW_out), in the main case and
+    in both short-side cases (a side with fewer dimensions than its r+1 terms, §3a)."""
+    for i, case in enumerate(conformance_cases(load_conformance())):
+        assert_twin_matches(twin_ok_run(case)[0], case, f"ok twin, case {i}")
+
+
+@pytest.mark.parametrize("mistake", ["sign(0) = 0", "keep"])
+def test_the_short_side_cases_catch_what_the_main_case_cannot(mistake):
+    """The short-side cases are needed: a twin with a short-side slip (twin_opt's mistake: a
+    Householder sign of 0 for v_0 = 0, or keeping a rank-deficient sum without Opt's mix) still
+    reproduces the main case, which has no short side, but misses the first short-side case by
+    far more than rounding."""
     data = load_conformance()
-    got, _ = twin_ok_run(data)
-    for key, value in got.items():
-        want = data["cell"][key] if key in data["cell"] else data["learners"]["ok"]["steps"][key]
-        # Householder QR and §3a's Gram-and-rotate round differently, by a few eps each step
-        assert_close(value, want, 1e-12, what=f"ok twin {key}")
+    assert_twin_matches(twin_ok_run(data, mistake)[0], data, f"twin with {mistake!r}")
+    case = data["short_sides"][0]
+    got, _ = twin_ok_run(case, mistake)
+    want = case["learners"]["ok"]["steps"]
+    miss = max(np.linalg.norm(got[key] - np.array(want[key])) / np.linalg.norm(want[key])
+               for key in ("us", "As"))
+    assert miss > 0.1
 
 
 def test_conformance_vectors_are_far_from_ties():
-    """Every decision a port makes in the vectors' OK steps is robust: sigma's values are
-    distinct (relative gap > 1e-3), the sign convention's largest |entry| beats the second by
-    more than 1e-3 relative, and p's test is decided by more than 1e-3 relative, so rounding
-    differences of 1e-12 cannot change a realisation. Opt keeps nothing (p = 0) at some step
-    and something (p > 0) at another, so both branches are pinned."""
-    _, margins = twin_ok_run(load_conformance())
-    for key in ("sigma_gap", "sign_margin", "p_margin"):
-        assert min(info[key] for info in margins) > 1e-3, key
+    """Every decision a port makes in the vectors' OK steps is robust: the nonzero sigma are
+    distinct and apart from 0 (relative gap > 1e-3), the sign convention's largest |entry| beats
+    the second by more than 1e-3 relative, and p's test is decided by more than 1e-3 relative,
+    so rounding differences of 1e-12 cannot change a realisation (the short sides' zero sigma
+    are exact zeros, §3a). In the main case Opt keeps nothing (p = 0) at some step and
+    something (p > 0) at another, so both branches are pinned; the short sides have zeros."""
+    data = load_conformance()
+    for i, case in enumerate(conformance_cases(data)):
+        _, margins = twin_ok_run(case)
+        for key in ("sigma_gap", "sign_margin", "p_margin"):
+            assert min(info[key] for info in margins) > 1e-3, (i, key)
+        sizes, k = case["sizes"], case["learners"]["ok"]["rank"] + 1
+        short = k - min(sizes["m"], 2 * sizes["n"] ** 2, k)  # 0 in the main case, 1 and 2 here
+        assert {int(np.sum(info["sigma"] == 0)) for info in margins} == {short}, i
+    _, margins = twin_ok_run(data)
     assert {info["p"] > 0 for info in margins} == {False, True}
 
 
@@ -1256,15 +1351,18 @@ def test_ok_realisations_do_not_depend_on_eigenvector_or_singular_vector_signs(m
     """The library's sign choices do not reach OK's realised values (§3.3): negating random
     eigenvectors of the Gram matrices (§3a) or random singular pairs of C leaves every step of
     the conformance run unchanged to rounding; without the sign convention the flipped singular
-    pairs give other realisations, so the convention is what makes them agree."""
+    pairs give other realisations, so the convention is what makes them agree. The short-side
+    cases too: there the flips also reach the Gram's null space and the zero sigma's vectors."""
     data = load_conformance()
+    for i, case in enumerate(conformance_cases(data)):
+        plain = _ok_run_from_file(case)
+        for name, flip in (("eigh", _flip_eigh), ("svd", _flip_svd)):
+            with monkeypatch.context() as patch:
+                patch.setattr(np.linalg, name, _flipping(getattr(np.linalg, name), flip, seed=7))
+                for step, want in zip(_ok_run_from_file(case), plain):
+                    for got, value in zip(step, want):  # rounding
+                        assert_close(got, value, 1e-12, what=f"case {i}, flipped {name}")
     plain = _ok_run_from_file(data)
-    for name, flip in (("eigh", _flip_eigh), ("svd", _flip_svd)):
-        with monkeypatch.context() as patch:
-            patch.setattr(np.linalg, name, _flipping(getattr(np.linalg, name), flip, seed=7))
-            for step, want in zip(_ok_run_from_file(data), plain):
-                for got, value in zip(step, want):
-                    assert_close(got, value, 1e-12, what=f"ok with flipped {name}")  # rounding
     with monkeypatch.context() as patch:
         patch.setattr(ok, "_fix_svd_signs", lambda *args: None)
         patch.setattr(np.linalg, "svd", _flipping(np.linalg.svd, _flip_svd, seed=7))
@@ -1275,23 +1373,27 @@ def test_ok_realisations_do_not_depend_on_eigenvector_or_singular_vector_signs(m
 
 
 def test_float32_steps_match_the_conformance_vectors():
-    """The tolerance README.md's "Porting" gives float32 ports: every learner's step, run in
+    """The tolerance docs/porting.md gives float32 ports: every learner's step, run in
     float32 from the file's state before it, matches the file within 1e-5 relative per array.
     The vectors' decisions (sign convention, p, distinct sigma) have margins of 1e-2 and more,
-    far above float32 rounding, so OK's realisation is the same one as in float64."""
-    data = load_conformance()
-    params = ok.Params(*(np.array(data["params"][k], np.float32) for k in ("W", "W_out")))
-    h_in = [data["h0"]] + data["cell"]["h"][:-1]  # the state before each step
-    for method, record in data["learners"].items():
-        fields = list(record["initial"])
-        for t in range(len(data["xs"])):
-            before = record["initial"] if t == 0 else {k: record["steps"][k][t - 1] for k in fields}
-            state = ok._STATE_TYPES[method](*(np.array(before[k], np.float32) for k in fields))
-            signs = np.array(record["signs"][t]) if "signs" in record else None
-            losses, dW, dW_out, _, state = ok.learner_step(
-                params, state, np.array(h_in[t], np.float32), np.array(data["xs"][t]),
-                np.array(data["ys"][t]), method, signs)
-            for key, got in (*zip(fields, state), ("losses", losses), ("dW", dW),
-                             ("dW_out", dW_out)):
-                # measured: at most 4.4e-7 = 4 EPS32 (uoro's dW); 1e-5 leaves room for other BLAS
-                assert_close(got, record["steps"][key][t], 1e-5, what=f"float32 {method} {key}")
+    far above float32 rounding, so OK's realisation is the same one as in float64; the short
+    sides' zero sigma are exact zeros in float32 too (§3a)."""
+    for case in conformance_cases(load_conformance()):
+        params = ok.Params(*(np.array(case["params"][k], np.float32) for k in ("W", "W_out")))
+        h_in = [case["h0"]] + case["cell"]["h"][:-1]  # the state before each step
+        for method, record in case["learners"].items():
+            fields = list(record["initial"])
+            for t in range(len(case["xs"])):
+                before = (record["initial"] if t == 0
+                          else {k: record["steps"][k][t - 1] for k in fields})
+                state = ok._STATE_TYPES[method](*(np.array(before[k], np.float32) for k in fields))
+                signs = np.array(record["signs"][t]) if "signs" in record else None
+                losses, dW, dW_out, _, state = ok.learner_step(
+                    params, state, np.array(h_in[t], np.float32), np.array(case["xs"][t]),
+                    np.array(case["ys"][t]), method, signs)
+                for key, got in (*zip(fields, state), ("losses", losses), ("dW", dW),
+                                 ("dW_out", dW_out)):
+                    # measured: at most 4.4e-7 = 4 EPS32 (uoro's dW); 1e-5 leaves room for
+                    # other BLAS
+                    assert_close(got, record["steps"][key][t], 1e-5,
+                                 what=f"float32 {method} {key}")
