@@ -15,7 +15,7 @@ influence G, and Adam updates the weights (fully online). With --method tbptt th
 are cut into windows of --trunc steps with one update per window. All randomness (weights,
 strings, the learners' signs) comes from one numpy Generator seeded by --seed, and a checkpoint
 holds its state, so a resumed run is identical to an uninterrupted one. What is not the task
-(the training step, checkpoints, the log, signals) is runlib.py's.
+(the training step, checkpoints, the log, signals, the lock on a run's files) is runlib.py's.
 """
 import argparse
 import json
@@ -288,54 +288,54 @@ def main(argv=None) -> int:
 
 
 def run_experiment(config):
-    """The whole run: outputs checked, resumed or started, trained, saved, plotted."""
+    """The whole run: its files held, resumed or started, trained, saved, plotted."""
     runlib.print_config(f"{PROG}: the copy task of Benzing et al. 2019 (arXiv 1902.03993), with "
                         "its curriculum", config)
     plot_files = ([config["plot"], os.path.splitext(config["plot"])[0] + "-noise.png"]
                   if config["plot"] and config["measure_noise"] else [config["plot"]])
-    runlib.check_writable_outputs([("--checkpoint", config["checkpoint"]),
-                                   ("--log", config["log"]), ("--noise-log", config["noise_log"])]
-                                  + [("--plot", path) for path in plot_files])
-    runlib.check_plotting(config["plot"])
-    memory = runlib.check_memory(config, N_SYMBOLS)
-    print(f"memory: about {runlib.mib(memory)} for the learner and weights")
-    rng = np.random.default_rng(config["seed"])
-    run = new_run(config, rng)
+    with runlib.claim_outputs([("--checkpoint", config["checkpoint"]), ("--log", config["log"]),
+                               ("--noise-log", config["noise_log"])]
+                              + [("--plot", path) for path in plot_files]):
+        memory = runlib.check_memory(config, N_SYMBOLS)
+        print(f"memory: about {runlib.mib(memory)} for the learner and weights")
+        rng = np.random.default_rng(config["seed"])
+        run = new_run(config, rng)
 
-    def restore(arrays):
-        restore_run(arrays, run, rng, config["checkpoint"])
-        print(f"resuming from {config['checkpoint']} at step {run['step']:,} (T {run['T']})")
-        return run["step"]
-    resume_step = runlib.resume_or_start(config, EXPERIMENT_KEYS, restore)
-    if resume_step is not None and resume_step >= config["steps"]:
-        print(f"already at step {run['step']:,} >= --steps {config['steps']:,}: nothing to train")
-    header = f"{PROG} config: {json.dumps(config)}"
-    log = noise_log = None
-    if config["log"]:
-        log = runlib.open_log(config["log"], header, ("step", "T", "avg_bits", "steps_per_s"),
-                              resume_step)
-    if config["measure_noise"]:
-        noise_log = runlib.open_log(config["noise_log"], header, (
-            "step", "T", "method", "rank", "median_cosine", "median_rel_error"), resume_step)
-    with runlib.stop_on_signals() as stop:
-        try:
-            train(config, run, rng, log, noise_log, stop)
-        finally:
-            for f in (log, noise_log):
-                if f is not None:
-                    runlib.close_log(f)
-        if config["checkpoint"]:
-            runlib.final_save(config["checkpoint"], checkpoint_arrays(config, rng, run),
-                              run["step"])
-    if config["plot"]:
-        steps_, Ts = zip(*[(0, 1)] + [(s, T) for s, T, _ in run["history"]])  # T_ starts at 1
-        runlib.write_plot(config["plot"], steps_, Ts, "step", "curriculum T",
-                          f"copy task, {config['method']}, n {config['hidden']}",
-                          drawstyle="steps-post", integer_y=True)
-        if run["noise"]:
-            rows = np.array(run["noise"])  # (measurements x learners, 5): record_noise's rows
-            K = len(runlib.NOISE_LEARNERS)
-            runlib.write_noise_plot(plot_files[1], rows[::K, 0], rows[:, 3].reshape(-1, K))
+        def restore(arrays):
+            restore_run(arrays, run, rng, config["checkpoint"])
+            print(f"resuming from {config['checkpoint']} at step {run['step']:,} (T {run['T']})")
+            return run["step"]
+        resume_step = runlib.resume_or_start(config, EXPERIMENT_KEYS, restore)
+        if resume_step is not None and resume_step >= config["steps"]:
+            print(f"already at step {run['step']:,} >= --steps {config['steps']:,}: nothing to "
+                  "train")
+        header = f"{PROG} config: {json.dumps(config)}"
+        log = noise_log = None
+        if config["log"]:
+            log = runlib.open_log(config["log"], header, ("step", "T", "avg_bits", "steps_per_s"),
+                                  resume_step)
+        if config["measure_noise"]:
+            noise_log = runlib.open_log(config["noise_log"], header, (
+                "step", "T", "method", "rank", "median_cosine", "median_rel_error"), resume_step)
+        with runlib.stop_on_signals() as stop:
+            try:
+                train(config, run, rng, log, noise_log, stop)
+            finally:
+                for f in (log, noise_log):
+                    if f is not None:
+                        runlib.close_log(f)
+            if config["checkpoint"]:
+                runlib.final_save(config["checkpoint"], checkpoint_arrays(config, rng, run),
+                                  run["step"])
+        if config["plot"]:
+            steps_, Ts = zip(*[(0, 1)] + [(s, T) for s, T, _ in run["history"]])  # T_ starts at 1
+            runlib.write_plot(config["plot"], steps_, Ts, "step", "curriculum T",
+                              f"copy task, {config['method']}, n {config['hidden']}",
+                              drawstyle="steps-post", integer_y=True)
+            if run["noise"]:
+                rows = np.array(run["noise"])  # (measurements x learners, 5): record_noise's rows
+                K = len(runlib.NOISE_LEARNERS)
+                runlib.write_noise_plot(plot_files[1], rows[::K, 0], rows[:, 3].reshape(-1, K))
     print(f"curriculum T {run['T']} at step {run['step']:,} (avg {run['avg']:.3f} bits)")
     return 128 + stop["signal"] if stop["signal"] else 0
 

@@ -16,7 +16,8 @@ Data: the Mikolov split ptb.char.{train,valid,test}.txt (50 symbols: 49 in the t
 end-of-line symbol per line; 5,017,482 / 393,042 / 442,423 tokens). Looked up in --data-dir, else
 in $OK_RTRL_DATA, else in a per-user cache folder, where it is downloaded on first use from
 Mikolov's "simple-examples" archive and checked against the published sha256 sums. What is not
-the task (the training step, checkpoints, the log, signals) is runlib.py's.
+the task (the training step, checkpoints, the log, signals, the lock on a run's files) is
+runlib.py's.
 """
 import argparse
 import hashlib
@@ -436,54 +437,54 @@ def main(argv=None) -> int:
 
 
 def run_experiment(config):
-    """The whole run: outputs checked, data read, resumed or started, trained and validated,
+    """The whole run: its files held, data read, resumed or started, trained and validated,
     the best weights tested, saved, plotted."""
     runlib.print_config(f"{PROG}: character-level Penn Treebank as in Benzing et al. 2019 (arXiv "
                         "1902.03993)", config)
-    runlib.check_writable_outputs([("--checkpoint", config["checkpoint"]),
-                                   ("--log", config["log"]), ("--plot", config["plot"])])
-    runlib.check_plotting(config["plot"])
-    paths = locate_ptb(config["data_dir"])
-    ids, vocab, sha = load_ptb(paths)
-    config["data_sha256"] = sha
-    data = dict(ids, eos=vocab.index(EOS))
-    print(f"data: {os.path.dirname(os.path.abspath(paths['train']))}: "
-          + ", ".join(f"{split} {len(ids[split]):,}" for split in SPLITS)
-          + f" symbols; vocabulary {len(vocab)} (train, end of line included)")
-    if sha != PTB_SHA256:
-        print("note: these are not the published PTB files (their sha256 differs): the BPC "
-              "is not comparable with the paper's")
-    memory = runlib.check_memory(config, len(vocab))
-    print(f"memory: about {runlib.mib(memory)} for the learner and weights")
-    rng = np.random.default_rng(config["seed"])
-    run = new_run(config, rng, len(vocab))
+    with runlib.claim_outputs([("--checkpoint", config["checkpoint"]), ("--log", config["log"]),
+                               ("--plot", config["plot"])]):
+        paths = locate_ptb(config["data_dir"])
+        ids, vocab, sha = load_ptb(paths)
+        config["data_sha256"] = sha
+        data = dict(ids, eos=vocab.index(EOS))
+        print(f"data: {os.path.dirname(os.path.abspath(paths['train']))}: "
+              + ", ".join(f"{split} {len(ids[split]):,}" for split in SPLITS)
+              + f" symbols; vocabulary {len(vocab)} (train, end of line included)")
+        if sha != PTB_SHA256:
+            print("note: these are not the published PTB files (their sha256 differs): the BPC "
+                  "is not comparable with the paper's")
+        memory = runlib.check_memory(config, len(vocab))
+        print(f"memory: about {runlib.mib(memory)} for the learner and weights")
+        rng = np.random.default_rng(config["seed"])
+        run = new_run(config, rng, len(vocab))
 
-    def restore(arrays):
-        restore_run(arrays, run, rng, config["checkpoint"])
-        print(f"resuming from {config['checkpoint']} at step {run['step']:,}")
-        return run["step"]
-    resume_step = runlib.resume_or_start(config, EXPERIMENT_KEYS, restore)
-    if resume_step is not None and resume_step >= config["steps"]:
-        print(f"already at step {run['step']:,} >= --steps {config['steps']:,}: nothing to train")
-    log = None
-    if config["log"]:
-        log = runlib.open_log(config["log"], f"{PROG} config: {json.dumps(config)}",
-                              ("step", "train_bits", "valid_bpc", "chars_per_s"), resume_step)
-    with runlib.stop_on_signals() as stop:
-        try:
-            train(config, run, rng, data, log, stop)
-            if not stop["signal"]:
-                report_test_bpc(run, data, config, log)
-        finally:
-            if log is not None:
-                runlib.close_log(log)
-        if config["checkpoint"]:
-            runlib.final_save(config["checkpoint"], checkpoint_arrays(config, rng, run),
-                              run["step"])
-    if config["plot"] and run["valid_curve"]:
-        x, y = zip(*run["valid_curve"])
-        runlib.write_plot(config["plot"], x, y, "step", "validation bits per character",
-                          f"char PTB, {config['method']}, n {config['hidden']}")
+        def restore(arrays):
+            restore_run(arrays, run, rng, config["checkpoint"])
+            print(f"resuming from {config['checkpoint']} at step {run['step']:,}")
+            return run["step"]
+        resume_step = runlib.resume_or_start(config, EXPERIMENT_KEYS, restore)
+        if resume_step is not None and resume_step >= config["steps"]:
+            print(f"already at step {run['step']:,} >= --steps {config['steps']:,}: nothing to "
+                  "train")
+        log = None
+        if config["log"]:
+            log = runlib.open_log(config["log"], f"{PROG} config: {json.dumps(config)}",
+                                  ("step", "train_bits", "valid_bpc", "chars_per_s"), resume_step)
+        with runlib.stop_on_signals() as stop:
+            try:
+                train(config, run, rng, data, log, stop)
+                if not stop["signal"]:
+                    report_test_bpc(run, data, config, log)
+            finally:
+                if log is not None:
+                    runlib.close_log(log)
+            if config["checkpoint"]:
+                runlib.final_save(config["checkpoint"], checkpoint_arrays(config, rng, run),
+                                  run["step"])
+        if config["plot"] and run["valid_curve"]:
+            x, y = zip(*run["valid_curve"])
+            runlib.write_plot(config["plot"], x, y, "step", "validation bits per character",
+                              f"char PTB, {config['method']}, n {config['hidden']}")
     return 128 + stop["signal"] if stop["signal"] else 0
 
 

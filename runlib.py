@@ -15,8 +15,8 @@ What a task provides, and what this module does with it:
   lr, seed, dtype and checkpoint, and the keys that define its experiment (a checkpoint resumes
   only under the same values; data_sha256, if the task reads data files, identifies them):
   print_config shows it, check_memory refuses a run that cannot fit.
-- Its output files (option, path): check_writable_outputs checks before the first step that
-  each can be written; check_plotting says at once if --plot will be skipped.
+- Its output files (option, path): claim_outputs checks before the first step that each can be
+  written, and holds them for as long as the run lives, so a second run on them is refused.
 - Its number of symbols V: new_run draws the weights and makes Adam, the learner and h, to which
   the task adds its own state.
 - Each step's inputs, targets and resets (B,): train_step trains on them (one online update, or
@@ -40,6 +40,11 @@ import signal
 import sys
 import tempfile
 import zipfile
+
+try:
+    import fcntl  # POSIX: the lock of claim_outputs
+except ImportError:  # Windows: runs go unlocked
+    fcntl = None
 
 # OK's Numba kernels use every core between the BLAS products. OpenBLAS's idle threads spin for
 # about 0.1 s (2^28 cycles) after each product before they sleep, on the same cores: measured on
@@ -339,7 +344,7 @@ def _reading_checkpoint(path):
                         "to start afresh or choose another --checkpoint file") from None
 
 
-# --- Output files: written atomically, checked before the first step ---------------------------
+# --- Output files: written atomically, checked and held before the first step ------------------
 
 
 def _current_umask():
@@ -421,18 +426,75 @@ def _check_writable(option, path):
                         "a file in a folder where files can be created") from None
 
 
-def check_writable_outputs(options):
-    """_check_writable for every (option, path) of options given a path."""
+@contextlib.contextmanager
+def claim_outputs(options):
+    """Inside the block, the run holds every file of options, a list of (option, path or None):
+    each was checked to be writable, and a second run that names one of them is refused with
+    one line naming the process that holds it (two runs on one checkpoint or log would
+    overwrite each other's work). Also refused: one file given to two options of one run.
+    Without matplotlib, a note says at once that --plot will be skipped.
+
+    The hold is an exclusive flock on a companion file FILE.lock, whose descriptor stays open
+    until the block ends. Not on FILE itself: every save writes a new file and renames it onto
+    FILE (write_atomically), so a lock on FILE would stay with the replaced file at the first
+    save and hold nothing. The kernel drops a flock when its process ends, however it ends: a
+    killed run leaves at most an unlocked FILE.lock, which the next run takes over. The holder
+    writes its PID into the file; at the end it removes the file while still holding it.
+    """
     for option, path in options:
         if path:
             _check_writable(option, path)
-
-
-def check_plotting(plot):
-    """Say at the start, not at the end, that --plot will be skipped without matplotlib."""
-    if plot and matplotlib_pyplot() is None:
+    if any(path for option, path in options if option == "--plot") and not matplotlib_pyplot():
         print("note: matplotlib is not installed, so --plot will be skipped "
               "(pip install matplotlib)")
+    with contextlib.ExitStack() as held:
+        claimed = {}
+        for option, path in options:
+            if not path:
+                continue
+            lock_path = os.path.realpath(path) + ".lock"
+            if lock_path in claimed:
+                raise UserError(f"{option} {path} is the file of {claimed[lock_path]} too: give "
+                                f"each output its own file")
+            claimed[lock_path] = option
+            if fcntl is not None:
+                held.enter_context(_locked(option, path, lock_path))
+        yield
+
+
+@contextlib.contextmanager
+def _locked(option, path, lock_path):
+    """Hold lock_path (claim_outputs) for the block, or refuse in one line if a process does."""
+    while True:
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as e:
+            raise UserError(f"cannot create {lock_path} ({e.strerror or e}), the lock that keeps "
+                            f"other runs off {path}: give {option} a file in a folder where "
+                            "files can be created") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 20).decode("ascii", "replace").strip()
+            os.close(fd)
+            who = f"process {holder}" if holder.isdigit() else "another process"
+            stop = f" (kill {holder} stops it and saves)" if holder.isdigit() else ""
+            raise UserError(f"{option} {path} is held by {who}, a run that is still going: wait "
+                            f"until it ends{stop}, or give {option} another file") from None
+        # The previous holder may have removed the file between our open and our flock: then
+        # this lock is on a file no other run can see, so start again with the file now there.
+        with contextlib.suppress(FileNotFoundError):
+            if os.path.samestat(os.fstat(fd), os.stat(lock_path)):
+                break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(lock_path)  # still locked here, so no run has it open and locked
+        os.close(fd)
 
 
 # --- The CSV log: a '#' config line, a header, rows; resumed with its checkpoint ----------------

@@ -3,7 +3,8 @@
 A full run needs a task, so most of these run run_copy.py on a tiny configuration (the cheapest
 task); what they check lives in runlib.py: numbers as people type them, exact resume after
 SIGTERM, damaged checkpoints, output files (their mode, a folder that takes no file, saves that
-fail), the CSV log (a resumed log, a full disk), a diverging run, and the memory estimate. Every failure must be one line and a non-zero exit with
+fail, a second run on the same files), the CSV log (a resumed log, a full disk), a
+diverging run, and the memory estimate. Every failure must be one line and a non-zero exit with
 nothing lost. test_runners.py tests each task and imports the helpers below.
 """
 import json
@@ -11,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -173,7 +175,7 @@ def test_damaged_checkpoint_is_one_line(tmp_path, capsys, damage):
     assert path in line and "choose another --checkpoint file" in line
 
 
-# --- Output files: mode, unwritable places, failed saves ------------------------------------------
+# --- Output files: mode, unwritable places, failed saves, one run per file -----------------------
 
 
 def test_outputs_follow_the_umask(tmp_path):
@@ -245,6 +247,108 @@ def test_final_save_that_fails_keeps_the_run_elsewhere(tmp_path, monkeypatch, ca
     rescued = os.listdir(tmp_path / "tmp")
     assert len(rescued) == 1 and str(tmp_path / "tmp" / rescued[0]) in line and target in line
     assert_same_run(whole, str(tmp_path / "tmp" / rescued[0]))
+
+
+HOLD_MID_RUN = """
+import os, sys, time
+import run_copy
+original, calls = run_copy.next_symbols, [0]
+def next_symbols(*args):
+    calls[0] += 1
+    if calls[0] == {call}:  # mid-run: say so, then wait until the test lets the run go on
+        open({holding!r}, "w").close()
+        while not os.path.exists({release!r}):
+            time.sleep(0.01)
+    return original(*args)
+run_copy.next_symbols = next_symbols
+sys.exit(run_copy.main({argv!r}))
+"""
+
+
+def test_same_command_twice_the_second_is_refused_and_the_first_goes_on(tmp_path):
+    """Two runs on one checkpoint and log would overwrite each other's work. The first run,
+    a child process held mid-run, holds them; the same command started again (python
+    run_copy.py ...) is refused in one line naming the first's PID and touches nothing; the
+    first then ends exactly as a run that nobody disturbed, checkpoint and log."""
+    argv = TINY_COPY + ["--steps", "300", "--log-every", "50"]
+    whole, log_whole = str(tmp_path / "whole.npz"), str(tmp_path / "whole.csv")
+    assert run_copy.main(argv + ["--checkpoint", whole, "--log", log_whole]) == 0
+    path, log = str(tmp_path / "run.npz"), str(tmp_path / "run.csv")
+    same = argv + ["--checkpoint", path, "--log", log]
+    holding, release = str(tmp_path / "holding"), str(tmp_path / "release")
+    script = HOLD_MID_RUN.format(call=170, holding=holding, release=release, argv=same)
+    with open(tmp_path / "first.out", "w") as out, open(tmp_path / "first.err", "w") as err:
+        first = subprocess.Popen([sys.executable, "-c", script], cwd=HERE, stdout=out,
+                                 stderr=err, env=dict(os.environ, PYTHONPATH=HERE))
+    try:
+        deadline = time.monotonic() + 300
+        while not os.path.exists(holding):  # the first run is at step 170, holding its files
+            assert first.poll() is None, (tmp_path / "first.err").read_text()
+            assert time.monotonic() < deadline, "the first run did not reach step 170"
+            time.sleep(0.01)
+        second = subprocess.run([sys.executable, "run_copy.py"] + same, cwd=HERE,
+                                capture_output=True, text=True, timeout=300)
+        with open(os.path.realpath(path) + ".lock") as f:
+            assert f.read() == f"{first.pid}\n"  # the first still holds its checkpoint
+        open(release, "w").close()
+        assert first.wait(timeout=300) == 0, (tmp_path / "first.err").read_text()
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+    assert second.returncode == 1
+    assert second.stderr.splitlines() == [
+        f"run_copy.py: error: --checkpoint {path} is held by process {first.pid}, a run that is "
+        f"still going: wait until it ends (kill {first.pid} stops it and saves), or give "
+        "--checkpoint another file"]
+    assert "Traceback" not in (tmp_path / "first.err").read_text()
+    assert_same_run(whole, path)
+    assert log_rows(log_whole) == log_rows(log)
+    assert not os.path.exists(path + ".lock") and not os.path.exists(log + ".lock")
+
+
+HOLD_UNTIL_KILLED = """
+import time
+import runlib
+with runlib.claim_outputs([("--log", {path!r})]):
+    print("held", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_the_hold_dies_with_its_process(tmp_path):
+    """A process killed with SIGKILL runs no clean-up, yet holds nothing after: its lock file
+    stays behind, unlocked, and the next run takes it over. While the process lives, a claim of
+    its file is refused with its PID."""
+    path = str(tmp_path / "run.csv")
+    lock = os.path.realpath(path) + ".lock"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_UNTIL_KILLED.format(path=path)],
+                              cwd=HERE, stdout=subprocess.PIPE, text=True,
+                              env=dict(os.environ, PYTHONPATH=HERE))
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(runlib.UserError, match=f"held by process {holder.pid}, "):
+            with runlib.claim_outputs([("--log", path)]):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()
+    assert holder.returncode == -signal.SIGKILL and os.path.exists(lock)
+    with runlib.claim_outputs([("--log", path)]):
+        with open(lock) as f:
+            assert f.read() == f"{os.getpid()}\n"
+    assert not os.path.exists(lock)
+
+
+def test_one_file_for_two_outputs_is_refused(tmp_path, capsys):
+    path = str(tmp_path / "run.csv")
+    argv = TINY_COPY + ["--steps", "5", "--measure-noise", "5", "--log", path, "--noise-log", path]
+    assert run_copy.main(argv) == 1
+    line = one_error_line(capsys.readouterr().err, "run_copy.py")
+    assert line.endswith(f"--noise-log {path} is the file of --log too: give each output its "
+                         "own file")
+    assert not os.path.exists(path) and os.listdir(tmp_path) == []
 
 
 # --- The CSV log ---------------------------------------------------------------------------------
