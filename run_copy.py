@@ -18,7 +18,6 @@ holds its state, so a resumed run is identical to an uninterrupted one. What is 
 (the training step, checkpoints, the log, signals, the lock on a run's files) is runlib.py's.
 """
 import argparse
-import json
 import math
 import os
 import sys
@@ -309,7 +308,7 @@ def run_experiment(config):
         if resume_step is not None and resume_step >= config["steps"]:
             print(f"already at step {run['step']:,} >= --steps {config['steps']:,}: nothing to "
                   "train")
-        header = f"{PROG} config: {json.dumps(config)}"
+        header = runlib.log_header(PROG, config)
         log = noise_log = None
         if config["log"]:
             log = runlib.open_log(config["log"], header, ("step", "T", "avg_bits", "steps_per_s"),

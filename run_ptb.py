@@ -22,7 +22,6 @@ runlib.py's.
 import argparse
 import hashlib
 import http.client
-import json
 import math
 import os
 import shutil
@@ -467,8 +466,9 @@ def run_experiment(config):
             print(f"already at step {run['step']:,} >= --steps {config['steps']:,}: nothing to "
                   "train")
         log = None
-        if config["log"]:
-            log = runlib.open_log(config["log"], f"{PROG} config: {json.dumps(config)}",
+        if config["log"]:  # the header names no data folder: the data are known by their sha256
+            header = runlib.log_header(PROG, config, local=["data_dir"])
+            log = runlib.open_log(config["log"], header,
                                   ("step", "train_bits", "valid_bpc", "chars_per_s"), resume_step)
         with runlib.stop_on_signals() as stop:
             try:

@@ -14,7 +14,8 @@ What a task provides, and what this module does with it:
 - Its configuration, a JSON-able dict with at least task, method, rank, trunc, hidden, batch,
   lr, seed, dtype and checkpoint, and the keys that define its experiment (a checkpoint resumes
   only under the same values; data_sha256, if the task reads data files, identifies them):
-  print_config shows it, check_memory refuses a run that cannot fit.
+  print_config shows it, check_memory refuses a run that cannot fit, log_header writes it into
+  the CSV log naming no folder of the machine.
 - Its output files (option, path): claim_outputs checks before the first step that each can be
   written, and holds them for as long as the run lives, so a second run on them is refused.
 - Its number of symbols V: new_run draws the weights and makes Adam, the learner and h, to which
@@ -498,6 +499,18 @@ def _locked(option, path, lock_path):
 
 
 # --- The CSV log: a '#' config line, a header, rows; resumed with its checkpoint ----------------
+
+OUTPUT_KEYS = ("log", "checkpoint", "plot", "noise_log")  # in a log's header by base name only
+
+
+def log_header(prog, config, local=()):
+    """The '#' line that opens a CSV log: prog and the config as JSON, naming no folder of this
+    machine: the output files (OUTPUT_KEYS) by their base name, the keys in local (folders the
+    data came from) left out. Every other key is kept, in the config's order."""
+    shown = {key: os.path.basename(value) if key in OUTPUT_KEYS and value else value
+             for key, value in config.items() if key not in local}
+    return f"{prog} config: {json.dumps(shown)}"
+
 
 def open_log(path, config_line, columns, resume_step):
     """Open the CSV log for appending. When resuming, keep its header and its rows up to the

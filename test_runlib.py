@@ -3,7 +3,7 @@
 A full run needs a task, so most of these run run_copy.py on a tiny configuration (the cheapest
 task); what they check lives in runlib.py: numbers as people type them, exact resume after
 SIGTERM, damaged checkpoints, output files (their mode, a folder that takes no file, saves that
-fail, a second run on the same files), the CSV log (a resumed log, a full disk), a
+fail, a second run on the same files), the CSV log (its header, a resumed log, a full disk), a
 diverging run, and the memory estimate. Every failure must be one line and a non-zero exit with
 nothing lost. test_runners.py tests each task and imports the helpers below.
 """
@@ -352,6 +352,17 @@ def test_one_file_for_two_outputs_is_refused(tmp_path, capsys):
 
 
 # --- The CSV log ---------------------------------------------------------------------------------
+
+
+def test_log_header_names_no_folder():
+    """The '#' line that opens a log: the output files by their base name, the keys naming where
+    the data came from left out, every other key as it was and in the config's order."""
+    config = {"task": "t", "log": os.path.join("runs", "today", "run.csv"), "steps": 5,
+              "checkpoint": os.path.join("runs", "run.npz"), "plot": None, "data_dir": "ptb",
+              "noise_log": "noise.csv", "lr": 0.5}
+    assert runlib.log_header("prog.py", config, local=["data_dir"]) == (
+        'prog.py config: {"task": "t", "log": "run.csv", "steps": 5, "checkpoint": "run.npz", '
+        '"plot": null, "noise_log": "noise.csv", "lr": 0.5}')
 
 
 def test_resume_drops_log_rows_written_after_the_last_save(tmp_path):

@@ -112,7 +112,9 @@ def test_copy_curriculum_rises_above_one(tmp_path, capsys):
     with open(log) as f:
         header = f.readline()
     assert header.startswith("# run_copy.py config: ")
-    assert json.loads(header.split("config: ", 1)[1])["rank"] == 2
+    config = json.loads(header.split("config: ", 1)[1])
+    assert config["rank"] == 2 and config["log"] == "copy.csv"  # no folder of this machine
+    assert str(tmp_path) not in header
     rows = log_rows(log, drop_last_column=False)
     assert rows[0] == "step,T,avg_bits,steps_per_s" and len(rows) == 1 + 6
     assert int(rows[-1].split(",")[1]) >= 2
@@ -277,25 +279,36 @@ def test_ptb_trains_validates_and_reports_test_bpc(tmp_path, capsys):
     valid = [float(r[2]) for r in rows if r[2]]
     assert len(valid) == 3 and valid[-1] < valid[0] < np.log2(24)  # 24 symbols: log2 24 = guessing
     with open(log) as f:
-        assert f.read().splitlines()[-1].startswith("# test BPC")
+        lines = f.read().splitlines()
+    assert lines[-1].startswith("# test BPC")
+    config = json.loads(lines[0].split("config: ", 1)[1])  # the data known by sha256, not folder
+    assert "data_dir" not in config and len(config["data_sha256"]) == 3
+    assert config["log"] == "ptb.csv" and str(tmp_path) not in lines[0]
 
 
 @pytest.mark.parametrize("method", ["ok", "tbptt"])
 def test_ptb_resume_after_ctrl_c_is_identical(tmp_path, monkeypatch, capsys, method):
     """Ctrl-C at step 130 saves; resuming ends exactly where an uninterrupted run ends, best
-    weights and validation curve included. TBPTT (window 30) is stopped mid-window."""
-    data = str(tmp_path / "data")
-    write_corpus(data)
+    weights and validation curve included. TBPTT (window 30) is stopped mid-window. The run
+    resumes after its checkpoint, log and data have moved to other folders: nothing in it
+    depends on where its files were."""
+    write_corpus(str(tmp_path / "data"))
     extra = ["--method", "tbptt", "--trunc", "30"] if method == "tbptt" else []
     argv = ["--hidden", "8", "--batch", "4", "--lr", "0.01", "--steps", "300", "--eval-every",
-            "100", "--log-every", "50", "--data-dir", data] + extra
+            "100", "--log-every", "50"] + extra
     whole, parts = str(tmp_path / "whole.npz"), str(tmp_path / "parts.npz")
     log_whole, log_parts = str(tmp_path / "whole.csv"), str(tmp_path / "parts.csv")
-    assert run_ptb.main(argv + ["--checkpoint", whole, "--log", log_whole]) == 0
+    data = ["--data-dir", str(tmp_path / "data")]
+    assert run_ptb.main(argv + data + ["--checkpoint", whole, "--log", log_whole]) == 0
     with monkeypatch.context() as patch:
         ctrl_c_at_call(patch, run_ptb, "stream_positions", 130)
-        assert run_ptb.main(argv + ["--checkpoint", parts, "--log", log_parts]) == 130
-    assert run_ptb.main(argv + ["--checkpoint", parts, "--log", log_parts]) == 0
+        assert run_ptb.main(argv + data + ["--checkpoint", parts, "--log", log_parts]) == 130
+    os.mkdir(tmp_path / "moved")
+    for name in ("parts.npz", "parts.csv", "data"):
+        os.rename(tmp_path / name, tmp_path / "moved" / name)
+    parts, log_parts = str(tmp_path / "moved" / "parts.npz"), str(tmp_path / "moved" / "parts.csv")
+    data = ["--data-dir", str(tmp_path / "moved" / "data")]
+    assert run_ptb.main(argv + data + ["--checkpoint", parts, "--log", log_parts]) == 0
     assert_same_run(whole, parts)
     assert log_rows(log_whole) == log_rows(log_parts)
 
