@@ -482,6 +482,14 @@ def _locked(option, path, lock_path):
             stop = f" (kill {holder} stops it and saves)" if holder.isdigit() else ""
             raise UserError(f"{option} {path} is held by {who}, a run that is still going: wait "
                             f"until it ends{stop}, or give {option} another file") from None
+        except OSError as e:  # a file system without locks (ENOLCK on some network mounts)
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(lock_path)
+            print(f"warning: cannot lock {lock_path} ({e.strerror or e}): a second run on {path} "
+                  "would not be refused; this one goes on", file=sys.stderr, flush=True)
+            yield
+            return
         # The previous holder may have removed the file between our open and our flock: then
         # this lock is on a file no other run can see, so start again with the file now there.
         with contextlib.suppress(FileNotFoundError):
@@ -489,8 +497,9 @@ def _locked(option, path, lock_path):
                 break
         os.close(fd)
     try:
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
+        with contextlib.suppress(OSError):  # only for the message of a refused run
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
         yield
     finally:
         with contextlib.suppress(OSError):

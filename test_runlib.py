@@ -7,6 +7,7 @@ fail, a second run on the same files), the CSV log (its header, a resumed log, a
 diverging run, and the memory estimate. Every failure must be one line and a non-zero exit with
 nothing lost. test_runners.py tests each task and imports the helpers below.
 """
+import errno
 import json
 import os
 import signal
@@ -22,6 +23,7 @@ import run_copy
 import runlib
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+NEEDS_FLOCK = pytest.mark.skipif(runlib.fcntl is None, reason="no fcntl here: runs go unlocked")
 TINY_COPY = ["--hidden", "8", "--batch", "3", "--rank", "2", "--lr", "0.01"]
 
 
@@ -265,6 +267,7 @@ sys.exit(run_copy.main({argv!r}))
 """
 
 
+@NEEDS_FLOCK
 def test_same_command_twice_the_second_is_refused_and_the_first_goes_on(tmp_path):
     """Two runs on one checkpoint and log would overwrite each other's work. The first run,
     a child process held mid-run, holds them; the same command started again (python
@@ -316,6 +319,7 @@ with runlib.claim_outputs([("--log", {path!r})]):
 """
 
 
+@NEEDS_FLOCK
 def test_the_hold_dies_with_its_process(tmp_path):
     """A process killed with SIGKILL runs no clean-up, yet holds nothing after: its lock file
     stays behind, unlocked, and the next run takes it over. While the process lives, a claim of
@@ -339,6 +343,19 @@ def test_the_hold_dies_with_its_process(tmp_path):
         with open(lock) as f:
             assert f.read() == f"{os.getpid()}\n"
     assert not os.path.exists(lock)
+
+
+@NEEDS_FLOCK
+def test_a_file_system_without_locks_is_a_warning(tmp_path, monkeypatch, capsys):
+    """Where flock fails (ENOLCK on some network mounts) the run goes on unlocked, and says so."""
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+    monkeypatch.setattr(runlib.fcntl, "flock", no_locks)
+    path = str(tmp_path / "run.npz")
+    assert run_copy.main(TINY_COPY + ["--steps", "5", "--checkpoint", path]) == 0
+    err = capsys.readouterr().err
+    assert "cannot lock" in err and "No locks available" in err and "Traceback" not in err
+    assert os.listdir(tmp_path) == ["run.npz"]
 
 
 def test_one_file_for_two_outputs_is_refused(tmp_path, capsys):
