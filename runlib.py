@@ -445,7 +445,7 @@ def claim_outputs(options):
     for option, path in options:
         if path:
             _check_writable(option, path)
-    if any(path for option, path in options if option == "--plot") and not matplotlib_pyplot():
+    if any(path for option, path in options if option == "--plot") and matplotlib_pyplot() is None:
         print("note: matplotlib is not installed, so --plot will be skipped "
               "(pip install matplotlib)")
     with contextlib.ExitStack() as held:
@@ -456,7 +456,7 @@ def claim_outputs(options):
             lock_path = os.path.realpath(path) + ".lock"
             if lock_path in claimed:
                 raise UserError(f"{option} {path} is the file of {claimed[lock_path]} too: give "
-                                f"each output its own file")
+                                "each output its own file")
             claimed[lock_path] = option
             if fcntl is not None:
                 held.enter_context(_locked(option, path, lock_path))
