@@ -209,7 +209,7 @@ def test_failed_saves_keep_training_and_try_again(tmp_path, monkeypatch, capsys)
     """A checkpoint that cannot be written during the run (a full disk, say) is reported, the
     run goes on from its state in memory, and the next save writes it: the run ends where an
     uninterrupted one ends."""
-    argv = TINY_COPY + ["--steps", "300", "--checkpoint-every", "1e-9"]  # a save every step
+    argv = TINY_COPY + ["--steps", "150", "--checkpoint-every", "1e-9"]  # a save every step
     whole = str(tmp_path / "whole.npz")
     assert run_copy.main(argv + ["--checkpoint", whole]) == 0
     original, calls = np.savez, [0]
