@@ -19,7 +19,7 @@ import sys
 import tempfile
 import time
 
-os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "12")  # before numpy: see run_copy.py
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "12")  # before numpy: see runlib.py
 
 import numpy as np
 

@@ -23,7 +23,7 @@ import os
 import statistics
 import sys
 
-from run_copy import UserError, matplotlib_pyplot, save_figure
+from runlib import UserError, matplotlib_pyplot, save_figure
 
 PROG = "plot_results.py"
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")

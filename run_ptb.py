@@ -15,12 +15,13 @@ symbols; about 1.77 on the standard files used here, see the README's "Where we 
 Data: the Mikolov split ptb.char.{train,valid,test}.txt (50 symbols: 49 in the text plus one
 end-of-line symbol per line; 5,017,482 / 393,042 / 442,423 tokens). Looked up in --data-dir, else
 in $OK_RTRL_DATA, else in a per-user cache folder, where it is downloaded on first use from
-Mikolov's "simple-examples" archive and checked against the published sha256 sums.
+Mikolov's "simple-examples" archive and checked against the published sha256 sums. What is not
+the task (the training step, checkpoints, the log, signals, the lock on a run's files) is
+runlib.py's.
 """
 import argparse
 import hashlib
 import http.client
-import json
 import math
 import os
 import shutil
@@ -30,20 +31,15 @@ import tempfile
 import time
 import urllib.request
 
-os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "12")  # before numpy: see run_copy.py
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "12")  # before numpy: see runlib.py
 
 import numpy as np
 
 import ok_rtrl as ok
-from run_copy import (UserError, _int_at_least, _output_path, _positive_float,
-                      check_memory, check_writable_outputs, cli_main, close_log, duration,
-                      final_save, flatten, matplotlib_pyplot, mib, open_log, rate_since,
-                      resolve_rank_and_trunc, resume_or_start, save_or_warn, stop_on_signals,
-                      train_step, unflatten, write_line, write_plot)
+import runlib
+from runlib import UserError
 
 PROG = "run_ptb.py"
-METHOD_CHOICES = ok.METHODS + ("tbptt",)
-PROGRESS_SECONDS = 5.0  # a progress line at most this often
 
 # --- The data: files, download, symbols -------------------------------------------------------
 
@@ -260,52 +256,53 @@ def build_parser():
         prog=PROG, description="Character-level Penn Treebank as in Benzing et al. 2019 (arXiv "
         "1902.03993), trained online with OK or a baseline. The defaults are the paper's "
         "configuration.")
-    p.add_argument("--method", choices=METHOD_CHOICES, default="ok",
+    p.add_argument("--method", choices=runlib.METHODS, default="ok",
                    help="learning algorithm (default ok, the paper's): KF-RTRL (kf), kf-avg "
                    "(r averaged KF-RTRL copies), UORO, exact RTRL (small --hidden only), or TBPTT "
                    "(ok_rtrl.py, section 5)")
-    p.add_argument("--rank", type=_int_at_least(1), metavar="R",
+    p.add_argument("--rank", type=runlib.int_at_least(1), metavar="R",
                    help="OK's rank, or kf-avg's number of averaged KF-RTRL copies (default 8, "
                    "the paper's PTB rank); kf is rank 1")
-    p.add_argument("--trunc", type=_int_at_least(1), metavar="K",
+    p.add_argument("--trunc", type=runlib.int_at_least(1), metavar="K",
                    help="TBPTT window, --method tbptt only (default 100, the paper's reset "
                    "interval)")
-    p.add_argument("--hidden", type=_int_at_least(1), default=256, metavar="N",
+    p.add_argument("--hidden", type=runlib.int_at_least(1), default=256, metavar="N",
                    help="hidden units (default 256, the paper's PTB network)")
-    p.add_argument("--batch", type=_int_at_least(1), default=32, metavar="B",
+    p.add_argument("--batch", type=runlib.int_at_least(1), default=32, metavar="B",
                    help="streams at evenly spaced offsets of the training text (default 32, "
                    "the paper's)")
-    p.add_argument("--lr", type=_positive_float, default=10 ** -3.5,
+    p.add_argument("--lr", type=runlib.positive_float, default=10 ** -3.5,
                    help="Adam learning rate (default 10^-3.5 = 3.16e-4, the paper's)")
-    p.add_argument("--steps", type=_int_at_least(0), default=1_000_000,
+    p.add_argument("--steps", type=runlib.int_at_least(0), default=1_000_000,
                    help="total steps of B symbols each, a resumed checkpoint's included "
                    "(default 1,000,000, the paper's run; 1e6 or 1_000_000 work too)")
-    p.add_argument("--eval-every", type=_int_at_least(1), default=10_000, metavar="STEPS",
+    p.add_argument("--eval-every", type=runlib.int_at_least(1), default=10_000, metavar="STEPS",
                    help="steps between validations on the whole validation text, and one at "
                    "the last step (default 10,000, the paper's)")
-    p.add_argument("--reset-every", type=_int_at_least(1), default=100, metavar="STEPS",
+    p.add_argument("--reset-every", type=runlib.int_at_least(1), default=100, metavar="STEPS",
                    help="steps between resets of every stream's h and learner state (default "
                    "100 characters, the paper's)")
-    p.add_argument("--seed", type=_int_at_least(0), default=0,
+    p.add_argument("--seed", type=runlib.int_at_least(0), default=0,
                    help="seed of the one numpy Generator behind all randomness (default 0)")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32",
                    help="floating point type (default float32, as the paper's TensorFlow code)")
     p.add_argument("--data-dir", metavar="DIR",
                    help="folder with train.txt, valid.txt, test.txt or ptb.char.*.txt (default: "
                    "$OK_RTRL_DATA, else ~/.cache/ok-rtrl/ptb-char, filled by a checked download)")
-    p.add_argument("--log", type=_output_path, metavar="FILE.csv",
+    p.add_argument("--log", type=runlib.output_path, metavar="FILE.csv",
                    help="CSV log: step, train_bits (mean since the last row), valid_bpc, "
                    "chars_per_s; the config in a '#' header line, the test BPC in a last one")
-    p.add_argument("--log-every", type=_int_at_least(1), default=1000, metavar="STEPS",
+    p.add_argument("--log-every", type=runlib.int_at_least(1), default=1000, metavar="STEPS",
                    help="steps between log rows (default 1000)")
-    p.add_argument("--checkpoint", type=_output_path, metavar="FILE.npz",
+    p.add_argument("--checkpoint", type=runlib.output_path, metavar="FILE.npz",
                    help="resume from FILE if it exists; save to it periodically, after each "
                    "validation, at the end and on Ctrl-C or SIGTERM; it holds the current run "
                    "(weights, Adam, learner state, data position) and the best-validation "
                    "weights")
-    p.add_argument("--checkpoint-every", type=_positive_float, default=300.0, metavar="SECONDS",
+    p.add_argument("--checkpoint-every", type=runlib.positive_float, default=300.0,
+                   metavar="SECONDS",
                    help="seconds between periodic checkpoints (default 300)")
-    p.add_argument("--plot", type=_output_path, metavar="FILE.png",
+    p.add_argument("--plot", type=runlib.output_path, metavar="FILE.png",
                    help="validation BPC against steps (needs matplotlib)")
     return p
 
@@ -318,7 +315,7 @@ EXPERIMENT_KEYS = ("task", "method", "rank", "trunc", "hidden", "batch", "lr", "
 
 def resolve_config(parser, args):
     """The run's configuration as a JSON-able dict, with rank and trunc resolved per method."""
-    rank, trunc = resolve_rank_and_trunc(parser, args, default_rank=8, default_trunc=100)
+    rank, trunc = runlib.resolve_rank_and_trunc(parser, args, default_rank=8, default_trunc=100)
     return {"task": "ptb", "method": args.method, "rank": rank, "trunc": trunc,
             "hidden": args.hidden, "batch": args.batch, "lr": args.lr, "seed": args.seed,
             "dtype": args.dtype, "eval_every": args.eval_every, "reset_every": args.reset_every,
@@ -327,50 +324,33 @@ def resolve_config(parser, args):
             "checkpoint_every": args.checkpoint_every, "plot": args.plot}
 
 
-# --- The run: state, checkpoint ----------------------------------------------------------------
+# --- The run: best weights and curves beside runlib's weights, learner and checkpoint -----------
 
 
 def new_run(config, rng, V):
     """Fresh weights (drawn first from rng), Adam, learner state, counters."""
-    B, n = config["batch"], config["hidden"]
-    params = ok.init_params(V, n, V, rng, dtype=np.dtype(config["dtype"]))
-    state = (None if config["method"] == "tbptt"
-             else ok.init_learner(config["method"], params, B, config["rank"] or 1))
-    return {"params": params, "adam": ok.adam_init(params), "state": state,
-            "h": np.zeros((B, n), params.W.dtype), "step": 0, "window": [],
-            "row_nats": 0.0, "row_steps": 0,  # training loss summed since the last log row
-            "best": params, "best_step": -1, "best_bpc": math.inf, "last_eval": -1,
-            "train_curve": [], "valid_curve": []}  # (step, bits) points
+    run = runlib.new_run(config, rng, V)
+    run.update(row_nats=0.0, row_steps=0,  # training loss summed since the last log row
+               best=run["params"], best_step=-1, best_bpc=math.inf, last_eval=-1,
+               train_curve=[], valid_curve=[])  # (step, bits) points
+    return run
 
 
 def checkpoint_arrays(config, rng, run):
-    """Everything a run needs to go on exactly where it stopped, as named arrays for np.savez."""
-    B = config["batch"]
-    window = run["window"]
+    """runlib's arrays of the run, PTB's counters and its own arrays: the best-validation
+    weights and the two curves."""
     counters = ("step", "row_nats", "row_steps", "best_step", "best_bpc", "last_eval")
-    arrays = {"config": json.dumps(config), "rng": json.dumps(rng.bit_generator.state),
-              "counters": json.dumps({k: run[k] for k in counters}), "h": run["h"],
-              "window_x": np.array([w[0] for w in window], np.int64).reshape(-1, B),  # (k, B)
-              "window_y": np.array([w[1] for w in window], np.int64).reshape(-1, B),
-              "window_reset": np.array([w[2] for w in window], bool).reshape(-1, B),
-              "train_curve": np.array(run["train_curve"], np.float64).reshape(-1, 2),
-              "valid_curve": np.array(run["valid_curve"], np.float64).reshape(-1, 2)}
-    for name in ("params", "adam", "best"):
-        arrays.update(flatten(name, run[name]))
-    if run["state"] is not None:
-        arrays.update(flatten("learner", run["state"]))
-    return arrays
+    return runlib.checkpoint_arrays(config, rng, run, counters, {
+        "best": run["best"],
+        "train_curve": np.array(run["train_curve"], np.float64).reshape(-1, 2),
+        "valid_curve": np.array(run["valid_curve"], np.float64).reshape(-1, 2)})
 
 
 def restore_run(arrays, run, rng, path):
     """Overwrite the fresh run and rng with a checkpoint's arrays (shapes checked)."""
-    for name in ("params", "adam", "best", "h") + (("state",) if run["state"] is not None else ()):
-        run[name] = unflatten("learner" if name == "state" else name, run[name], arrays, path)
-    run.update(json.loads(str(arrays["counters"])))  # JSON keeps floats exactly (and Infinity)
-    run["window"] = list(zip(arrays["window_x"], arrays["window_y"], arrays["window_reset"]))
+    runlib.restore_run(arrays, run, rng, path, task_tuples=["best"])
     run["train_curve"] = [tuple(row) for row in arrays["train_curve"].tolist()]
     run["valid_curve"] = [tuple(row) for row in arrays["valid_curve"].tolist()]
-    rng.bit_generator.state = json.loads(str(arrays["rng"]))
 
 
 # --- Main loop ---------------------------------------------------------------------------------
@@ -397,7 +377,7 @@ def log_row(run, log, bpc, chars_per_s):
     run["row_nats"], run["row_steps"] = 0.0, 0
     if log is not None:
         valid = "" if bpc is None else f"{bpc:.6f}"
-        write_line(log, f"{run['step']},{train_bits:.6f},{valid},{chars_per_s:.1f}\n")
+        runlib.write_line(log, f"{run['step']},{train_bits:.6f},{valid},{chars_per_s:.1f}\n")
 
 
 def train(config, run, rng, data, log, stop):
@@ -411,7 +391,7 @@ def train(config, run, rng, data, log, stop):
         begun = time.monotonic()
         p = stream_positions(run["step"], B, len(text))
         reset = np.full(B, run["step"] % config["reset_every"] == 0)  # all streams at once
-        nats = train_step(run, config, rng, text[p], text[p + 1], reset)  # TBPTT: 0 or K
+        nats = runlib.train_step(run, config, rng, text[p], text[p + 1], reset)  # TBPTT: 0 or K
         busy += time.monotonic() - begun
         run["step"] += 1
         run["row_nats"] += float(nats.sum())
@@ -422,83 +402,89 @@ def train(config, run, rng, data, log, stop):
             bpc = validate(run, data, config)
         now = time.monotonic()
         if step % config["log_every"] == 0 or bpc is not None:
-            log_row(run, log, bpc, B * rate_since(row_mark, step, busy))
-        if now - print_mark[0] >= PROGRESS_SECONDS or step == steps:
-            rate = rate_since(print_mark, step, now)
+            log_row(run, log, bpc, B * runlib.rate_since(row_mark, step, busy))
+        if now - print_mark[0] >= runlib.PROGRESS_SECONDS or step == steps:
+            rate = runlib.rate_since(print_mark, step, now)
             recent = f"{ok.bits(shown[0] / shown[1]):.3f}" if shown[1] else "-"
             best = f"  best valid {run['best_bpc']:.3f}" if run["best_step"] >= 0 else ""
             print(f"step {step:,}/{steps:,}  train {recent} bits{best}  {B * rate:,.0f} "
-                  f"chars/s  ETA {duration((steps - step) / max(rate, 1e-9))}", flush=True)
+                  f"chars/s  ETA {runlib.duration((steps - step) / max(rate, 1e-9))}", flush=True)
             shown = [0.0, 0]
         if config["checkpoint"] and (bpc is not None
                                      or now - last_save >= config["checkpoint_every"]):
-            save_or_warn(config["checkpoint"], checkpoint_arrays(config, rng, run), step)
+            runlib.save_or_warn(config["checkpoint"], checkpoint_arrays(config, rng, run), step)
             last_save = time.monotonic()
     if run["step"] > step0:
-        print(f"{run['step'] - step0:,} steps in {duration(time.monotonic() - started)}")
+        print(f"{run['step'] - step0:,} steps in {runlib.duration(time.monotonic() - started)}")
+
+
+def report_test_bpc(run, data, config, log):
+    """The result: test BPC of the best-validation weights (validating first if the last step
+    was not, e.g. --steps 0), printed and written as the log's last line."""
+    if run["last_eval"] != run["step"]:
+        validate(run, data, config)
+    test = bits_per_character(run["best"], data["test"], data["eos"], config["reset_every"])
+    summary = (f"test BPC {test:.4f} of the best weights (step {run['best_step']:,}, "
+               f"validation {run['best_bpc']:.4f})")
+    print(summary)
+    if log is not None:
+        runlib.write_line(log, f"# {summary}\n")
 
 
 def main(argv=None) -> int:
-    return cli_main(PROG, argv, build_parser, resolve_config, run_experiment)
+    return runlib.cli_main(PROG, argv, build_parser, resolve_config, run_experiment)
 
 
 def run_experiment(config):
-    print(f"{PROG}: character-level Penn Treebank as in Benzing et al. 2019 (arXiv 1902.03993)")
-    for key, value in config.items():
-        print(f"  {key:17s}{value}")
-    check_writable_outputs([("--checkpoint", config["checkpoint"]), ("--log", config["log"]),
-                            ("--plot", config["plot"])])
-    if config["plot"] and matplotlib_pyplot() is None:
-        print("note: matplotlib is not installed, so --plot will be skipped "
-              "(pip install matplotlib)")
-    paths = locate_ptb(config["data_dir"])
-    ids, vocab, sha = load_ptb(paths)
-    config["data_sha256"] = sha
-    data = dict(ids, eos=vocab.index(EOS))
-    print(f"data: {os.path.dirname(os.path.abspath(paths['train']))}: "
-          + ", ".join(f"{split} {len(ids[split]):,}" for split in SPLITS)
-          + f" symbols; vocabulary {len(vocab)} (train, end of line included)")
-    if sha != PTB_SHA256:
-        print("note: these are not the published PTB files (their sha256 differs): the BPC is "
-              "not comparable with the paper's")
-    print(f"memory: about {mib(check_memory(config, len(vocab)))} for the learner and weights")
-    config_line = f"{PROG} config: {json.dumps(config)}"
-    rng = np.random.default_rng(config["seed"])
-    run = new_run(config, rng, len(vocab))
+    """The whole run: its files held, data read, resumed or started, trained and validated,
+    the best weights tested, saved, plotted."""
+    runlib.print_config(f"{PROG}: character-level Penn Treebank as in Benzing et al. 2019 (arXiv "
+                        "1902.03993)", config)
+    with runlib.claim_outputs([("--checkpoint", config["checkpoint"]), ("--log", config["log"]),
+                               ("--plot", config["plot"])]):
+        paths = locate_ptb(config["data_dir"])
+        ids, vocab, sha = load_ptb(paths)
+        config["data_sha256"] = sha
+        data = dict(ids, eos=vocab.index(EOS))
+        print(f"data: {os.path.dirname(os.path.abspath(paths['train']))}: "
+              + ", ".join(f"{split} {len(ids[split]):,}" for split in SPLITS)
+              + f" symbols; vocabulary {len(vocab)} (train, end of line included)")
+        if sha != PTB_SHA256:
+            print("note: these are not the published PTB files (their sha256 differs): the BPC "
+                  "is not comparable with the paper's")
+        memory = runlib.check_memory(config, len(vocab))
+        print(f"memory: about {runlib.mib(memory)} for the learner and weights")
+        rng = np.random.default_rng(config["seed"])
+        run = new_run(config, rng, len(vocab))
 
-    def restore(arrays):
-        restore_run(arrays, run, rng, config["checkpoint"])
-        print(f"resuming from {config['checkpoint']} at step {run['step']:,}")
-        return run["step"]
-    resume_step = resume_or_start(config, EXPERIMENT_KEYS, restore)
-    if resume_step is not None and resume_step >= config["steps"]:
-        print(f"already at step {run['step']:,} >= --steps {config['steps']:,}: nothing to train")
-    log = None
-    if config["log"]:
-        log = open_log(config["log"], config_line,
-                       ("step", "train_bits", "valid_bpc", "chars_per_s"), resume_step)
-    with stop_on_signals() as stop:
-        try:
-            train(config, run, rng, data, log, stop)
-            if not stop["signal"]:
-                if run["last_eval"] != run["step"]:  # e.g. --steps 0
-                    validate(run, data, config)
-                test = bits_per_character(run["best"], data["test"], data["eos"],
-                                          config["reset_every"])
-                summary = (f"test BPC {test:.4f} of the best weights (step {run['best_step']:,}, "
-                           f"validation {run['best_bpc']:.4f})")
-                print(summary)
+        def restore(arrays):
+            restore_run(arrays, run, rng, config["checkpoint"])
+            print(f"resuming from {config['checkpoint']} at step {run['step']:,}")
+            return run["step"]
+        resume_step = runlib.resume_or_start(config, EXPERIMENT_KEYS, restore)
+        if resume_step is not None and resume_step >= config["steps"]:
+            print(f"already at step {run['step']:,} >= --steps {config['steps']:,}: nothing to "
+                  "train")
+        log = None
+        if config["log"]:  # the header names no data folder: the data are known by their sha256
+            header = runlib.log_header(PROG, config, local=["data_dir"])
+            log = runlib.open_log(config["log"], header,
+                                  ("step", "train_bits", "valid_bpc", "chars_per_s"), resume_step)
+        with runlib.stop_on_signals() as stop:
+            try:
+                train(config, run, rng, data, log, stop)
+                if not stop["signal"]:
+                    report_test_bpc(run, data, config, log)
+            finally:
                 if log is not None:
-                    write_line(log, f"# {summary}\n")
-        finally:
-            if log is not None:
-                close_log(log)
-        if config["checkpoint"]:
-            final_save(config["checkpoint"], checkpoint_arrays(config, rng, run), run["step"])
-    if config["plot"] and run["valid_curve"]:
-        x, y = zip(*run["valid_curve"])
-        write_plot(config["plot"], x, y, "step", "validation bits per character",
-                   f"char PTB, {config['method']}, n {config['hidden']}")
+                    runlib.close_log(log)
+            if config["checkpoint"]:
+                runlib.final_save(config["checkpoint"], checkpoint_arrays(config, rng, run),
+                                  run["step"])
+        if config["plot"] and run["valid_curve"]:
+            x, y = zip(*run["valid_curve"])
+            runlib.write_plot(config["plot"], x, y, "step", "validation bits per character",
+                              f"char PTB, {config['method']}, n {config['hidden']}")
     return 128 + stop["signal"] if stop["signal"] else 0
 
 

@@ -1,0 +1,492 @@
+"""Tests of runlib.py, the machinery that both experiment runners share, each checked once.
+
+A full run needs a task, so most of these run run_copy.py on a tiny configuration (the cheapest
+task); what they check lives in runlib.py: numbers as people type them, exact resume after
+SIGTERM, damaged checkpoints, output files (their mode, a folder that takes no file, saves that
+fail, a second run on the same files), the CSV log (its header, a resumed log, a full disk), a
+diverging run, and the memory estimate. Every failure must be one line and a non-zero exit with
+nothing lost. test_runners.py tests each task and imports the helpers below.
+"""
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import ok_rtrl as ok
+import run_copy
+import runlib
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+NEEDS_FLOCK = pytest.mark.skipif(runlib.fcntl is None, reason="no fcntl here: runs go unlocked")
+TINY_COPY = ["--hidden", "8", "--batch", "3", "--rank", "2", "--lr", "0.01"]
+
+
+# --- Helpers (test_runners.py uses them too) -----------------------------------------------------
+
+
+def checkpoint_contents(path):
+    """A checkpoint's config and arrays; the file names, which differ between runs, are dropped."""
+    with np.load(path, allow_pickle=False) as f:
+        arrays = {name: f[name] for name in f.files}
+    config = json.loads(str(arrays.pop("config")))
+    for key in ("checkpoint", "log", "plot", "data_dir"):
+        config.pop(key, None)
+    return config, arrays
+
+
+def assert_same_run(path_a, path_b):
+    config_a, arrays_a = checkpoint_contents(path_a)
+    config_b, arrays_b = checkpoint_contents(path_b)
+    assert config_a == config_b
+    assert arrays_a.keys() == arrays_b.keys()
+    for name in arrays_a:  # exact: a resumed run must be bit-identical, not close
+        np.testing.assert_array_equal(arrays_a[name], arrays_b[name], err_msg=name)
+
+
+def log_rows(path, drop_last_column=True):
+    """The data rows of a CSV log without the timing column (steps/s varies run to run)."""
+    with open(path) as f:
+        lines = [line.rstrip("\n") for line in f if not line.startswith("#")]
+    return [line.rsplit(",", 1)[0] if drop_last_column else line for line in lines]
+
+
+def one_error_line(stderr, prog):
+    lines = stderr.strip().splitlines()
+    assert len(lines) >= 1 and "Traceback" not in stderr
+    assert lines[-1].startswith(f"{prog}: error: ")
+    return lines[-1]
+
+
+def tiny_copy_checkpoint(tmp_path, name="run.npz", steps="5"):
+    path = str(tmp_path / name)
+    assert run_copy.main(TINY_COPY + ["--steps", steps, "--checkpoint", path]) == 0
+    return path
+
+
+def count_calls(monkeypatch, module, name):
+    """Count the calls of module.name (still calling it); returns the one-element counter."""
+    original, calls = getattr(module, name), [0]
+
+    def wrapped(*args, **kwargs):
+        calls[0] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, wrapped)
+    return calls
+
+
+def drop_key(path, key):
+    with np.load(path, allow_pickle=False) as f:
+        arrays = {name: f[name] for name in f.files if name != key}
+    np.savez(path, **arrays)
+
+
+def replace_key(path, key, value):
+    with np.load(path, allow_pickle=False) as f:
+        arrays = {name: f[name] for name in f.files}
+    arrays[key] = value
+    np.savez(path, **arrays)
+
+
+# --- Command line --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text, steps", [("1e1", 10), ("2.5e1", 25), ("1_0", 10), ("1,0", 10)])
+def test_steps_as_people_type_them(capsys, text, steps):
+    assert run_copy.main(TINY_COPY + ["--steps", text]) == 0
+    assert f"  steps            {steps}\n" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("text", ["1.5", "1e-1", "ten", "inf"])
+def test_steps_that_are_not_whole_numbers_are_refused(capsys, text):
+    assert run_copy.main(TINY_COPY + ["--steps", text]) == 2
+    assert "--steps" in one_error_line(capsys.readouterr().err, "run_copy.py")
+
+
+# --- Checkpoints: exact resume after SIGTERM, damaged files --------------------------------------
+
+
+def test_restart_before_any_checkpoint_says_so(tmp_path, capsys):
+    path = str(tmp_path / "run.npz")
+    assert run_copy.main(TINY_COPY + ["--steps", "5", "--checkpoint", path]) == 0
+    assert f"no checkpoint at {path} yet: starting from step 0" in capsys.readouterr().out
+
+
+SIGTERM_AT_STEP = """
+import signal, sys
+import run_copy
+original, calls = run_copy.next_symbols, [0]
+def next_symbols(*args):
+    calls[0] += 1
+    if calls[0] == {call}:
+        signal.raise_signal(signal.SIGTERM)
+    return original(*args)
+run_copy.next_symbols = next_symbols
+sys.exit(run_copy.main({argv!r}))
+"""
+
+
+def test_sigterm_saves_like_ctrl_c_and_resumes_identically(tmp_path):
+    """SIGTERM (timeout, kill, a batch scheduler) stops after the step and saves, like Ctrl-C:
+    the resumed run ends exactly where an uninterrupted one ends. Run in a child process, so a
+    SIGTERM that is not handled kills the child, not the test session."""
+    argv = TINY_COPY + ["--steps", "300"]
+    whole, parts = str(tmp_path / "whole.npz"), str(tmp_path / "parts.npz")
+    assert run_copy.main(argv + ["--checkpoint", whole]) == 0
+    script = SIGTERM_AT_STEP.format(call=170, argv=argv + ["--checkpoint", parts])
+    child = subprocess.run([sys.executable, "-c", script], cwd=HERE, capture_output=True,
+                           text=True, timeout=300, env=dict(os.environ, PYTHONPATH=HERE))
+    assert child.returncode == 128 + signal.SIGTERM, child.stderr
+    assert "SIGTERM" in child.stderr and "Traceback" not in child.stderr
+    assert checkpoint_contents(parts)[1]["counters"].item().startswith('{"step": 170,')
+    assert run_copy.main(argv + ["--checkpoint", parts]) == 0
+    assert_same_run(whole, parts)
+
+
+def test_unreadable_checkpoint_is_one_line(tmp_path, capsys):
+    path = tmp_path / "run.npz"
+    path.write_bytes(b"not a zip file")
+    assert run_copy.main(TINY_COPY + ["--steps", "5", "--checkpoint", str(path)]) == 1
+    assert "cannot read checkpoint" in one_error_line(capsys.readouterr().err, "run_copy.py")
+
+
+@pytest.mark.parametrize("damage", ["npy file", "no config", "no counters", "no rng",
+                                    "no stream_inputs", "counters not json", "config a list",
+                                    "rng not a state", "no params.W"])
+def test_damaged_checkpoint_is_one_line(tmp_path, capsys, damage):
+    if damage == "npy file":
+        path = str(tmp_path / "run.npy")
+        np.save(path, np.arange(3))
+    else:
+        path = tiny_copy_checkpoint(tmp_path)
+        if damage.startswith("no "):
+            drop_key(path, damage[3:])
+        else:
+            key = damage.split()[0]
+            replace_key(path, key, {"counters": "{step: 5", "config": "[1, 2]",
+                                    "rng": '{"bit_generator": "nonsense"}'}[key])
+    capsys.readouterr()
+    assert run_copy.main(TINY_COPY + ["--steps", "10", "--checkpoint", path]) == 1
+    line = one_error_line(capsys.readouterr().err, "run_copy.py")
+    assert path in line and "choose another --checkpoint file" in line
+
+
+# --- Output files: mode, unwritable places, failed saves, one run per file -----------------------
+
+
+def test_outputs_follow_the_umask(tmp_path):
+    """Checkpoints and logs are written through temporary files (atomic), but get the mode that
+    the umask gives any new file, not mkstemp's 0600."""
+    previous = os.umask(0o022)
+    try:
+        path, log = str(tmp_path / "run.npz"), str(tmp_path / "run.csv")
+        assert run_copy.main(TINY_COPY + ["--steps", "5", "--checkpoint", path, "--log", log]) == 0
+    finally:
+        os.umask(previous)
+    for name in (path, log):
+        assert oct(os.stat(name).st_mode & 0o777) == oct(0o644), name
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="no /proc here")
+@pytest.mark.parametrize("option", ["--checkpoint", "--log", "--plot"])
+def test_unwritable_output_is_refused_before_the_first_step(monkeypatch, capsys, option):
+    """An output under /proc (its folder exists, nothing can be created in it) is refused before
+    any training, not after the whole run."""
+    steps = count_calls(monkeypatch, runlib, "train_step")
+    path = "/proc/ok-rtrl-test." + {"--checkpoint": "npz", "--log": "csv", "--plot": "png"}[option]
+    assert run_copy.main(TINY_COPY + ["--steps", "50", option, path]) == 1
+    line = one_error_line(capsys.readouterr().err, "run_copy.py")
+    assert f"cannot write {option[2:]} {path}" in line and steps[0] == 0
+
+
+def test_failed_saves_keep_training_and_try_again(tmp_path, monkeypatch, capsys):
+    """A checkpoint that cannot be written during the run (a full disk, say) is reported, the
+    run goes on from its state in memory, and the next save writes it: the run ends where an
+    uninterrupted one ends."""
+    argv = TINY_COPY + ["--steps", "150", "--checkpoint-every", "1e-9"]  # a save every step
+    whole = str(tmp_path / "whole.npz")
+    assert run_copy.main(argv + ["--checkpoint", whole]) == 0
+    original, calls = np.savez, [0]
+
+    def disk_full_twice(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] in (100, 101):
+            raise OSError(28, "No space left on device")
+        return original(*args, **kwargs)
+    monkeypatch.setattr(np, "savez", disk_full_twice)
+    parts = str(tmp_path / "parts.npz")
+    assert run_copy.main(argv + ["--checkpoint", parts]) == 0
+    err = capsys.readouterr().err
+    assert err.count("No space left on device") == 2 and "Traceback" not in err
+    assert "training goes on" in err and "try again at the next save" in err
+    assert_same_run(whole, parts)
+
+
+def test_final_save_that_fails_keeps_the_run_elsewhere(tmp_path, monkeypatch, capsys):
+    """If even the last save fails, the run is written to a file in the temporary folder, and
+    the error line says where and how to resume from it."""
+    argv = TINY_COPY + ["--steps", "40"]
+    whole = str(tmp_path / "whole.npz")
+    assert run_copy.main(argv + ["--checkpoint", whole]) == 0
+    original = runlib.save_atomically
+    target = str(tmp_path / "parts.npz")
+
+    def folder_gone(path, arrays):
+        if path == target:
+            raise runlib.UserError(f"cannot write checkpoint {path} (folder gone)")
+        return original(path, arrays)
+    monkeypatch.setattr(runlib, "save_atomically", folder_gone)
+    monkeypatch.setattr(runlib.tempfile, "tempdir", str(tmp_path / "tmp"))
+    os.mkdir(tmp_path / "tmp")
+    assert run_copy.main(argv + ["--checkpoint", target]) == 1
+    line = one_error_line(capsys.readouterr().err, "run_copy.py")
+    rescued = os.listdir(tmp_path / "tmp")
+    assert len(rescued) == 1 and str(tmp_path / "tmp" / rescued[0]) in line and target in line
+    assert_same_run(whole, str(tmp_path / "tmp" / rescued[0]))
+
+
+HOLD_MID_RUN = """
+import os, sys, time
+import run_copy
+original, calls = run_copy.next_symbols, [0]
+def next_symbols(*args):
+    calls[0] += 1
+    if calls[0] == {call}:  # mid-run: say so, then wait until the test lets the run go on
+        open({holding!r}, "w").close()
+        while not os.path.exists({release!r}):
+            time.sleep(0.01)
+    return original(*args)
+run_copy.next_symbols = next_symbols
+sys.exit(run_copy.main({argv!r}))
+"""
+
+
+@NEEDS_FLOCK
+def test_same_command_twice_the_second_is_refused_and_the_first_goes_on(tmp_path):
+    """Two runs on one checkpoint and log would overwrite each other's work. The first run,
+    a child process held mid-run, holds them; the same command started again (python
+    run_copy.py ...) is refused in one line naming the first's PID and touches nothing; the
+    first then ends exactly as a run that nobody disturbed, checkpoint and log."""
+    argv = TINY_COPY + ["--steps", "300", "--log-every", "50"]
+    whole, log_whole = str(tmp_path / "whole.npz"), str(tmp_path / "whole.csv")
+    assert run_copy.main(argv + ["--checkpoint", whole, "--log", log_whole]) == 0
+    path, log = str(tmp_path / "run.npz"), str(tmp_path / "run.csv")
+    same = argv + ["--checkpoint", path, "--log", log]
+    holding, release = str(tmp_path / "holding"), str(tmp_path / "release")
+    script = HOLD_MID_RUN.format(call=170, holding=holding, release=release, argv=same)
+    with open(tmp_path / "first.out", "w") as out, open(tmp_path / "first.err", "w") as err:
+        first = subprocess.Popen([sys.executable, "-c", script], cwd=HERE, stdout=out,
+                                 stderr=err, env=dict(os.environ, PYTHONPATH=HERE))
+    try:
+        deadline = time.monotonic() + 300
+        while not os.path.exists(holding):  # the first run is at step 170, holding its files
+            assert first.poll() is None, (tmp_path / "first.err").read_text()
+            assert time.monotonic() < deadline, "the first run did not reach step 170"
+            time.sleep(0.01)
+        second = subprocess.run([sys.executable, "run_copy.py"] + same, cwd=HERE,
+                                capture_output=True, text=True, timeout=300)
+        with open(os.path.realpath(path) + ".lock") as f:
+            assert f.read() == f"{first.pid}\n"  # the first still holds its checkpoint
+        open(release, "w").close()
+        assert first.wait(timeout=300) == 0, (tmp_path / "first.err").read_text()
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+    assert second.returncode == 1
+    assert second.stderr.splitlines() == [
+        f"run_copy.py: error: --checkpoint {path} is held by process {first.pid}, a run that is "
+        f"still going: wait until it ends (kill {first.pid} stops it and saves), or give "
+        "--checkpoint another file"]
+    assert "Traceback" not in (tmp_path / "first.err").read_text()
+    assert_same_run(whole, path)
+    assert log_rows(log_whole) == log_rows(log)
+    assert not os.path.exists(path + ".lock") and not os.path.exists(log + ".lock")
+
+
+HOLD_UNTIL_KILLED = """
+import time
+import runlib
+with runlib.claim_outputs([("--log", {path!r})]):
+    print("held", flush=True)
+    time.sleep(600)
+"""
+
+
+@NEEDS_FLOCK
+def test_the_hold_dies_with_its_process(tmp_path):
+    """A process killed with SIGKILL runs no clean-up, yet holds nothing after: its lock file
+    stays behind, unlocked, and the next run takes it over. While the process lives, a claim of
+    its file is refused with its PID."""
+    path = str(tmp_path / "run.csv")
+    lock = os.path.realpath(path) + ".lock"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_UNTIL_KILLED.format(path=path)],
+                              cwd=HERE, stdout=subprocess.PIPE, text=True,
+                              env=dict(os.environ, PYTHONPATH=HERE))
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(runlib.UserError, match=f"held by process {holder.pid}, "):
+            with runlib.claim_outputs([("--log", path)]):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()
+    assert holder.returncode == -signal.SIGKILL and os.path.exists(lock)
+    with runlib.claim_outputs([("--log", path)]):
+        with open(lock) as f:
+            assert f.read() == f"{os.getpid()}\n"
+    assert not os.path.exists(lock)
+
+
+@NEEDS_FLOCK
+def test_a_file_system_without_locks_is_a_warning(tmp_path, monkeypatch, capsys):
+    """Where flock fails (ENOLCK on some network mounts) the run goes on unlocked, and says so."""
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+    monkeypatch.setattr(runlib.fcntl, "flock", no_locks)
+    path = str(tmp_path / "run.npz")
+    assert run_copy.main(TINY_COPY + ["--steps", "5", "--checkpoint", path]) == 0
+    err = capsys.readouterr().err
+    assert "cannot lock" in err and "No locks available" in err and "Traceback" not in err
+    assert os.listdir(tmp_path) == ["run.npz"]
+
+
+def test_one_file_for_two_outputs_is_refused(tmp_path, capsys):
+    path = str(tmp_path / "run.csv")
+    argv = TINY_COPY + ["--steps", "5", "--measure-noise", "5", "--log", path, "--noise-log", path]
+    assert run_copy.main(argv) == 1
+    line = one_error_line(capsys.readouterr().err, "run_copy.py")
+    assert line.endswith(f"--noise-log {path} is the file of --log too: give each output its "
+                         "own file")
+    assert not os.path.exists(path) and os.listdir(tmp_path) == []
+
+
+# --- The CSV log ---------------------------------------------------------------------------------
+
+
+def test_log_header_names_no_folder():
+    """The '#' line that opens a log: the output files by their base name, the keys naming where
+    the data came from left out, every other key as it was and in the config's order."""
+    config = {"task": "t", "log": os.path.join("runs", "today", "run.csv"), "steps": 5,
+              "checkpoint": os.path.join("runs", "run.npz"), "plot": None, "data_dir": "ptb",
+              "noise_log": "noise.csv", "lr": 0.5}
+    assert runlib.log_header("prog.py", config, local=["data_dir"]) == (
+        'prog.py config: {"task": "t", "log": "run.csv", "steps": 5, "checkpoint": "run.npz", '
+        '"plot": null, "noise_log": "noise.csv", "lr": 0.5}')
+
+
+def test_resume_drops_log_rows_written_after_the_last_save(tmp_path):
+    """A run killed between saves has log rows past its checkpoint; they will be written again."""
+    path = str(tmp_path / "log.csv")
+    with open(path, "w") as f:
+        f.write("# config\nstep,T,avg_bits,steps_per_s\n50,1,0.9,9\n100,1,0.8,9\n150,2,0.3,9\n")
+    runlib.open_log(path, "config", ("step", "T", "avg_bits", "steps_per_s"), 100).close()
+    with open(path) as f:
+        assert f.read() == "# config\nstep,T,avg_bits,steps_per_s\n50,1,0.9,9\n100,1,0.8,9\n"
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full here")
+def test_log_that_cannot_be_written_during_the_run_costs_no_training(tmp_path, monkeypatch,
+                                                                     capsys):
+    """A log row that cannot be written (a full disk: /dev/full) is reported; training and the
+    checkpoint go on as if nothing happened."""
+    argv = TINY_COPY + ["--steps", "300", "--log-every", "50"]
+    whole, parts = str(tmp_path / "whole.npz"), str(tmp_path / "parts.npz")
+    assert run_copy.main(argv + ["--checkpoint", whole]) == 0
+    original = runlib.open_log
+
+    def disk_full_log(*args, **kwargs):
+        original(*args, **kwargs).close()
+        return open("/dev/full", "a", buffering=1)  # every write: ENOSPC
+    monkeypatch.setattr(runlib, "open_log", disk_full_log)
+    assert run_copy.main(argv + ["--checkpoint", parts, "--log", str(tmp_path / "log.csv")]) == 0
+    err = capsys.readouterr().err
+    assert "cannot write log" in err and "training goes on" in err and "Traceback" not in err
+    assert_same_run(whole, parts)
+
+
+# --- A diverging run -----------------------------------------------------------------------------
+
+
+def test_diverging_run_stops_with_one_line(monkeypatch, capsys):
+    def diverged(*args, **kwargs):
+        raise FloatingPointError("dW is not finite (NaN or inf): the run diverged; lower the "
+                                 "learning rate or train in float64")
+    monkeypatch.setattr(ok, "apply_gradients", diverged)
+    assert run_copy.main(TINY_COPY + ["--steps", "10"]) == 1
+    line = one_error_line(capsys.readouterr().err, "run_copy.py")
+    assert "step 1" in line and "lower the learning rate" in line
+
+
+def test_learner_state_that_overflows_stops_with_one_line(monkeypatch, capsys):
+    """A learner state that is no longer finite makes OK's SVD fail: the diverged line too."""
+    def overflowed(*args, **kwargs):
+        raise np.linalg.LinAlgError("SVD did not converge")
+    monkeypatch.setattr(ok, "online_update", overflowed)
+    assert run_copy.main(TINY_COPY + ["--steps", "10"]) == 1
+    line = one_error_line(capsys.readouterr().err, "run_copy.py")
+    assert "step 1" in line and "SVD did not converge" in line and "diverged" in line
+
+
+@pytest.mark.parametrize("method, lr", [("ok", "1e37"), ("ok", "1e39"), ("rtrl", "1e39"),
+                                        ("tbptt", "1e39")])
+def test_absurd_learning_rate_is_the_diverged_line(capsys, method, lr):
+    """float32: 1e39 overflows the weights to inf at the first update; that must be the same
+    clear line as 1e37 gives, never a LinAlgError from the SVD."""
+    argv = ["--hidden", "8", "--batch", "3", "--method", method, "--steps", "30", "--lr", lr]
+    argv += ["--trunc", "5"] if method == "tbptt" else []
+    assert run_copy.main(argv) == 1
+    line = one_error_line(capsys.readouterr().err, "run_copy.py")
+    assert "diverged" in line and "lower the learning rate" in line
+
+
+# --- Memory --------------------------------------------------------------------------------------
+
+
+def test_learner_too_big_for_memory_is_refused_before_allocating(monkeypatch, capsys):
+    """The learner's memory is estimated first: a run that cannot fit is refused with the figure
+    and the largest --hidden that fits; rtrl is not told about --rank, which it does not have."""
+    monkeypatch.setattr(runlib, "available_memory", lambda: 2**30)  # 1 GiB
+
+    def no_allocation(*args, **kwargs):
+        raise AssertionError("allocated a learner that cannot fit")
+    monkeypatch.setattr(ok, "init_learner", no_allocation)
+    assert run_copy.main(["--method", "rtrl", "--hidden", "256", "--steps", "5"]) == 1
+    line = one_error_line(capsys.readouterr().err, "run_copy.py")
+    assert "GiB" in line and "--hidden" in line and "fits" in line and "--rank" not in line
+    assert run_copy.main(["--method", "ok", "--rank", "64", "--hidden", "512", "--steps", "5"]) == 1
+    line = one_error_line(capsys.readouterr().err, "run_copy.py")
+    assert "GiB" in line and "--rank" in line
+
+
+@pytest.mark.parametrize("method, rank", [("rtrl", 1), ("ok", 4), ("kf", 1), ("kf-avg", 3),
+                                          ("uoro", 1)])
+def test_memory_estimate_covers_the_measured_peak(method, rank):
+    """learner_memory is an upper bound of what one online step holds at its peak (the state
+    before and after, and every temporary), measured with tracemalloc, which numpy reports to."""
+    import tracemalloc
+    B, n, V = 3, 12, 5
+    rng = np.random.default_rng(0)
+    params = ok.init_params(V, n, V, rng, np.float32)
+    state, h, adam = ok.init_learner(method, params, B, rank), np.zeros((B, n), np.float32), \
+        ok.adam_init(params)
+    x = np.zeros(B, np.int64)
+    signs = ok.draw_signs(rng, method, B, rank, n)
+    ok.online_update(params, adam, state, h, x, x, method, signs, 1e-3, B)  # compile first
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        ok.online_update(params, adam, state, h, x, x, method, signs, 1e-3, B)
+        peak = tracemalloc.get_traced_memory()[1] - before
+    finally:
+        tracemalloc.stop()
+    state_bytes = sum(field.nbytes for field in state)
+    estimate = runlib.learner_memory(method, rank, B, n, V, np.float32)
+    assert estimate >= state_bytes + peak
