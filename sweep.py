@@ -46,6 +46,7 @@ import uuid
 PROG = "sweep.py"
 HERE = os.path.dirname(os.path.abspath(__file__))
 RUNNERS = {"copy": "run_copy.py", "ptb": "run_ptb.py"}
+TASKS = {"copy": "copy task", "ptb": "character-level PTB"}
 PAPER_LRS = "10^-2.5,10^-3,10^-3.5,10^-4"  # the paper's grid
 PAPER_SEEDS = "1-5"  # the paper's five repeats
 SET_BY_SWEEP = {"--lr": "give the sweep a list: --lr 10^-3,10^-3.5",  # option: what to do instead
@@ -631,9 +632,9 @@ def summary_table(task, folder, lrs, seeds):
     rows = lr_rows(task, folder, lrs, seeds)
     metrics = METRICS[task]
     seeds_text = ",".join(map(str, seeds))
-    title = ("copy task: curriculum T reached at the last step (the log's last row)"
-             if task == "copy" else "character-level PTB: best validation BPC and the test BPC "
-             "of its weights")
+    title = (f"{TASKS[task]}: curriculum T reached at the last step (the log's last row)"
+             if task == "copy" else f"{TASKS[task]}: best validation BPC and the test BPC of "
+             "its weights")
     lines = [f"{title}; median and range over seeds {seeds_text}", ""]
     header = ["lr", "finished"]
     for _, name, _ in metrics:
@@ -703,7 +704,7 @@ def summary_figure(task, rows, best, path):
         ax.grid(alpha=0.3)
         if shown:
             ax.legend(fontsize=8)
-    fig.suptitle(f"{task}: the learning-rate grid (dots: seeds)")
+    fig.suptitle(f"{TASKS[task]}: the learning-rate grid (dots: seeds)")
     fig.tight_layout()
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp.png")
     os.close(fd)
@@ -818,13 +819,14 @@ def sweep_command(task, folder, args, extra):
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
-    if not argv or argv[0] in ("-h", "--help"):
+    if argv[:1] in (["-h"], ["--help"]):
         parser.print_help()
-        return 0 if argv else 2
+        return 0
     try:
-        task = argv[0]
+        task = argv[0] if argv else None
         if task not in ("copy", "ptb", "summary"):
-            raise UsageError(f"the first argument is copy, ptb or summary, not {task!r}")
+            raise UsageError("the first argument is copy, ptb or summary"
+                             + (f", not {task!r}" if task else f" (see {PROG} --help)"))
         if len(argv) < 2 or argv[1].startswith("-"):
             raise UsageError(f"give the sweep folder after {task}: {PROG} {task} FOLDER ...")
         folder = argv[1]
