@@ -146,11 +146,21 @@ def check_runner_options(extra):
 # --- One run: its subprocess, threads, lock and status (the same code here and on a worker) ---
 
 
+BATCH_CPUS = ("SLURM_CPUS_ON_NODE", "NCPUS", "PBS_NUM_PPN")  # a job's CPUs on its node: SLURM,
+# PBS Pro, Torque. Where the batch system does not pin the job to its CPUs, the affinity mask
+# shows the whole node.
+
+
 def available_cores():
-    """Cores this process may use (its affinity mask, e.g. a batch job's share), else all."""
-    with contextlib.suppress(AttributeError, OSError):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
+    """Cores this process may use: its affinity mask, and no more than its batch job's CPUs."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    for name in BATCH_CPUS:
+        with contextlib.suppress(KeyError, ValueError):
+            cores = min(cores, max(1, int(os.environ[name])))
+    return cores
 
 
 def run_environment(threads):

@@ -120,6 +120,12 @@ def test_learning_rates_and_seeds_as_people_type_them():
             sweep.parse_seeds(text)
 
 
+def test_a_batch_jobs_cpus_cap_the_cores(monkeypatch):
+    """On a node that the batch system does not pin, a job with 1 CPU must not count the node."""
+    monkeypatch.setenv("SLURM_CPUS_ON_NODE", "1")
+    assert sweep.available_cores() == 1
+
+
 @pytest.mark.parametrize("extra, says", [
     (["--seed", "3"], "--seeds 1-5"),
     (["--log=run.csv"], "log.csv"),
