@@ -57,8 +57,9 @@ SET_BY_SWEEP = {"--lr": "give the sweep a list: --lr 10^-3,10^-3.5",  # option: 
                 "--plot": "the sweep draws FOLDER/summary.png"}
 THREAD_VARIABLES = ("NUMBA_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS",
                     "MKL_NUM_THREADS")
-STOPPED = {128 + signal.SIGINT, 128 + signal.SIGTERM}  # a runner's exit after Ctrl-C or SIGTERM:
-# it stopped after a step and saved its checkpoint
+STOPPED = {128 + signal.SIGINT, 128 + signal.SIGTERM,  # a runner's exit after Ctrl-C or SIGTERM:
+           -signal.SIGINT, -signal.SIGTERM}  # it stopped after a step and saved its checkpoint;
+# or the signal came while it started or ended (no handler then), when there was nothing to save
 NOT_STARTED = "not started: the sweep was stopped first"  # a Dask task that was still queued
 DIVERGED = "diverged"  # the runners end a diverging run with an error line saying so (README)
 POLL_SECONDS = 0.2  # how often the sweep looks at its runs
@@ -350,15 +351,17 @@ def dask_backend(task, address, threads, cwd):
     stop_event = f"ok-rtrl-sweep-stop-{uuid.uuid4().hex}"
 
     def start(run_dir, options):
+        lr, seed = run_dir.split(os.sep)[-2:]  # the task's name on the dashboard
         return client.submit(run_on_worker, task, options, run_dir, cwd, threads, stop_event,
-                             pure=False, key=f"sweep-{os.path.basename(run_dir)}-"
-                             f"{uuid.uuid4().hex}")
+                             pure=False, key=f"sweep-{lr}-{seed}-{uuid.uuid4().hex[:8]}")
 
     def poll(future):
         if not future.done():
             return None
-        if future.status != "finished":  # e.g. its workers died repeatedly
-            return None, f"the Dask task ended with {future.exception()!r}"
+        if future.status == "error":  # e.g. its workers died repeatedly
+            return None, f"the Dask task failed: {future.exception()!r}"
+        if future.status != "finished":
+            return None, f"the Dask task was {future.status}"
         return future.result()
 
     def stop(running, signum):
@@ -420,16 +423,23 @@ def run_sweep(task, folder, grid, extra, backend):
              "probe": None, "probe_log": None, "checked": False, "shown": time.monotonic()}
     forwarded = 0
     with recording_signals(sweep["signals"]):
-        while sweep["running"] or (sweep["pending"] and not sweep["signals"]):
-            if len(sweep["signals"]) > forwarded:
-                print(f"{PROG}: {signal.Signals(sweep['signals'][-1]).name}: stopping the runs "
-                      "(each saves its checkpoint); rerun the same command to resume", flush=True)
-                backend["stop"](list(sweep["running"].values()), sweep["signals"][-1])
-                forwarded = len(sweep["signals"])
-            start_runs(backend, sweep)
-            collect_runs(task, backend, sweep)
-            show_progress(task, sweep)
-            time.sleep(POLL_SECONDS)
+        try:
+            while sweep["running"] or (sweep["pending"] and not sweep["signals"]):
+                if len(sweep["signals"]) > forwarded:
+                    print(f"{PROG}: {signal.Signals(sweep['signals'][-1]).name}: stopping the "
+                          "runs (each saves its checkpoint); rerun the same command to resume",
+                          flush=True)
+                    backend["stop"](list(sweep["running"].values()), sweep["signals"][-1])
+                    forwarded = len(sweep["signals"])
+                start_runs(backend, sweep)
+                collect_runs(task, backend, sweep)
+                show_progress(task, sweep)
+                time.sleep(POLL_SECONDS)
+        except BaseException:  # the sweep fails (e.g. its output is gone): the runs save first,
+            backend["stop"](list(sweep["running"].values()), signal.SIGTERM)  # and the sweep
+            with contextlib.suppress(Exception):  # waits, since a local runner gets another
+                wait_for(backend, sweep["running"])  # SIGTERM when it exits (die_with_parent)
+            raise
     if sweep["signals"]:
         print(f"{PROG}: stopped by {signal.Signals(sweep['signals'][0]).name}: "
               f"{len(sweep['pending'])} runs not started; rerun the same command to go on",
@@ -547,8 +557,8 @@ def read_log(path):
                     comments.append(line)
                 elif columns is None:
                     columns = line.split(",")
-                elif line:
-                    rows.append(dict(zip(columns, line.split(","))))
+                elif line.count(",") == len(columns) - 1 and line.split(",", 1)[0].isdigit():
+                    rows.append(dict(zip(columns, line.split(","))))  # not a row half-written
     return columns, rows, comments
 
 
@@ -612,8 +622,8 @@ def pick(task, rows):
     the better mean, then to the larger learning rate. -> (row, tied rows) or (None, [])."""
     key, _, higher = METRICS[task][0]
     sign = 1 if higher else -1
-    scored = [(sign * statistics.median(r["values"][key]), sign * mean(r["values"][key]), r)
-              for r in rows if r["values"][key] and not math.isnan(median(r["values"][key]))]
+    scored = [(sign * median(r["values"][key]), sign * mean(r["values"][key]), r)
+              for r in rows if not math.isnan(median(r["values"][key]))]
     if not scored:
         return None, []
     best = max(scored, key=lambda s: (s[0], s[1]))  # max keeps the first (largest lr) of equals
