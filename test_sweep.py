@@ -1,0 +1,416 @@
+"""Tests of sweep.py: the paper's learning-rate grid times seeds, run through the runners.
+
+The sweep runs the runners as programs, so these tests do too, on tiny configurations (n 8, a few
+thousand steps of the copy task; a small synthetic corpus in the real PTB files' format): a grid
+run here, the same grid on a real Dask cluster on 127.0.0.1 (the same summary and logs), a sweep
+killed part-way and rerun (the same summary; finished runs untouched, interrupted ones resumed),
+a bad runner option (one error line, one run started), and the summary of hand-written logs
+(the median, range and the paper's pick checked by hand). The Dask test is skipped where
+distributed is not installed.
+"""
+import importlib.util
+import json
+import os
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import time
+
+import pytest
+
+import sweep
+
+try:
+    import distributed
+except ImportError:
+    distributed = None
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SWEEP = os.path.join(HERE, "sweep.py")
+TINY_COPY = ["--hidden", "8", "--batch", "3", "--rank", "2", "--steps", "4000", "--log-every",
+             "500"]
+GRID = ["--lr", "10^-1,10^-1.5", "--seeds", "1-2"]
+RUNS = [("10^-1", 1), ("10^-1", 2), ("10^-1.5", 1), ("10^-1.5", 2)]
+needs_dask = pytest.mark.skipif(distributed is None, reason="Dask is not installed (pip install "
+                                "dask distributed; .ci/run installs them)")
+
+
+# --- Helpers ------------------------------------------------------------------------------------
+
+
+def sweep_command(args, cwd, env=None):
+    """Run `python sweep.py ARGS` as a user would; -> the CompletedProcess."""
+    return subprocess.run([sys.executable, SWEEP] + args, cwd=cwd, capture_output=True,
+                          text=True, timeout=600, env=env)
+
+
+def run_dir(folder, lr, seed):
+    return os.path.join(folder, f"lr={lr}", f"seed={seed}")
+
+
+def read(path, mode="r"):
+    with open(path, mode) as f:
+        return f.read()
+
+
+def log_rows(path, drop_rate=True):
+    """The data rows of a runner's CSV log, without the timing column (it varies run to run)."""
+    lines = [line for line in read(path).splitlines() if not line.startswith("#")][1:]
+    return [line.rsplit(",", 1)[0] if drop_rate else line for line in lines]
+
+
+def state(folder, lr, seed):
+    path = os.path.join(run_dir(folder, lr, seed), "status.json")
+    return json.loads(read(path))["state"] if os.path.exists(path) else None
+
+
+def table_rows(summary):
+    """{lr: [cells]} of a summary's table, cells split at two or more spaces."""
+    return {line.split()[0]: re.split(r"\s{2,}", line) for line in summary.splitlines()
+            if line.startswith("10^") or line.startswith("0.")}
+
+
+def children(pid):
+    """Process ids whose parent is pid (Linux /proc)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = read(f"/proc/{entry}/stat")
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:  # the field after the state
+                found.append(int(entry))
+    return found
+
+
+@pytest.fixture(scope="module")
+def local_sweep(tmp_path_factory):
+    """The copy-task grid (2 learning rates x 2 seeds) run here, 2 runs at a time, 1 thread each;
+    -> (folder, what the sweep printed)."""
+    folder = str(tmp_path_factory.mktemp("local") / "copy")
+    done = sweep_command(["copy", folder] + GRID + TINY_COPY + ["--workers", "2", "--threads",
+                                                                "1"], cwd=HERE)
+    assert done.returncode == 0, done.stderr
+    return folder, done.stdout
+
+
+# --- The grid as people type it -------------------------------------------------------------------
+
+
+def test_learning_rates_and_seeds_as_people_type_them():
+    """The paper's grid parses to the very floats 10 ** e (so 10^-3.5 is the runners' default
+    lr exactly); 1e-3, 10^-3, 10**-3 and 0.001 are one run; seeds as ranges and lists."""
+    assert sweep.parse_lrs("10^-2.5,10^-3,10^-3.5,10^-4") == [10 ** -2.5, 10 ** -3, 10 ** -3.5,
+                                                              10 ** -4]
+    assert sweep.parse_lrs("1e-3, 10^-3,0.001,10**-3") == [0.001]
+    assert sweep.parse_lrs("3.16e-4,1e-2") == [1e-2, 3.16e-4]
+    assert [sweep.lr_name(x) for x in (10 ** -3.5, 1e-3, 3.16e-4, 1.0)] == \
+        ["10^-3.5", "10^-3", "0.000316", "10^0"]
+    assert sweep.parse_seeds("1-5") == [1, 2, 3, 4, 5]
+    assert sweep.parse_seeds("5,1,3") == [1, 3, 5]
+    assert sweep.parse_seeds("1-3,7,2") == [1, 2, 3, 7]
+    for text in ("1e-3.5", "0", "-1e-3", "nan", "inf", "ten", "10^x"):
+        with pytest.raises(sweep.UsageError, match="--lr"):
+            sweep.parse_lrs(text)
+    for text in ("5-1", "a", "1-", "", "-2"):
+        with pytest.raises(sweep.UsageError, match="--seeds"):
+            sweep.parse_seeds(text)
+
+
+def test_a_batch_jobs_cpus_cap_the_cores(monkeypatch):
+    """On a node that the batch system does not pin, a job with 1 CPU must not count the node."""
+    monkeypatch.setenv("SLURM_CPUS_ON_NODE", "1")
+    assert sweep.available_cores() == 1
+
+
+@pytest.mark.parametrize("extra, says", [
+    (["--seed", "3"], "--seeds 1-5"),
+    (["--log=run.csv"], "log.csv"),
+    (["--checkpoint", "run.npz"], "checkpoint.npz"),
+    (["--lo", "run.csv"], "log.csv"),  # the runner's argparse would read it as --log
+    (["--plot", "curve.png"], "summary.png"),
+    (["--noise-log", "noise.csv"], "noise.csv"),
+])
+def test_options_the_sweep_sets_are_refused_before_anything_is_written(tmp_path, capsys, extra,
+                                                                       says):
+    folder = str(tmp_path / "sweep")
+    assert sweep.main(["copy", folder] + extra) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("sweep.py: error: ") and says in lines[0]
+    assert not os.path.exists(folder)
+    sweep.check_runner_options(["--log-every", "5", "--checkpoint-every", "60", "--steps", "1e5"])
+
+
+def test_without_dask_the_scheduler_option_says_what_to_install(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "distributed", None)  # makes `import distributed` fail
+    folder = str(tmp_path / "sweep")
+    assert sweep.main(["copy", folder, "--scheduler", "tcp://127.0.0.1:8786"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == ["sweep.py: error: --scheduler needs Dask: pip install dask distributed"]
+    assert not os.path.exists(folder)
+
+
+# --- The summary, from hand-written logs ---------------------------------------------------------
+
+
+def write_run(folder, lr, seed, header, rows, comments=(), state=None, message=""):
+    """A run folder as a runner and the sweep leave it: log.csv and status.json."""
+    path = run_dir(folder, lr, seed)
+    os.makedirs(path)
+    with open(os.path.join(path, "log.csv"), "w") as f:
+        f.write("# config\n" + header + "\n" + "".join(row + "\n" for row in rows)
+                + "".join(line + "\n" for line in comments))
+    if state:
+        with open(os.path.join(path, "status.json"), "w") as f:
+            json.dump({"state": state, "exit": 0, "message": message, "options": []}, f)
+
+
+def write_sweep_file(folder, task, lrs, seeds):
+    with open(os.path.join(folder, "sweep.json"), "w") as f:
+        json.dump({"task": task, "lrs": lrs, "seeds": seeds, "runner_options": []}, f)
+
+
+def test_copy_summary_medians_ranges_and_the_paper_pick(tmp_path, capsys):
+    """Worked by hand. 10^-2.5: T 5, 9 and a diverged seed (worse than any T): median 5.
+    10^-3: 6, 7, 8 and 10^-3.5: 7, 7, 9 both have median 7, the best; 10^-3.5 has the better mean
+    (7.67 against 7), so the paper's rule picks it. 10^-4: one seed at T 3, one stopped at step
+    2,000, one not started: the pick is 'so far'."""
+    folder = str(tmp_path)
+    header = "step,T,avg_bits,steps_per_s"
+    Ts = {"10^-2.5": [5, 9], "10^-3": [6, 7, 8], "10^-3.5": [7, 7, 9], "10^-4": [3]}
+    for lr, values in Ts.items():
+        for seed, T in enumerate(values, 1):
+            write_run(folder, lr, seed, header, [f"2000,{T - 1},0.3,99.0", f"4000,{T},0.2,98.5"],
+                      state="finished")
+    write_run(folder, "10^-2.5", 3, header, ["2000,2,0.5,99.0"], state="failed",
+              message="run_copy.py: error: step 2345: the loss is not finite: the run diverged; "
+              "lower the learning rate or train in float64")
+    write_run(folder, "10^-4", 2, header, ["2000,2,0.5,99.0"], state="interrupted")
+    write_sweep_file(folder, "copy", [10 ** -2.5, 10 ** -3, 10 ** -3.5, 10 ** -4], [1, 2, 3])
+    assert sweep.main(["summary", folder]) == 0
+    expected = """\
+copy task: curriculum T reached at the last step (the log's last row); median and range over seeds 1,2,3
+
+lr       finished  T: median  range         notes
+10^-2.5  2/3       5          diverged - 9  at step 4,000; 1 diverged
+10^-3    3/3       7          6 - 8         at step 4,000
+10^-3.5  3/3       7          7 - 9         at step 4,000
+10^-4    1/3       3          3 - 3         at step 4,000; 1 not started; 1 unfinished
+
+the paper's rule (the best median T) picks lr 10^-3.5 (tied on the median with 10^-3: the better mean decides, then the larger lr) so far: some runs have not finished
+"""
+    assert read(os.path.join(folder, "summary.txt")) == expected
+    assert capsys.readouterr().out.startswith(expected)
+
+
+def test_summary_figure_or_a_note_without_matplotlib(tmp_path, monkeypatch, capsys):
+    """The figure is a PNG next to the table; without matplotlib the table comes with one line
+    saying what to install, and no figure."""
+    write_run(str(tmp_path), "10^-3", 1, "step,T,avg_bits,steps_per_s", ["1000,4,0.2,99.0"],
+              state="finished")
+    write_sweep_file(str(tmp_path), "copy", [10 ** -3], [1])
+    figure = tmp_path / "summary.png"
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert sweep.main(["summary", str(tmp_path)]) == 0
+        assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        figure.unlink()
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` fail
+    assert sweep.main(["summary", str(tmp_path)]) == 0
+    assert "the figure needs matplotlib (pip install matplotlib)" in capsys.readouterr().out
+    assert not figure.exists() and (tmp_path / "summary.txt").exists()
+
+
+def test_ptb_summary_takes_the_best_validation_and_its_test_line(tmp_path):
+    """Best validation BPC: the column's least value (not the last); test BPC: the runner's last
+    line. 10^-3: best 1.80 and 1.90 (median 1.85), 10^-3.5: 1.75 and 1.77 (median 1.76): the
+    paper's rule picks 10^-3.5."""
+    folder = str(tmp_path)
+    header = "step,train_bits,valid_bpc,chars_per_s"
+    best = {("10^-3", 1): (1.8, 1.79), ("10^-3", 2): (1.9, 1.88), ("10^-3.5", 1): (1.75, 1.74),
+            ("10^-3.5", 2): (1.77, 1.78)}
+    for (lr, seed), (valid, test) in best.items():
+        rows = ["1000,2.5,,3000.0", f"2000,2.1,{valid:.6f},3000.0", "3000,2.0,,3000.0",
+                f"4000,2.0,{valid + 0.01:.6f},3000.0"]
+        write_run(folder, lr, seed, header, rows, state="finished", comments=[
+            f"# test BPC {test:.4f} of the best weights (step 2,000, validation {valid:.4f})"])
+    write_sweep_file(folder, "ptb", [10 ** -3, 10 ** -3.5], [1, 2])
+    assert sweep.main(["summary", folder]) == 0
+    rows = table_rows(read(os.path.join(folder, "summary.txt")))
+    assert rows["10^-3"] == ["10^-3", "2/2", "1.8500", "1.8000 - 1.9000", "1.8350",
+                             "1.7900 - 1.8800"]
+    assert rows["10^-3.5"] == ["10^-3.5", "2/2", "1.7600", "1.7500 - 1.7700", "1.7600",
+                               "1.7400 - 1.7800"]
+    assert "picks lr 10^-3.5\n" in read(os.path.join(folder, "summary.txt"))
+
+
+# --- Sweeps that run ------------------------------------------------------------------------------
+
+
+def test_local_sweep_runs_each_run_through_its_runner(local_sweep, tmp_path):
+    """Every run finished, with its own log; one of them equals run_copy.py run by hand with the
+    same options; the summary's medians and ranges are those of the logs' last rows, and
+    `sweep.py summary` prints the table again."""
+    folder, out = local_sweep
+    assert all(state(folder, lr, seed) == "finished" for lr, seed in RUNS)
+    by_hand = str(tmp_path / "by-hand.csv")
+    runner = subprocess.run([sys.executable, os.path.join(HERE, "run_copy.py")] + TINY_COPY
+                            + ["--lr", "0.1", "--seed", "2", "--log", by_hand], cwd=HERE,
+                            capture_output=True, text=True, timeout=600)
+    assert runner.returncode == 0, runner.stderr
+    assert log_rows(by_hand) == log_rows(os.path.join(run_dir(folder, "10^-1", 2), "log.csv"))
+    summary = read(os.path.join(folder, "summary.txt"))
+    medians = {}
+    for lr in ("10^-1", "10^-1.5"):
+        Ts = [int(log_rows(os.path.join(run_dir(folder, lr, seed), "log.csv"))[-1].split(",")[1])
+              for seed in (1, 2)]
+        medians[lr] = statistics.median(Ts)
+        assert table_rows(summary)[lr][:4] == [lr, "2/2", f"{medians[lr]:g}",
+                                               f"{min(Ts)} - {max(Ts)}"]
+    best = max(medians.values())
+    assert f"picks lr {[lr for lr in medians if medians[lr] == best][0]}" in summary
+    assert summary in out
+    again = sweep_command(["summary", folder], cwd=HERE)
+    assert again.returncode == 0 and again.stdout.startswith(summary)
+
+
+@needs_dask
+def test_dask_cluster_gives_the_same_runs_and_summary(local_sweep, tmp_path):
+    """A scheduler and two worker processes on 127.0.0.1: the same command with --scheduler
+    gives the same logs and the same summary as the local path."""
+    local_folder, _ = local_sweep
+    folder = str(tmp_path / "copy")
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                  host="127.0.0.1", dashboard_address=None) as cluster:
+        address = cluster.scheduler_address
+        assert address.startswith("tcp://127.0.0.1:")
+        done = sweep_command(["copy", folder] + GRID + TINY_COPY + ["--scheduler", address,
+                                                                    "--threads", "1"], cwd=HERE)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "the Dask cluster at tcp://127.0.0.1:" in done.stdout
+    for lr, seed in RUNS:
+        assert state(folder, lr, seed) == "finished"
+        assert (log_rows(os.path.join(run_dir(folder, lr, seed), "log.csv"))
+                == log_rows(os.path.join(run_dir(local_folder, lr, seed), "log.csv")))
+    assert read(os.path.join(folder, "summary.txt")) == \
+        read(os.path.join(local_folder, "summary.txt"))
+
+
+def test_killed_sweep_reruns_to_the_same_summary_running_nothing_twice(local_sweep, tmp_path):
+    """SIGTERM to the sweep while some runs have finished and others are half-way: it stops them
+    (exit 143, they save), and the rerun of the same command leaves every finished run's files
+    untouched (its runner is not started again: stdout.txt gains nothing), resumes the
+    interrupted ones (the log rows written before the kill are kept byte for byte, timing
+    column included, which a restart would rewrite), and gives the local path's summary. While
+    it runs, each runner has 1 thread in its environment, whatever the sweep's says."""
+    local_folder, _ = local_sweep
+    folder = str(tmp_path / "copy")
+    argv = ["copy", folder] + GRID + TINY_COPY + ["--workers", "2", "--threads", "1"]
+    env = dict(os.environ, **{name: "7" for name in sweep.THREAD_VARIABLES})
+    process = subprocess.Popen([sys.executable, SWEEP] + argv, cwd=HERE, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    runner_env, deadline = None, time.monotonic() + 300
+    while time.monotonic() < deadline:
+        finished = [run for run in RUNS if state(folder, *run) == "finished"]
+        halfway = [run for run in RUNS if state(folder, *run) is None
+                   and os.path.exists(os.path.join(run_dir(folder, *run), "log.csv"))
+                   and 1 <= len(log_rows(os.path.join(run_dir(folder, *run), "log.csv"))) <= 3]
+        if finished and halfway:
+            runner_env = [read(f"/proc/{pid}/environ", "rb").split(b"\0")
+                          for pid in children(process.pid)]
+            process.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.02)
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 128 + signal.SIGTERM, out + err
+    assert runner_env, "no runner was running when the sweep was stopped"
+    for variables in runner_env:
+        for name in ("NUMBA_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
+            assert f"{name}=1".encode() in variables
+    finished = [run for run in RUNS if state(folder, *run) == "finished"]
+    stopped = [run for run in RUNS if state(folder, *run) == "interrupted"]
+    assert finished and stopped
+    files = ("log.csv", "checkpoint.npz", "status.json", "stdout.txt", "stderr.txt")
+    before = {(run, name): (read(os.path.join(run_dir(folder, *run), name), "rb"),
+                            os.stat(os.path.join(run_dir(folder, *run), name)).st_mtime_ns)
+              for run in finished for name in files}
+    rows_before = {run: log_rows(os.path.join(run_dir(folder, *run), "log.csv"), drop_rate=False)
+                   for run in stopped}
+    assert any(rows_before.values())  # the run that was half-way (a second may have just begun)
+    rerun = sweep_command(argv, cwd=HERE)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert f"{len(finished)} finished before" in rerun.stdout
+    for (run, name), (content, mtime) in before.items():
+        path = os.path.join(run_dir(folder, *run), name)
+        assert read(path, "rb") == content and os.stat(path).st_mtime_ns == mtime, path
+    for run, rows in rows_before.items():
+        assert f"resuming lr {run[0]} seed {run[1]}" in rerun.stdout
+        now = log_rows(os.path.join(run_dir(folder, *run), "log.csv"), drop_rate=False)
+        assert now[:len(rows)] == rows and len(now) > len(rows)
+    for lr, seed in RUNS:
+        assert state(folder, lr, seed) == "finished"
+        assert (log_rows(os.path.join(run_dir(folder, lr, seed), "log.csv"))
+                == log_rows(os.path.join(run_dir(local_folder, lr, seed), "log.csv")))
+    assert read(os.path.join(folder, "summary.txt")) == \
+        read(os.path.join(local_folder, "summary.txt"))
+
+
+def test_bad_runner_option_is_one_error_and_one_run_started(tmp_path):
+    """The first run goes alone until its runner accepts the options: a bad one gives the
+    runner's line once, exit 2, and no other run is started."""
+    folder = str(tmp_path / "copy")
+    done = sweep_command(["copy", folder, "--seeds", "1-3", "--hidden", "many", "--threads", "1"],
+                         cwd=HERE)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("sweep.py: error: the first run failed")
+    assert "run_copy.py: error: argument --hidden" in lines[0]
+    started = [os.path.join(lr, seed) for lr in os.listdir(folder) if lr.startswith("lr=")
+               for seed in os.listdir(os.path.join(folder, lr))]
+    assert started == [os.path.join("lr=10^-2.5", "seed=1")]
+
+
+def ptb_char_text(lines):
+    """Word-level lines as the archive's ptb.char.*.txt: words joined by '_', every character
+    followed by a space, one line per sentence."""
+    return "".join(ch + " " for ch in "\n".join("_".join(words) for words in lines) + "\n")
+
+
+def write_corpus(folder):
+    import numpy as np
+    rng = np.random.default_rng(0)
+    words = ["the", "cat", "sat", "on", "a", "mat", "<unk>", "N", "dog's", "ran", "$", "1.5"]
+    os.makedirs(folder)
+    for split, n_lines in (("train", 400), ("valid", 40), ("test", 40)):
+        lines = [list(rng.choice(words, size=int(rng.integers(2, 8)))) for _ in range(n_lines)]
+        with open(os.path.join(folder, f"{split}.txt"), "w") as f:
+            f.write(ptb_char_text(lines))
+
+
+def test_ptb_sweep_reports_the_best_validation_and_its_test_bpc(tmp_path):
+    """A PTB grid on a small synthetic corpus: each run's log equals run_ptb.py's run by hand,
+    and the summary holds each run's least validation BPC and its test line's BPC."""
+    data = str(tmp_path / "data")
+    write_corpus(data)
+    tiny = ["--hidden", "8", "--batch", "4", "--rank", "2", "--reset-every", "20", "--steps", "60",
+            "--eval-every", "20", "--log-every", "10", "--data-dir", data]
+    folder = str(tmp_path / "ptb")
+    done = sweep_command(["ptb", folder, "--lr", "10^-1.5,10^-2", "--seeds", "3"] + tiny
+                         + ["--threads", "1"], cwd=HERE)
+    assert done.returncode == 0, done.stdout + done.stderr
+    by_hand = str(tmp_path / "by-hand.csv")
+    runner = subprocess.run([sys.executable, os.path.join(HERE, "run_ptb.py")] + tiny
+                            + ["--lr", "0.01", "--seed", "3", "--log", by_hand], cwd=HERE,
+                            capture_output=True, text=True, timeout=600)
+    assert runner.returncode == 0, runner.stderr
+    assert log_rows(by_hand) == log_rows(os.path.join(run_dir(folder, "10^-2", 3), "log.csv"))
+    summary = read(os.path.join(folder, "summary.txt"))
+    for lr in ("10^-1.5", "10^-2"):
+        log = read(os.path.join(run_dir(folder, lr, 3), "log.csv"))
+        valid = min(float(row.split(",")[2]) for row in log_rows(
+            os.path.join(run_dir(folder, lr, 3), "log.csv")) if row.split(",")[2])
+        test = float(re.search(r"# test BPC ([0-9.]+) ", log).group(1))
+        assert table_rows(summary)[lr] == [lr, "1/1", f"{valid:.4f}", f"{valid:.4f} - {valid:.4f}",
+                                           f"{test:.4f}", f"{test:.4f} - {test:.4f}"]
