@@ -322,6 +322,12 @@ def _load_checkpoint(path, config, keys):
     if stored.get("task") != config["task"]:
         raise UserError(f"checkpoint {path} is from another task ({stored.get('task')!r}, not "
                         f"{config['task']!r}); choose another --checkpoint file")
+    missing = [k for k in keys if k not in stored]
+    if missing:  # a key added to the experiment since: the stored run means something else
+        raise UserError(f"checkpoint {path} was written by an older version of this program, "
+                        f"before {', '.join(missing)} became part of the experiment (see "
+                        "the README's \"Where we differ\"); it cannot be resumed: start afresh "
+                        "with another --checkpoint file")
     differ = [k for k in keys if stored.get(k) != config[k]]
     if differ:
         said = "; ".join(f"--{k.replace('_', '-')} {stored.get(k)} there, {config[k]} here"

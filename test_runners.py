@@ -325,6 +325,39 @@ def test_ptb_refuses_checkpoint_of_other_data(tmp_path, capsys):
     assert "other data files" in one_error_line(capsys.readouterr().err, "run_ptb.py")
 
 
+def test_ptb_streams_reset_at_their_own_positions():
+    """As in the paper's code, each stream is reset where its position in the training text is a
+    multiple of --reset-every: once every 100 of its characters, and the 32 streams of the
+    paper's run (evenly spaced over the real text's 5,017,482 symbols) at different steps."""
+    N, B, every = 5_017_482, 32, 100
+    resets = np.array([run_ptb.stream_resets(run_ptb.stream_positions(step, B, N), every)
+                       for step in range(5 * every)])  # (steps, B)
+    for b in range(B):
+        steps = np.flatnonzero(resets[:, b])
+        assert len(steps) == 5 and set(np.diff(steps)) == {every}
+        assert run_ptb.stream_positions(steps[0], B, N)[b] % every == 0
+    assert resets.sum(axis=1).max() <= 2  # never all at once: at most 2 streams share a step
+
+
+def test_ptb_refuses_checkpoint_from_before_per_stream_resets(tmp_path, capsys):
+    """A checkpoint written before resets went by stream position (all streams reset together,
+    its config has no "resets") would resume into another protocol: refused in one line."""
+    write_corpus(str(tmp_path / "data"))
+    path = str(tmp_path / "run.npz")
+    argv = TINY_PTB + ["--data-dir", str(tmp_path / "data"), "--checkpoint", path]
+    assert run_ptb.main(argv + ["--steps", "5"]) == 0
+    with np.load(path) as f:
+        arrays = {name: f[name] for name in f.files}
+    config = json.loads(str(arrays["config"]))
+    del config["resets"]
+    arrays["config"] = json.dumps(config)
+    np.savez(path, **arrays)
+    capsys.readouterr()
+    assert run_ptb.main(argv + ["--steps", "10"]) == 1
+    line = one_error_line(capsys.readouterr().err, "run_ptb.py")
+    assert "older version" in line and "resets" in line and "another --checkpoint" in line
+
+
 def test_data_lookup_order(tmp_path, monkeypatch):
     """--data-dir first, then $OK_RTRL_DATA, then the cache; named folders are only read."""
     for name in ("flag", "env", "cache/ok-rtrl/ptb-char"):
