@@ -305,9 +305,6 @@ def run_experiment(config):
             print(f"resuming from {config['checkpoint']} at step {run['step']:,} (T {run['T']})")
             return run["step"]
         resume_step = runlib.resume_or_start(config, EXPERIMENT_KEYS, restore)
-        if resume_step is not None and resume_step >= config["steps"]:
-            print(f"already at step {run['step']:,} >= --steps {config['steps']:,}: nothing to "
-                  "train")
         header = runlib.log_header(PROG, config)
         log = noise_log = None
         if config["log"]:

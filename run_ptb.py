@@ -474,9 +474,6 @@ def run_experiment(config):
             print(f"resuming from {config['checkpoint']} at step {run['step']:,}")
             return run["step"]
         resume_step = runlib.resume_or_start(config, EXPERIMENT_KEYS, restore)
-        if resume_step is not None and resume_step >= config["steps"]:
-            print(f"already at step {run['step']:,} >= --steps {config['steps']:,}: nothing to "
-                  "train")
         log = None
         if config["log"]:  # the header names no data folder: the data are known by their sha256
             header = runlib.log_header(PROG, config, local=["data_dir"])

@@ -287,8 +287,9 @@ def _unflatten(prefix, template, arrays, path):
 
 
 def resume_or_start(config, keys, restore):
-    """Restore the run from --checkpoint when that file exists (restore(arrays) does it);
-    returns the step resumed at, or None for a fresh run, and says which it is."""
+    """Restore the run from --checkpoint when that file exists (restore(arrays) does it and
+    returns the step); returns the step resumed at, or None for a fresh run, and says which it
+    is, and when the run is already at --steps."""
     path = config["checkpoint"]
     if not path:
         return None
@@ -297,7 +298,10 @@ def resume_or_start(config, keys, restore):
         return None
     arrays = _load_checkpoint(path, config, keys)
     with _reading_checkpoint(path):
-        return restore(arrays)
+        step = restore(arrays)
+    if step >= config["steps"]:
+        print(f"already at step {step:,} >= --steps {config['steps']:,}: nothing to train")
+    return step
 
 
 def _load_checkpoint(path, config, keys):

@@ -61,6 +61,17 @@ def log_rows(path, drop_rate=True):
     return [line.rsplit(",", 1)[0] if drop_rate else line for line in lines]
 
 
+def assert_run_equals_runner_by_hand(runner, options, sweep_log, tmp_path):
+    """The sweep's log of one run has the rows of the runner run by hand with the same options
+    (the rate column aside): the sweep runs each run through the runner's own code path."""
+    by_hand = str(tmp_path / "by-hand.csv")
+    done = subprocess.run([sys.executable, os.path.join(HERE, runner)] + options
+                          + ["--log", by_hand], cwd=HERE, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert log_rows(by_hand) == log_rows(sweep_log)
+
+
 def state(folder, lr, seed):
     path = os.path.join(run_dir(folder, lr, seed), "status.json")
     return json.loads(read(path))["state"] if os.path.exists(path) else None
@@ -255,12 +266,8 @@ def test_local_sweep_runs_each_run_through_its_runner(local_sweep, tmp_path):
     `sweep.py summary` prints the table again."""
     folder, out = local_sweep
     assert all(state(folder, lr, seed) == "finished" for lr, seed in RUNS)
-    by_hand = str(tmp_path / "by-hand.csv")
-    runner = subprocess.run([sys.executable, os.path.join(HERE, "run_copy.py")] + TINY_COPY
-                            + ["--lr", "0.1", "--seed", "2", "--log", by_hand], cwd=HERE,
-                            capture_output=True, text=True, timeout=600)
-    assert runner.returncode == 0, runner.stderr
-    assert log_rows(by_hand) == log_rows(os.path.join(run_dir(folder, "10^-1", 2), "log.csv"))
+    assert_run_equals_runner_by_hand("run_copy.py", TINY_COPY + ["--lr", "0.1", "--seed", "2"],
+                                     os.path.join(run_dir(folder, "10^-1", 2), "log.csv"), tmp_path)
     summary = read(os.path.join(folder, "summary.txt"))
     medians = {}
     for lr in ("10^-1", "10^-1.5"):
@@ -400,12 +407,8 @@ def test_ptb_sweep_reports_the_best_validation_and_its_test_bpc(tmp_path):
     done = sweep_command(["ptb", folder, "--lr", "10^-1.5,10^-2", "--seeds", "3"] + tiny
                          + ["--threads", "1"], cwd=HERE)
     assert done.returncode == 0, done.stdout + done.stderr
-    by_hand = str(tmp_path / "by-hand.csv")
-    runner = subprocess.run([sys.executable, os.path.join(HERE, "run_ptb.py")] + tiny
-                            + ["--lr", "0.01", "--seed", "3", "--log", by_hand], cwd=HERE,
-                            capture_output=True, text=True, timeout=600)
-    assert runner.returncode == 0, runner.stderr
-    assert log_rows(by_hand) == log_rows(os.path.join(run_dir(folder, "10^-2", 3), "log.csv"))
+    assert_run_equals_runner_by_hand("run_ptb.py", tiny + ["--lr", "0.01", "--seed", "3"],
+                                     os.path.join(run_dir(folder, "10^-2", 3), "log.csv"), tmp_path)
     summary = read(os.path.join(folder, "summary.txt"))
     for lr in ("10^-1.5", "10^-2"):
         log = read(os.path.join(run_dir(folder, lr, 3), "log.csv"))
