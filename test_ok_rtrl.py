@@ -1038,8 +1038,8 @@ def _conformance_learner(method, r, params, xs, ys, h0, cell, rng):
             sigmas = [kron_sigma(np.vstack([state.us[b], cell["a"][t][b][None]]),
                                  np.concatenate([HAs[b], cell["D"][t][b][None]]))
                       for b in range(B)]
-            for sigma in sigmas:  # rank <= the shorter side: exact zeros beyond it (§3a)
-                sigma[min(m, 2 * n * n):] = 0.0
+            for sigma in sigmas:  # rounding (a shorter side's rank, §3a) is zero, as in §3.3
+                sigma[sigma <= (r + 1) * np.finfo(np.float64).eps * sigma[0]] = 0.0
             steps["sigma"].append(sigmas)
             steps["p"].append([ok._opt_split(s, r)[0] for s in sigmas])
         losses, dW, dW_out, h, state = ok.learner_step(params, state, h, xs[t], ys[t],
@@ -1204,7 +1204,8 @@ def twin_ok_step(us, As, a, H, D, signs, mistake=None):
     Q_u, R_u = twin_factor(terms_u)  # (m, k), (k, k)
     Q_A, R_A = twin_factor(terms_A)
     U, sigma, Vt = np.linalg.svd(R_u @ R_A.T)  # C = R_u R_A^T
-    sigma[min(m, 2 * n * n):] = 0.0  # C's rank is at most the shorter side: exact zeros there
+    # the porting guide's rule: sigma at rounding level is zero (so a shorter side's are exact)
+    sigma[sigma <= len(sigma) * np.finfo(np.float64).eps * sigma[0]] = 0.0
     QU, QV = Q_u @ U, Q_A @ Vt.T  # singular vectors of the whole sum
     nonzero = int(np.count_nonzero(sigma))
     sign_margin = np.inf
