@@ -57,12 +57,17 @@ Notation (B streams lead every batched array; sizes n, m, r, B, T, V, O):
     s, theta       s, theta      (B, n), (B, m, 2n)         UORO's factors: G ~ s (x) theta
 
 Layout: §1 cell, §2 exact RTRL and BPTT, §3 OK with §3a its factorisation, §4 Opt, §5 baselines,
-then the online learner interface shared by the runners, whole-sequence gradients, and training.
+§6 threads, then the online learner interface shared by the runners, whole-sequence gradients,
+and training.
 """
+import os
+from concurrent.futures import ThreadPoolExecutor, wait
+from types import SimpleNamespace
 from typing import NamedTuple
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
+from threadpoolctl import ThreadpoolController
 
 METHODS = ("rtrl", "ok", "kf", "kf-avg", "uoro")  # online learners; "bptt" is offline
 UORO_EPS = 1e-7  # UORO's epsilon in its rescaling factors (Tallec and Ollivier 2017)
@@ -90,9 +95,8 @@ def init_params(n_in, n_hidden, n_out, rng, dtype=np.float32):
 
 def sizes(params):
     """(V, n, O): input symbols, hidden units, output symbols."""
-    m, two_n = params.W.shape
-    n = two_n // 2
-    return m - n - 1, n, params.W_out.shape[1]
+    n = params.W.shape[1] // 2
+    return params.W.shape[0] - n - 1, n, params.W_out.shape[1]
 
 
 @njit(cache=True)
@@ -136,25 +140,22 @@ def cell_step(W, x, h_prev):
 
 
 def jacobians(W, f, alpha, beta):
-    """H_t = dh_t/dh_{t-1} (B, n, n) and D_t = dh_t/dz_t (B, n, 2n) of §1.
+    """H_t = dh_t/dh_{t-1} (B, n, n) and D_t = dh_t/dz_t (B, n, 2n) of §1: H = diag(f) +
+    diag(alpha) W_hc^T + diag(beta) W_hf^T, D = [diag(alpha), diag(beta)]."""
+    (B, n), V = f.shape, W.shape[0] - f.shape[1] - 1
+    W_hc_T, W_hf_T = (np.ascontiguousarray(W[V:V + n, j:j + n].T) for j in (0, n))  # hidden rows
+    H, D = np.empty((B, n, n), W.dtype), np.zeros((B, n, 2 * n), W.dtype)
+    _by_streams(lambda s: _jacobians(W_hc_T, W_hf_T, f[s], alpha[s], beta[s], H[s], D[s]), B)
+    return H, D
 
-    H = diag(f) + diag(alpha) W_hc^T + diag(beta) W_hf^T, D = [diag(alpha), diag(beta)].
-    """
-    n = f.shape[1]
-    V = W.shape[0] - n - 1
-    W_hc, W_hf = W[V:V + n, :n], W[V:V + n, n:]  # (n, n) each: hidden rows of W
-    return _jacobians(np.ascontiguousarray(W_hc.T), np.ascontiguousarray(W_hf.T), f, alpha, beta)
 
-
-@njit(cache=True, parallel=True)
-def _jacobians(W_hc_T, W_hf_T, f, alpha, beta):
-    """jacobians' loops: H[b, i] = alpha[b, i] W_hc^T[i] + beta[b, i] W_hf^T[i] + f[b, i] e_i and
-    D[b, i] = alpha[b, i] e_i + beta[b, i] e_{n+i}, written once each. At the PTB configuration
-    numpy's temporaries of H's size took 10-20 ms; this takes 2.7 ms, 4.4 ms without prange."""
+@njit(cache=True, nogil=True)
+def _jacobians(W_hc_T, W_hf_T, f, alpha, beta, H, D):
+    """jacobians' loops, into H and D (D zero): H[b, i] = alpha[b, i] W_hc^T[i] + beta[b, i]
+    W_hf^T[i] + f[b, i] e_i and D[b, i] = alpha[b, i] e_i + beta[b, i] e_{n+i}, written once each.
+    At the PTB configuration numpy's temporaries of H's size took 10-20 ms; this takes 2-4 ms."""
     B, n = f.shape
-    H = np.empty((B, n, n), dtype=W_hc_T.dtype)
-    D = np.zeros((B, n, 2 * n), dtype=W_hc_T.dtype)
-    for b in prange(B):
+    for b in range(B):
         for i in range(n):
             a, c = alpha[b, i], beta[b, i]
             for j in range(n):
@@ -162,7 +163,6 @@ def _jacobians(W_hc_T, W_hf_T, f, alpha, beta):
             H[b, i, i] += f[b, i]
             D[b, i, i] = a
             D[b, i, n + i] = c
-    return H, D
 
 
 def readout(W_out, h, y):
@@ -201,7 +201,7 @@ def _rtrl_update(state, a, H, D):
     """Exact RTRL: G_t = H_t G_{t-1} + F_t with F_t[i, l, j] = a_t[l] D_t[i, j] (§2)."""
     G = state.G
     B, n, m, two_n = G.shape
-    HG = (H @ G.reshape(B, n, m * two_n)).reshape(G.shape)  # (B, n, m, 2n)
+    HG = _products(H, G.reshape(B, n, m * two_n)).reshape(G.shape)  # (B, n, m, 2n)
     return RTRLState(HG + np.einsum("bl,bij->bilj", a, D))
 
 
@@ -260,23 +260,27 @@ def _ok_update(state, a, H, D, signs):
     """One OK step for all streams (§3): add a_t (x) D_t to H_t G_{t-1}, reduce r+1 -> r."""
     us, As = state
     B, r = us.shape[:2]
-    # 1. The r+1 terms (u_k, H A_k) and (a_t, D_t); their sum is exactly H_t G_{t-1} + F_t.
     U_terms, A_terms = _next_slot(us), _next_slot(As)  # (B, r+1, m), (B, r+1, n, 2n)
-    U_terms[:, :r] = us
-    U_terms[:, r] = a
-    np.matmul(H[:, None], As, out=A_terms[:, :r])  # the r products H A_k: the floor of the cost
-    A_terms[:, r] = D
-    return KronState(*_ok_reduce_batch(U_terms, A_terms, signs))
+
+    def ok_step(s):  # the streams s, in one thread (§6)
+        # 1. The r+1 terms (u_k, H A_k) and (a_t, D_t); their sum is exactly H_t G_{t-1} + F_t.
+        U_terms[s, :r] = us[s]
+        U_terms[s, r] = a[s]
+        np.matmul(H[s, None], As[s], out=A_terms[s, :r])  # the r products H A_k: the floor
+        A_terms[s, r] = D[s]
+        _ok_reduce_batch(U_terms[s], A_terms[s], signs[s])  # 2-5, in place
+
+    _by_streams(ok_step, B)
+    return KronState(U_terms[:, :r], A_terms[:, :r])
 
 
 def _next_slot(factors):
     """Where the next step's r+1 terms go: the other half of the state's two-slot buffer.
 
-    init_learner puts OK's factors (B, r, ...) in slot 0 of a (2, B, r+1, ...) buffer, and each
-    step computes its terms, and then its new factors, in place in the other slot. Fresh arrays
-    of tens of MB every step would cost a page fault per 4 kB on first write: at the paper's
-    sizes that took as long as the H A products themselves. The state from two steps back is
-    overwritten, which is why learner_step consumes the state it is given.
+    init_learner puts OK's factors (B, r, ...) in slot 0 of a (2, B, r+1, ...) buffer; each step
+    computes its terms, then its new factors, in place in the other slot (fresh arrays of tens of
+    MB cost a page fault per 4 kB on first write: at the paper's sizes, as long as the products).
+    The state from two steps back is overwritten: learner_step consumes the state it is given.
     """
     B, r = factors.shape[:2]
     slots = factors.base  # the buffer a view of init_learner's or of this function lives in
@@ -309,10 +313,12 @@ def _ok_reduce_batch(us, As, signs):
     _fix_svd_signs(us, inv_s_u, U, Vt)  # one sign per pair (U_i, V_i), whatever LAPACK chose
     # 4. Opt: X X^T replaces diag(sigma), unbiased, rank r, with the least variance (§3.4).
     X = _opt_factors(sigma, signs.astype(sigma.dtype))  # (B, r+1, r)
-    # 5. Map back: u'_j = Q_u U x_j, A'_j = Q_A V x_j. Since x_j serves both sides, ||u'_j|| =
-    # ||A'_j|| = ||x_j|| already (Q orthonormal): the optional rescale of §3.5 is built in.
-    _map_back(us, inv_s_u, U, X)  # us[:, :r] <- u'_j
-    _map_back(A_rows, inv_s_A, Vt.transpose(0, 2, 1), X)  # As[:, :r] <- A'_j, via its flat view
+    # 5. Map back: u'_j = Q_u U x_j = Y_u^T (diag(1/s_u) U x_j), A'_j = Q_A V x_j likewise, into
+    # the first r rows of Y by the rotation's kernel, with float64 coefficients (Q never formed).
+    # Since x_j serves both sides, ||u'_j|| = ||A'_j|| = ||x_j|| already (Q orthonormal): the
+    # optional rescale of §3.5 is built in.
+    _transform_rows(us, inv_s_u[:, :, None] * (U @ X))  # us[:, :r] <- u'_j
+    _transform_rows(A_rows, inv_s_A[:, :, None] * (Vt.transpose(0, 2, 1) @ X))  # As[:, :r] <- A'_j
     return us[:, :r], As[:, :r]
 
 
@@ -328,11 +334,10 @@ def _fix_svd_signs(Y_u, inv_s_u, U, Vt):
     positive (the lowest index on exact ties; a zero vector is left as it is).
 
     Y_u (B, k, m) from _gram_rotate, inv_s_u (B, k) its _inverse_norms; U, Vt (B, k, k) from the
-    SVD of C. Singular vectors come with arbitrary signs, and a flipped pair gives the same signs
+    SVD of C. Singular vectors come with arbitrary signs; a flipped pair gives the same signs
     another realisation (the same distribution). For a simple sigma_i, Q_u U_i is unique up to
-    sign whatever factorisation made Q_u; U_i alone is not. The u side is read because it is
-    short (m, against 2n^2 on the A side). Q_u U_i = 0 only where sigma_i = 0, a direction Opt
-    gives no weight to.
+    sign whatever factorisation made Q_u; U_i alone is not. The u side is read: it is short (m,
+    against 2n^2). Q_u U_i = 0 only where sigma_i = 0, a direction Opt gives no weight to.
     """
     coef = np.ascontiguousarray((inv_s_u[:, :, None] * U).transpose(0, 2, 1))  # U^T diag(1/s)
     QU_t = coef @ Y_u.astype(np.float64)  # (B, k, m): row i is Q_u U_i = Y_u^T diag(1/s) U_i
@@ -366,34 +371,20 @@ def _gram_rotate(terms):
     return E, s
 
 
-def _map_back(Y, inv_s, W, X):
-    """New factors (Q W X)^T of §3.5 with Q = Y^T diag(1/s) (§3a), into Y[:, :r].
-
-    Y (B, k, d) from _gram_rotate, inv_s (B, k) its _inverse_norms, W (B, k, k) the singular
-    vectors of this side, X (B, k, r) from Opt. The (k, r) coefficients diag(1/s) W X are formed
-    in float64 and applied to Y by the same kernel as the rotation; Q is never formed.
-    """
-    _transform_rows(Y, inv_s[:, :, None] * (W @ X))
-
-
 # --- 3a. The Gram-and-rotate factorisation: Numba kernels -----------------------------------------
-
-
-# Numba kernels for the Gram-and-rotate factorisation. The terms are long (d = 2 n^2 on the A side)
-# and few (k = r + 1), a shape that BLAS serves poorly, so these kernels walk each stream's terms in
-# column blocks of _BLOCK columns, copied into a small buffer that stays in cache while it is used
-# k times over. The Gram's buffer is float64, so every product and sum is (§3a step 1 needs it);
-# the rotation and map-back run in the terms' dtype (float32 in training: twice the vector width,
-# and the rounding is the data's own), with the squared norms summed in float64.
-# fastmath: only "reassoc" (lets LLVM split a sum into vector lanes) and "contract" (fused
-# multiply-add); without "nnan"/"ninf", NaN and inf still propagate as IEEE says.
-# parallel: streams are independent and each is computed by one thread in a fixed order, so the
-# result does not depend on the number of threads (a resumed run stays bit-exact).
+# The terms are long (d = 2 n^2 on the A side) and few (k = r + 1), a shape that BLAS serves
+# poorly, so these kernels walk each stream's terms in column blocks of _BLOCK columns, copied into
+# a small buffer that stays in cache while it is used k times over. The Gram's buffer is float64,
+# so every product and sum is (§3a step 1 needs it); the rotation and map-back run in the terms'
+# dtype (float32 in training: twice the vector width, and the rounding is the data's own), with
+# the squared norms summed in float64. fastmath: only "reassoc" (lets LLVM split a sum into vector
+# lanes) and "contract" (fused multiply-add); without "nnan"/"ninf", NaN and inf still propagate
+# as IEEE says. nogil: _by_streams (§6) runs them on groups of streams in its threads.
 _BLOCK = 512
 _FASTMATH = {"reassoc", "contract"}
 
 
-@njit(cache=True, parallel=True, fastmath=_FASTMATH)
+@njit(cache=True, nogil=True, fastmath=_FASTMATH)
 def _gram(terms):
     """§3a step 1: gram[b] = terms[b] terms[b]^T, accumulated in float64.
 
@@ -402,7 +393,7 @@ def _gram(terms):
     B, k, d = terms.shape
     k4 = (k + 3) // 4 * 4  # rows padded to a multiple of 4 with zeros
     gram = np.empty((B, k, k))
-    for b in prange(B):
+    for b in range(B):
         acc = np.zeros((k4, k4))
         rows = np.zeros((k4, _BLOCK))
         for c0 in range(0, d, _BLOCK):
@@ -417,7 +408,7 @@ def _gram(terms):
     return gram
 
 
-@njit(cache=True, parallel=True, fastmath=_FASTMATH)
+@njit(cache=True, nogil=True, fastmath=_FASTMATH)
 def _transform_rows(terms, M):
     """terms[b, :p] <- M[b]^T terms[b], in place; returns the new rows' squared norms (B, p).
 
@@ -431,7 +422,7 @@ def _transform_rows(terms, M):
     p = M.shape[2]
     k4, p4 = (k + 3) // 4 * 4, (p + 3) // 4 * 4
     sq_norms = np.empty((B, p))
-    for b in prange(B):
+    for b in range(B):
         M4 = np.zeros((k4, p4), terms.dtype)  # zero padding: padded terms contribute nothing
         M4[:k, :p] = M[b]
         acc = np.zeros(p4)
@@ -613,7 +604,7 @@ def _kf_update(state, a, H, D, signs):
     """KF-RTRL for r independent rank-1 estimates (§5): u' = c0 rho0 u + c1 rho1 a_t,
     A' = c0 H A / rho0 + c1 D_t / rho1. signs (B, r, 2) = (c0, c1). kf: r = 1; kf-avg averages r.
     """
-    HA = H[:, None] @ state.As  # (B, r, n, 2n)
+    HA = _products(H[:, None], state.As)  # (B, r, n, 2n)
     B, r = state.us.shape[:2]
     return KronState(*_kf_mix(state.us, HA, np.broadcast_to(a[:, None], (B, r, a.shape[1])),
                               np.broadcast_to(D[:, None], HA.shape), signs))
@@ -674,6 +665,63 @@ def _safe_ratio(num, den):
     positive rescaling of a zero term is exact, so 1 is as good as any value and needs no division."""
     ok = (num > 0) & (den > 0)
     return np.divide(num, den, out=np.ones_like(num), where=ok)
+
+
+# --- 6. Threads: every stream's work in one thread, BLAS held to one thread ---------------------
+# Streams are independent, so each per-stream part of a learner step (H_t and D_t, the products
+# H_t X, OK's reduction) runs on contiguous groups of streams, one group per thread, the caller's
+# included. Inside a step BLAS is held to one thread (threadpoolctl) and the Numba kernels are
+# serial: no two pools share the cores (OpenBLAS's idle threads spin ~0.1 s after each product,
+# which made the OK step up to 2x slower beside parallel kernels). Each stream is computed by one
+# thread in a fixed order: the results do not depend on the number of threads.
+
+_threads = SimpleNamespace(pool=None, blas=None, count=len(os.sched_getaffinity(0))
+                           if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+if hasattr(os, "register_at_fork"):  # a forked child has none of the pool's threads
+    os.register_at_fork(after_in_child=lambda: setattr(_threads, "pool", None))
+
+
+def set_threads(count):
+    """Use count threads in every learner step (default: all cores this process may use). Runs
+    side by side on one machine should share the cores out: two runs on 2 cores, 1 thread each."""
+    _check_positive_int("count", count)
+    if _threads.pool is not None:
+        _threads.pool.shutdown()
+    _threads.count, _threads.pool = int(count), None
+
+
+def get_threads():
+    return _threads.count
+
+
+def _one_blas_thread():
+    """A context in which BLAS (OpenBLAS, MKL, ...) uses one thread; restored on leaving."""
+    if _threads.blas is None:
+        _threads.blas = ThreadpoolController()
+    return _threads.blas.limit(limits=1, user_api="blas")
+
+
+def _by_streams(work, B):
+    """work(s) for contiguous slices s that cover range(B), one per thread, in parallel."""
+    groups = min(_threads.count, B)
+    slices = [slice(B * i // groups, B * (i + 1) // groups) for i in range(groups)]
+    if groups > 1 and _threads.pool is None:
+        _threads.pool = ThreadPoolExecutor(_threads.count - 1, thread_name_prefix="ok_rtrl")
+    futures = [_threads.pool.submit(work, s) for s in slices[1:]]
+    try:
+        work(slices[0])
+    finally:
+        wait(futures)  # no thread still writes when this returns, or raises
+    for future in futures:
+        future.result()  # a thread's exception, raised here
+
+
+def _products(H, X):
+    """H[b] @ X[b] for every stream b (H broadcast over X's middle axes), by _by_streams."""
+    out = np.empty(np.broadcast_shapes(H.shape[:-2], X.shape[:-2]) + (H.shape[-2], X.shape[-1]),
+                   np.result_type(H, X))
+    _by_streams(lambda s: np.matmul(H[s], X[s], out=out[s]), len(out))
+    return out
 
 
 # --- The online learner interface (used by sequence_grad and by both runners) ------------------
@@ -745,17 +793,18 @@ def learner_step(params, state, h, x, y, method, signs=None, reset=None):
     if not isinstance(state, _STATE_TYPES[method]):
         raise ValueError(f"method {method!r} needs a {_STATE_TYPES[method].__name__} from "
                          f"init_learner, got a {type(state).__name__}")
-    h, a, f, alpha, beta = cell_step(W, x[0], h)
-    H, D = jacobians(W, f, alpha, beta)
-    if method == "rtrl":
-        state = _rtrl_update(state, a, H, D)
-    else:
-        rank = state.us.shape[1] if isinstance(state, KronState) else 1
-        signs = _check_signs(signs, sign_shape(method, B, rank, n))
-        state = _UPDATES[method](state, a, H, D, signs)
-    losses, dlogits = readout(W_out, h, y[0])
-    q, dW_out = _output_grads(W_out, h, dlogits)
-    return losses, _influence_grad(method, state, q), dW_out, h, state
+    with _one_blas_thread():  # the step's own threads do its per-stream work (§6)
+        h, a, f, alpha, beta = cell_step(W, x[0], h)
+        H, D = jacobians(W, f, alpha, beta)
+        if method == "rtrl":
+            state = _rtrl_update(state, a, H, D)
+        else:
+            rank = state.us.shape[1] if isinstance(state, KronState) else 1
+            signs = _check_signs(signs, sign_shape(method, B, rank, n))
+            state = _UPDATES[method](state, a, H, D, signs)
+        losses, dlogits = readout(W_out, h, y[0])
+        q, dW_out = _output_grads(W_out, h, dlogits)
+        return losses, _influence_grad(method, state, q), dW_out, h, state
 
 
 def _influence_grad(method, state, q):
@@ -766,7 +815,7 @@ def _influence_grad(method, state, q):
         return np.einsum("b,blj->lj", (q * state.s).sum(axis=1), state.theta)
     us, As = state
     B, r, m = us.shape
-    qA = (q[:, None, None, :] @ As)[:, :, 0]  # (B, r, 2n): q A_k, one BLAS product per term
+    qA = _products(q[:, None, None, :], As)[:, :, 0]  # (B, r, 2n): q A_k, one product per term
     dW = us.reshape(B * r, m).T @ qA.reshape(B * r, -1)  # sum_b sum_k outer(u_k, q A_k): (m, 2n)
     return dW / r if method == "kf-avg" else dW  # kf-avg: the mean of r estimates
 
@@ -824,54 +873,6 @@ def sequence_grad(params, xs, ys, method, rank=1, rng=None, *, signs=None):
     return loss, dW, dW_out
 
 
-def gradient_agreement(params, xs, ys, learners, rng, h0=None, resets=None):
-    """How close each learner's step gradient is to exact RTRL's, on one shared trajectory.
-
-    Every learner in learners, a list of (method, rank), runs beside exact RTRL on the same
-    inputs, states and fixed params, from h0 (B, n) and zero influence; resets (T, B) as in bptt.
-    Returns cosine and rel_error, each (T, len(learners)): per step t, the cosine similarity of
-    the learner's dW_t with exact dW_t and ||dW_t - exact||^2 / ||exact||^2.
-    """
-    V, n, O = sizes(params)
-    xs, ys = _check_sequences(xs, ys, V, O)
-    T, B = xs.shape
-    for method, rank in learners:
-        _check_method(method, METHODS)
-    h = np.zeros((B, n), params.W.dtype) if h0 is None else _check_state("h0", h0, (B, n),
-                                                                          params.W.dtype)
-    _check_finite_params(params)
-    _check_finite("h0", h)
-    exact = init_learner("rtrl", params, B)
-    states = [init_learner(method, params, B, rank) for method, rank in learners]
-    cosine, rel_error = np.empty((T, len(learners))), np.empty((T, len(learners)))
-    for t in range(T):
-        reset = None if resets is None else resets[t]
-        _, g_exact, _, h_next, exact = learner_step(params, exact, h, xs[t], ys[t], "rtrl",
-                                                    reset=reset)
-        for k, (method, rank) in enumerate(learners):
-            signs = draw_signs(rng, method, B, rank, n)
-            _, g, _, _, states[k] = learner_step(params, states[k], h, xs[t], ys[t], method,
-                                                 signs, reset)
-            cosine[t, k], rel_error[t, k] = _agreement(g, g_exact)
-        h = h_next
-    return cosine, rel_error
-
-
-def _agreement(g, g_exact):
-    """Cosine similarity and relative squared error of g against g_exact, in float64.
-
-    Zero norms: two zero gradients agree perfectly (1, 0); one zero gradient against a non-zero
-    one has cosine 0, and a non-zero g against a zero g_exact an infinite relative error.
-    """
-    g, g_exact = g.astype(np.float64).ravel(), g_exact.astype(np.float64).ravel()
-    norm, norm_exact = np.sqrt(g @ g), np.sqrt(g_exact @ g_exact)
-    error = ((g - g_exact) ** 2).sum()
-    if norm_exact == 0.0:
-        return (1.0, 0.0) if norm == 0.0 else (0.0, np.inf)
-    cosine = g @ g_exact / (norm * norm_exact) if norm > 0.0 else 0.0
-    return cosine, error / norm_exact**2
-
-
 # --- Training: W-gradient clipping, Adam, and one update of each kind -----------------------------
 
 
@@ -923,9 +924,9 @@ def online_update(params, adam, state, h, x, y, method, signs, lr, max_norm, res
 def tbptt_update(params, adam, h, xs, ys, resets, lr, max_norm):
     """One TBPTT-K update (§5): BPTT over a window xs, ys (K, B) from the carried h.
 
-    The window's gradient is divided by K, so that one update sees the mean over time and batch,
-    the scale of one online step: the clipping threshold then means the same for every method
-    (Adam itself is nearly scale-free). Returns (losses (K,), params, adam, h_K).
+    The window's gradient is divided by K: one update sees the mean over time and batch, the
+    scale of one online step, so the clipping threshold means the same for every method (Adam
+    itself is nearly scale-free). Returns (losses (K,), params, adam, h_K).
     """
     losses, dW, dW_out, h = bptt(params, xs, ys, h0=h, resets=resets)
     K = len(losses)

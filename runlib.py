@@ -30,7 +30,8 @@ What a task provides, and what this module does with it:
   (Ctrl-C or SIGTERM stop it after a step, and the run saves); duration, rate_since and
   PROGRESS_SECONDS serve its progress lines; write_plot draws its curve if matplotlib is there.
 - Sequences of the task at the current weights: measure_noise compares the gradient of each
-  learner of NOISE_LEARNERS with exact RTRL's on them; write_noise_plot draws the result.
+  learner of NOISE_LEARNERS with exact RTRL's on them (gradient_agreement, usable on its own);
+  write_noise_plot draws the result.
 """
 import argparse
 import contextlib
@@ -46,13 +47,6 @@ try:
     import fcntl  # POSIX: the lock of claim_outputs
 except ImportError:  # Windows: runs go unlocked
     fcntl = None
-
-# OK's Numba kernels use every core between the BLAS products. OpenBLAS's idle threads spin for
-# about 0.1 s (2^28 cycles) after each product before they sleep, on the same cores: measured on
-# 2 cores, that made the OK step up to 2x slower. 2^12 cycles lets them sleep at once. It must be
-# set before numpy is imported (the runners set it too, before their own import of numpy), and
-# a value set by the user wins.
-os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "12")
 
 import numpy as np
 
@@ -760,6 +754,51 @@ NOISE_LEARNERS = (("ok", 1), ("ok", 2), ("ok", 4), ("ok", 8), ("ok", 16),
                   ("kf", 1), ("kf-avg", 8), ("kf-avg", 16), ("uoro", 1))
 
 
+def gradient_agreement(params, xs, ys, learners, rng, h0=None, resets=None):
+    """How close each learner's step gradient is to exact RTRL's, on one shared trajectory.
+
+    Every learner in learners, a list of (method, rank), runs beside exact RTRL on the same
+    inputs, states and fixed params, from h0 (B, n) and zero influence; resets (T, B) as in
+    ok.bptt. Returns cosine and rel_error, each (T, len(learners)): per step t, the cosine
+    similarity of the learner's dW_t with exact dW_t and ||dW_t - exact||^2 / ||exact||^2.
+    """
+    xs, ys = np.asarray(xs), np.asarray(ys)  # ok.learner_step checks each step's symbols
+    T, B = xs.shape
+    n = ok.sizes(params)[1]
+    h = np.zeros((B, n), params.W.dtype) if h0 is None else np.asarray(h0, params.W.dtype)
+    if h.shape != (B, n) or not np.isfinite(h).all():
+        raise ValueError(f"h0 must be a finite ({B}, {n}) array, got shape {h.shape}")
+    exact = ok.init_learner("rtrl", params, B)
+    states = [ok.init_learner(method, params, B, rank) for method, rank in learners]
+    cosine, rel_error = np.empty((T, len(learners))), np.empty((T, len(learners)))
+    for t in range(T):
+        reset = None if resets is None else resets[t]
+        _, g_exact, _, h_next, exact = ok.learner_step(params, exact, h, xs[t], ys[t], "rtrl",
+                                                       reset=reset)
+        for k, (method, rank) in enumerate(learners):
+            signs = ok.draw_signs(rng, method, B, rank, n)
+            _, g, _, _, states[k] = ok.learner_step(params, states[k], h, xs[t], ys[t], method,
+                                                    signs, reset)
+            cosine[t, k], rel_error[t, k] = agreement(g, g_exact)
+        h = h_next
+    return cosine, rel_error
+
+
+def agreement(g, g_exact):
+    """Cosine similarity and relative squared error of g against g_exact, in float64.
+
+    Zero norms: two zero gradients agree perfectly (1, 0); one zero gradient against a non-zero
+    one has cosine 0, and a non-zero g against a zero g_exact an infinite relative error.
+    """
+    g, g_exact = g.astype(np.float64).ravel(), g_exact.astype(np.float64).ravel()
+    norm, norm_exact = np.sqrt(g @ g), np.sqrt(g_exact @ g_exact)
+    error = ((g - g_exact) ** 2).sum()
+    if norm_exact == 0.0:
+        return (1.0, 0.0) if norm == 0.0 else (0.0, np.inf)
+    cosine = g @ g_exact / (norm * norm_exact) if norm > 0.0 else 0.0
+    return cosine, error / norm_exact**2
+
+
 def measure_noise(params, xs, ys, resets, rng):
     """Median cosine and median relative squared error, against exact RTRL, of the gradient of
     each learner of NOISE_LEARNERS (one value each, (len(NOISE_LEARNERS),)), over the steps of
@@ -769,8 +808,8 @@ def measure_noise(params, xs, ys, resets, rng):
     run's), so that a run with measurements trains exactly as one without. A sequence of k steps
     since its reset gives G a Kronecker rank of at most k, so OK of a higher rank is exact on it.
     """
-    cosine, rel_error = ok.gradient_agreement(params, xs, ys, NOISE_LEARNERS, rng,
-                                              resets=resets)  # (S, len(NOISE_LEARNERS)) each
+    cosine, rel_error = gradient_agreement(params, xs, ys, NOISE_LEARNERS, rng,
+                                           resets=resets)  # (S, len(NOISE_LEARNERS)) each
     return np.median(cosine, axis=0), np.median(rel_error, axis=0)
 
 

@@ -17,10 +17,12 @@ import time
 
 import numpy as np
 import pytest
+from hypothesis import example, given, strategies as st
 
 import ok_rtrl as ok
 import run_copy
 import runlib
+from test_ok_rtrl import ZERO_PARAMS, make_problem, problems
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 NEEDS_FLOCK = pytest.mark.skipif(runlib.fcntl is None, reason="no fcntl here: runs go unlocked")
@@ -490,3 +492,48 @@ def test_memory_estimate_covers_the_measured_peak(method, rank):
     state_bytes = sum(field.nbytes for field in state)
     estimate = runlib.learner_memory(method, rank, B, n, V, np.float32)
     assert estimate >= state_bytes + peak
+
+
+# --- gradient_agreement: the measure behind --measure-noise -----------------------------------
+
+
+@given(problems(max_n=3, max_V=2, max_T=5), st.integers(0, 2**32 - 1))
+@example(ZERO_PARAMS, 0)
+def test_gradient_agreement_is_perfect_for_exact_learners(problem, seed):
+    """Exact RTRL and full-rank OK (exact, test_ok_rtrl.py) have cosine 1 and relative error 0
+    with exact RTRL at every step, resets included; KF-RTRL's per-step cosine equals the one
+    computed here from its own run with the same signs (ok_rtrl.py §2-5)."""
+    p, xs, ys, _ = problem
+    (T, B), (m, two_n) = xs.shape, p.W.shape
+    n = two_n // 2
+    resets = np.random.default_rng(seed).random((T, B)) < 0.3
+    learners = [("rtrl", 1), ("ok", min(m, 2 * n * n)), ("kf", 1)]
+    cosine, rel_error = runlib.gradient_agreement(p, xs, ys, learners,
+                                                  np.random.default_rng(seed), resets=resets)
+    assert cosine.shape == rel_error.shape == (T, 3)
+    # Exact learners differ from exact RTRL by rounding only: 1e-9 leaves ~1e6 eps64 of room.
+    np.testing.assert_allclose(cosine[:, :2], 1.0, rtol=0, atol=1e-9)
+    np.testing.assert_allclose(rel_error[:, :2], 0.0, rtol=0, atol=1e-18)
+    # KF again, by hand: the same draws (rtrl draws none, OK draws before KF at every step).
+    rng, h = np.random.default_rng(seed), np.zeros((B, n))
+    exact, kf, full_ok = (ok.init_learner(meth, p, B, r) for meth, r in learners)
+    for t in range(T):
+        ok.draw_signs(rng, "ok", B, min(m, 2 * n * n), n)
+        _, g_kf, _, _, kf = ok.learner_step(p, kf, h, xs[t], ys[t], "kf",
+                                            ok.draw_signs(rng, "kf", B, 1, n), resets[t])
+        _, g, _, h, exact = ok.learner_step(p, exact, h, xs[t], ys[t], "rtrl", reset=resets[t])
+        norms = np.linalg.norm(g_kf) * np.linalg.norm(g)
+        want = 1.0 if norms == 0 and not g.any() and not g_kf.any() else (
+            0.0 if norms == 0 else float((g_kf * g).sum() / norms))
+        # Same inputs, same float64 sums in a different order: rounding only.
+        assert abs(cosine[t, 2] - want) <= 1e-9, f"step {t}: {cosine[t, 2]} != {want}"
+
+
+def test_gradient_agreement_refuses_non_finite_input():
+    """NaN in the weights or in h0 is refused, naming it, before any learner runs."""
+    p, xs, ys, _ = make_problem(n=3, V=2, O=3, T=3, B=2, scale=0.3, seed=0)
+    rng = np.random.default_rng(0)
+    with pytest.raises(ValueError, match="params.W_out"):
+        runlib.gradient_agreement(p._replace(W_out=p.W_out * np.nan), xs, ys, [("ok", 1)], rng)
+    with pytest.raises(ValueError, match="h0 must be a finite"):
+        runlib.gradient_agreement(p, xs, ys, [("kf", 1)], rng, h0=np.full((2, 3), np.nan))
