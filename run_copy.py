@@ -23,8 +23,6 @@ import os
 import sys
 import time
 
-os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "12")  # before numpy: see runlib.py
-
 import numpy as np
 
 import ok_rtrl as ok
@@ -158,6 +156,10 @@ def build_parser():
                    help="seed of the one numpy Generator behind all randomness (default 0)")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32",
                    help="floating point type (default float32, as the paper's TensorFlow code)")
+    p.add_argument("--threads", type=runlib.int_at_least(1), default=ok.get_threads(),
+                   metavar="N", help="threads of each training step (default: the %(default)s "
+                   "cores this process may use). Runs side by side should share the cores out: "
+                   "two runs on 2 cores, --threads 1 each. The results do not depend on it")
     p.add_argument("--log", type=runlib.output_path, metavar="FILE.csv",
                    help="CSV log, one row every --log-every steps: step, T, avg_bits, "
                    "steps_per_s; the config in a '#' header line")
@@ -198,7 +200,7 @@ def resolve_config(parser, args):
     rank, trunc = runlib.resolve_rank_and_trunc(parser, args, default_rank=16, default_trunc=100)
     return {"task": "copy", "method": args.method, "rank": rank, "trunc": trunc,
             "hidden": args.hidden, "batch": args.batch, "lr": args.lr, "seed": args.seed,
-            "dtype": args.dtype, "steps": args.steps, "log": args.log,
+            "dtype": args.dtype, "threads": args.threads, "steps": args.steps, "log": args.log,
             "log_every": args.log_every, "checkpoint": args.checkpoint,
             "checkpoint_every": args.checkpoint_every, "plot": args.plot,
             "measure_noise": args.measure_noise, "noise_steps": args.noise_steps,
@@ -290,6 +292,7 @@ def run_experiment(config):
     """The whole run: its files held, resumed or started, trained, saved, plotted."""
     runlib.print_config(f"{PROG}: the copy task of Benzing et al. 2019 (arXiv 1902.03993), with "
                         "its curriculum", config)
+    ok.set_threads(config["threads"])
     plot_files = ([config["plot"], os.path.splitext(config["plot"])[0] + "-noise.png"]
                   if config["plot"] and config["measure_noise"] else [config["plot"]])
     with runlib.claim_outputs([("--checkpoint", config["checkpoint"]), ("--log", config["log"]),

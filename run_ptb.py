@@ -31,8 +31,6 @@ import tempfile
 import time
 import urllib.request
 
-os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "12")  # before numpy: see runlib.py
-
 import numpy as np
 
 import ok_rtrl as ok
@@ -296,6 +294,10 @@ def build_parser():
                    help="seed of the one numpy Generator behind all randomness (default 0)")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32",
                    help="floating point type (default float32, as the paper's TensorFlow code)")
+    p.add_argument("--threads", type=runlib.int_at_least(1), default=ok.get_threads(),
+                   metavar="N", help="threads of each training step (default: the %(default)s "
+                   "cores this process may use). Runs side by side should share the cores out: "
+                   "two runs on 2 cores, --threads 1 each. The results do not depend on it")
     p.add_argument("--data-dir", metavar="DIR",
                    help="folder with train.txt, valid.txt, test.txt or ptb.char.*.txt (default: "
                    "$OK_RTRL_DATA, else ~/.cache/ok-rtrl/ptb-char, filled by a checked download)")
@@ -330,8 +332,9 @@ def resolve_config(parser, args):
     rank, trunc = runlib.resolve_rank_and_trunc(parser, args, default_rank=8, default_trunc=100)
     return {"task": "ptb", "method": args.method, "rank": rank, "trunc": trunc,
             "hidden": args.hidden, "batch": args.batch, "lr": args.lr, "seed": args.seed,
-            "dtype": args.dtype, "eval_every": args.eval_every, "reset_every": args.reset_every,
-            "resets": RESETS, "steps": args.steps, "data_dir": args.data_dir, "log": args.log,
+            "dtype": args.dtype, "threads": args.threads, "eval_every": args.eval_every,
+            "reset_every": args.reset_every, "resets": RESETS, "steps": args.steps,
+            "data_dir": args.data_dir, "log": args.log,
             "log_every": args.log_every, "checkpoint": args.checkpoint,
             "checkpoint_every": args.checkpoint_every, "plot": args.plot}
 
@@ -452,6 +455,7 @@ def run_experiment(config):
     the best weights tested, saved, plotted."""
     runlib.print_config(f"{PROG}: character-level Penn Treebank as in Benzing et al. 2019 (arXiv "
                         "1902.03993)", config)
+    ok.set_threads(config["threads"])
     with runlib.claim_outputs([("--checkpoint", config["checkpoint"]), ("--log", config["log"]),
                                ("--plot", config["plot"])]):
         paths = locate_ptb(config["data_dir"])

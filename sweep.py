@@ -165,8 +165,9 @@ def available_cores():
 
 
 def run_environment(threads):
-    """This process's environment with each thread pool of the runner (Numba, OpenBLAS, OpenMP,
-    MKL) set to threads, so that runs side by side do not fight over the cores."""
+    """This process's environment with the libraries' own thread pools (Numba, OpenBLAS, OpenMP,
+    MKL) set to threads, as the runner's --threads sets its training steps', so that runs side by
+    side do not fight over the cores."""
     env = dict(os.environ)
     env.update({name: str(threads) for name in THREAD_VARIABLES})
     return env
@@ -233,7 +234,7 @@ def die_with_parent():
 
 def launch(task, options, run_dir, cwd, threads, local):
     """Start the runner on one run: `python run_<task>.py OPTIONS --log ... --checkpoint ...`
-    in cwd, its output appended to the run's stdout.txt and stderr.txt, with threads threads.
+    --threads THREADS in cwd, its output appended to the run's stdout.txt and stderr.txt.
     -> the started run (a dict for finish), or None when another process holds the run.
 
     local: the runner gets its own session, so that Ctrl-C in the terminal reaches the sweep
@@ -249,7 +250,8 @@ def launch(task, options, run_dir, cwd, threads, local):
         err = open(os.path.join(run_dir, "stderr.txt"), "ab")
         offset = err.tell()  # this session's errors start here
         process = subprocess.Popen(
-            [sys.executable, script] + options + runner_files(task, run_dir), cwd=cwd,
+            [sys.executable, script] + options + runner_files(task, run_dir)
+            + ["--threads", str(threads)], cwd=cwd,
             stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=run_environment(threads),
             start_new_session=local, preexec_fn=die_with_parent if local else None)
     except BaseException:
@@ -784,8 +786,9 @@ def build_parser():
     p.add_argument("--workers", type=int, metavar="N",
                    help="runs at once on this machine (default: one per core)")
     p.add_argument("--threads", type=int, metavar="T",
-                   help="threads per run, set through NUMBA_NUM_THREADS, OPENBLAS_NUM_THREADS "
-                   "and OMP_NUM_THREADS (default: the cores divided by --workers here; on a Dask "
+                   help="threads per run: its runner's --threads, and NUMBA_NUM_THREADS, "
+                   "OPENBLAS_NUM_THREADS and OMP_NUM_THREADS (default: the cores divided by "
+                   "--workers here; on a Dask "
                    "worker its machine's cores divided by the worker's threads)")
     p.add_argument("--scheduler", metavar="ADDRESS",
                    help="send the runs to the Dask scheduler at ADDRESS (tcp://host:8786) "

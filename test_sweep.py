@@ -311,7 +311,8 @@ def test_killed_sweep_reruns_to_the_same_summary_running_nothing_twice(local_swe
     untouched (its runner is not started again: stdout.txt gains nothing), resumes the
     interrupted ones (the log rows written before the kill are kept byte for byte, timing
     column included, which a restart would rewrite), and gives the local path's summary. While
-    it runs, each runner has 1 thread in its environment, whatever the sweep's says."""
+    it runs, each runner has --threads 1 and 1 thread in its environment, whatever the sweep's
+    environment says."""
     local_folder, _ = local_sweep
     folder = str(tmp_path / "copy")
     argv = ["copy", folder] + GRID + TINY_COPY + ["--workers", "2", "--threads", "1"]
@@ -326,6 +327,7 @@ def test_killed_sweep_reruns_to_the_same_summary_running_nothing_twice(local_swe
                    and 1 <= len(log_rows(os.path.join(run_dir(folder, *run), "log.csv"))) <= 3]
         if finished and halfway:
             runner_env = [read(f"/proc/{pid}/environ", "rb").split(b"\0")
+                          + read(f"/proc/{pid}/cmdline", "rb").split(b"\0")
                           for pid in children(process.pid)]
             process.send_signal(signal.SIGTERM)
             break
@@ -336,6 +338,7 @@ def test_killed_sweep_reruns_to_the_same_summary_running_nothing_twice(local_swe
     for variables in runner_env:
         for name in ("NUMBA_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
             assert f"{name}=1".encode() in variables
+        assert b"--threads" in variables and variables[variables.index(b"--threads") + 1] == b"1"
     finished = [run for run in RUNS if state(folder, *run) == "finished"]
     stopped = [run for run in RUNS if state(folder, *run) == "interrupted"]
     assert finished and stopped
