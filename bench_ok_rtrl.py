@@ -6,10 +6,13 @@ Prints a markdown table: per configuration (n, B, r), the median time of the bat
 products alone (the floor), of one full training step (cell, learner update, gradient, clipping,
 Adam) for each method, OK-step / floor, the GFLOP/s that OK achieves on the floor's work, and the
 learner state per stream. --baseline times the OK step of another copy of the module (say, from
-an older commit: `git show REV:ok_rtrl.py > /tmp/old.py`) in the same run, as an extra column.
-Then the Numba compile time with a cold and a warm cache. Timings are
-medians over repeated steps after warm-up, measured side by side in one run: these machines are
-noisy, so compare ratios, not absolute numbers across runs.
+an older commit: `git show REV:ok_rtrl.py > old.py`) in the same run, as an extra column.
+Then, at the copy task's size, in fresh processes: the OK step from a user's script (numpy
+imported first, nothing set) against the same step in a process started as the runners are,
+and two training processes one after the other (all cores each) against side by side (their
+share of the cores each). Last, the Numba compile time with a cold and a warm cache. Timings
+are medians over repeated steps after warm-up, measured side by side in one run: these
+machines are noisy, so compare ratios, not absolute numbers across runs.
 """
 import argparse
 import importlib.util
@@ -18,8 +21,6 @@ import subprocess
 import sys
 import tempfile
 import time
-
-os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "12")  # before numpy: see runlib.py
 
 import numpy as np
 
@@ -112,6 +113,71 @@ def compile_seconds():
         return run(), run()
 
 
+# One OK training loop at the copy task's size, in a fresh process: {imports} first, then the
+# module; prints the median step time. {threads} threads, {steps} timed steps after r + 1 + 5.
+LOOP = """{imports}
+import time
+import numpy as np
+import ok_rtrl as ok
+ok.set_threads({threads})
+V, n, B, r = 4, 128, 16, 16
+rng = np.random.default_rng(0)
+params = ok.init_params(V, n, V, rng)
+adam, h = ok.adam_init(params), np.zeros((B, n), np.float32)
+state = ok.init_learner("ok", params, B, r)
+times = []
+for t in range(r + 6 + {steps}):
+    x, y, signs = rng.integers(0, V, B), rng.integers(0, V, B), ok.draw_signs(rng, "ok", B, r, n)
+    start = time.perf_counter()
+    _, params, adam, h, state = ok.online_update(params, adam, state, h, x, y, "ok", signs,
+                                                 1e-3, B)
+    times.append(time.perf_counter() - start)
+print(np.median(times[r + 6:]))
+"""
+ENTRY_POINTS = {"your script (numpy first)": "import numpy",
+                "as the runners start": "import run_copy  # the runner's own imports, in its order"}
+
+
+def start_loop(imports, threads, steps):
+    here = os.path.dirname(os.path.abspath(__file__))
+    code = LOOP.format(imports=imports, threads=threads, steps=steps)
+    return subprocess.Popen([sys.executable, "-c", code], cwd=here, stdout=subprocess.PIPE,
+                            text=True)
+
+
+def finish(process):
+    out, _ = process.communicate()
+    if process.returncode:
+        raise RuntimeError(f"a timing process failed (exit {process.returncode})")
+    return float(out)
+
+
+def time_entry_points(rounds, steps=60):
+    """Median OK step (s) at the copy size for each of ENTRY_POINTS, alternated over rounds."""
+    times = {name: [] for name in ENTRY_POINTS}
+    for _ in range(rounds):
+        for name, imports in ENTRY_POINTS.items():
+            times[name].append(finish(start_loop(imports, ok.get_threads(), steps)))
+    return {name: float(np.median(t)) for name, t in times.items()}
+
+
+def time_side_by_side(rounds, steps=100):
+    """Wall time (s) of two copy-size training processes one after the other, each with every
+    core, and side by side, each with half (at least 1): the medians over rounds."""
+    cores = ok.get_threads()
+    after, beside = [], []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for _ in range(2):
+            finish(start_loop("import numpy", cores, steps))
+        after.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        for process in [start_loop("import numpy", max(1, cores // 2), steps) for _ in range(2)]:
+            finish(process)
+        beside.append(time.perf_counter() - start)
+    return float(np.median(after)), float(np.median(beside))
+
+
 def load_module(path):
     """Import another copy of ok_rtrl.py under its own name, beside this one."""
     spec = importlib.util.spec_from_file_location("ok_rtrl_baseline", path)
@@ -155,6 +221,16 @@ def main(argv=None):
               f"{old}| {floor_flop / ok_seconds / 1e9:.0f} | {ms['kf']} | {ms['kf-avg']} "
               f"| {ms['uoro']} | {1e3 * tbptt[0]:.2f} ms | {rtrl} | {ok_bytes / 2**20:.1f} MiB |",
               flush=True)
+    entry = time_entry_points(rounds=3)
+    (script, runner_like) = entry.values()
+    print(f"\nThe OK step at the copy size (128, 16, 16), fresh processes, alternated 3 times: "
+          f"{1e3 * script:.1f} ms from a user's script (numpy imported first, nothing set), "
+          f"{1e3 * runner_like:.1f} ms as the runners start; ratio {script / runner_like:.2f}.")
+    after, beside = time_side_by_side(rounds=2)
+    half = max(1, ok.get_threads() // 2)
+    print(f"Two copy-size training processes (each: startup and {100 + 22} OK steps), median "
+          f"of 2: one after the other with {ok.get_threads()} threads each {after:.1f} s, side "
+          f"by side with {half} each {beside:.1f} s; ratio {beside / after:.2f}.")
     cold, warm = compile_seconds()
     print(f"\nNumba: import and first OK steps (float32 and float64) take {cold:.1f} s with a cold "
           f"cache, {warm:.1f} s with a warm one.")
