@@ -70,7 +70,6 @@ def test_the_readme_example_runs_and_learns(monkeypatch, capsys):
     """The example, executed as it stands, trains: the loss of its last 100 steps is far below
     that of its first 100, which are near chance (ln 4 nats). The output it prints matches the
     README's quote of it, to float32 rounding across CPUs (the quote is one machine's)."""
-    monkeypatch.setenv("OPENBLAS_THREAD_TIMEOUT", os.environ.get("OPENBLAS_THREAD_TIMEOUT", "12"))
     namespace = {"__name__": "readme_example"}
     exec(compile(readme_example(), "README.md example", "exec"), namespace)
     early, late, guess = namespace["early"], namespace["late"], np.log(4)
