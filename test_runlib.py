@@ -33,11 +33,12 @@ TINY_COPY = ["--hidden", "8", "--batch", "3", "--rank", "2", "--lr", "0.01"]
 
 
 def checkpoint_contents(path):
-    """A checkpoint's config and arrays; the file names, which differ between runs, are dropped."""
+    """A checkpoint's config and arrays; the file names and the thread count, which may differ
+    between runs of one experiment, are dropped."""
     with np.load(path, allow_pickle=False) as f:
         arrays = {name: f[name] for name in f.files}
     config = json.loads(str(arrays.pop("config")))
-    for key in ("checkpoint", "log", "plot", "data_dir"):
+    for key in ("checkpoint", "log", "plot", "data_dir", "threads"):
         config.pop(key, None)
     return config, arrays
 

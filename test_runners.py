@@ -123,16 +123,19 @@ def test_copy_curriculum_rises_above_one(tmp_path, capsys):
 @pytest.mark.parametrize("method", ["ok", "tbptt"])
 def test_copy_resume_after_ctrl_c_is_identical(tmp_path, monkeypatch, capsys, method):
     """Ctrl-C at step 170 saves; resuming ends exactly where an uninterrupted run ends: weights,
-    Adam, learner state, h, streams, curriculum, rng and log. TBPTT (window 7) stops mid-window."""
+    Adam, learner state, h, streams, curriculum, rng and log. TBPTT (window 7) stops mid-window.
+    The three runs use 1, 3 and the default number of threads: the results do not depend on it."""
     extra = ["--trunc", "7", "--method", "tbptt"] if method == "tbptt" else ["--rank", "2"]
     argv = ["--hidden", "8", "--batch", "3", "--lr", "0.01", "--steps", "400",
             "--log-every", "50"] + extra
     whole, parts = str(tmp_path / "whole.npz"), str(tmp_path / "parts.npz")
     log_whole, log_parts = str(tmp_path / "whole.csv"), str(tmp_path / "parts.csv")
-    assert run_copy.main(argv + ["--checkpoint", whole, "--log", log_whole]) == 0
+    assert run_copy.main(argv + ["--checkpoint", whole, "--log", log_whole,
+                                 "--threads", "1"]) == 0
     with monkeypatch.context() as patch:
         ctrl_c_at_call(patch, run_copy, "next_symbols", 170)
-        assert run_copy.main(argv + ["--checkpoint", parts, "--log", log_parts]) == 130
+        assert run_copy.main(argv + ["--checkpoint", parts, "--log", log_parts,
+                                     "--threads", "3"]) == 130
     assert "Ctrl-C" in capsys.readouterr().err
     assert checkpoint_contents(parts)[1]["counters"].item().startswith('{"step": 170,')
     assert run_copy.main(argv + ["--checkpoint", parts, "--log", log_parts]) == 0
