@@ -193,6 +193,7 @@ def load_module(path):
     """Import another copy of ok_rtrl.py under its own name, beside this one."""
     spec = importlib.util.spec_from_file_location("ok_rtrl_baseline", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # Numba's cache finds the module of its functions by name
     spec.loader.exec_module(module)
     return module
 
