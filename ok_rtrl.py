@@ -887,11 +887,10 @@ def adam_init(params):
 
 
 def apply_gradients(params, adam, dW, dW_out, lr, max_norm, beta1=0.9, beta2=0.999, eps=1e-8):
-    """Clip dW to norm max_norm (W_out unclipped, as the paper's code) and take one Adam step.
-
-    Returns (params, adam, norm of dW before clipping); the inputs are left untouched. A gradient
-    that is not finite raises FloatingPointError rather than reaching the weights.
-    """
+    """Clip dW to norm max_norm (W_out unclipped, as the paper's code) and take one Adam step,
+    with eps one number or a pair (for W, for W_out). Returns (params, adam, norm of dW before
+    clipping); the inputs are left untouched. A gradient that is not finite raises
+    FloatingPointError rather than reaching the weights."""
     for name, g in (("dW", dW), ("dW_out", dW_out)):
         if not np.all(np.isfinite(g)):
             raise FloatingPointError(f"{name} is not finite (NaN or inf): the run diverged; "
@@ -901,27 +900,27 @@ def apply_gradients(params, adam, dW, dW_out, lr, max_norm, beta1=0.9, beta2=0.9
         dW = dW * (max_norm / norm)  # norm > max_norm > 0 here, so the division is safe
     t = adam.t + 1
     new_params, new_m, new_v = [], [], []
-    for p, g, m, v in zip(params, (dW, dW_out), adam.m, adam.v):
+    for p, g, m, v, e in zip(params, (dW, dW_out), adam.m, adam.v, np.broadcast_to(eps, 2)):
         m = beta1 * m + (1 - beta1) * g
         v = beta2 * v + (1 - beta2) * g * g
-        step = (m / (1 - beta1 ** t)) / (np.sqrt(v / (1 - beta2 ** t)) + eps)  # Kingma and Ba
+        step = (m / (1 - beta1 ** t)) / (np.sqrt(v / (1 - beta2 ** t)) + e)  # Kingma and Ba
         new_params.append((p - lr * step).astype(p.dtype))
         new_m.append(m)
         new_v.append(v)
     return Params(*new_params), AdamState(Params(*new_m), Params(*new_v), t), norm
 
 
-def online_update(params, adam, state, h, x, y, method, signs, lr, max_norm, reset=None):
+def online_update(params, adam, state, h, x, y, method, signs, lr, max_norm, reset=None, eps=1e-8):
     """One fully online training step, as in the paper's experiments: learner_step, then Adam.
 
     Returns (losses (B,), params, adam, h, state). The runners clip at max_norm = B.
     """
     losses, dW, dW_out, h, state = learner_step(params, state, h, x, y, method, signs, reset)
-    params, adam, _ = apply_gradients(params, adam, dW, dW_out, lr, max_norm)
+    params, adam, _ = apply_gradients(params, adam, dW, dW_out, lr, max_norm, eps=eps)
     return losses, params, adam, h, state
 
 
-def tbptt_update(params, adam, h, xs, ys, resets, lr, max_norm):
+def tbptt_update(params, adam, h, xs, ys, resets, lr, max_norm, eps=1e-8):
     """One TBPTT-K update (§5): BPTT over a window xs, ys (K, B) from the carried h.
 
     The window's gradient is divided by K: one update sees the mean over time and batch, the
@@ -930,7 +929,7 @@ def tbptt_update(params, adam, h, xs, ys, resets, lr, max_norm):
     """
     losses, dW, dW_out, h = bptt(params, xs, ys, h0=h, resets=resets)
     K = len(losses)
-    params, adam, _ = apply_gradients(params, adam, dW / K, dW_out / K, lr, max_norm)
+    params, adam, _ = apply_gradients(params, adam, dW / K, dW_out / K, lr, max_norm, eps=eps)
     return losses, params, adam, h
 
 

@@ -156,6 +156,10 @@ def build_parser():
                    help="seed of the one numpy Generator behind all randomness (default 0)")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32",
                    help="floating point type (default float32, as the paper's TensorFlow code)")
+    p.add_argument("--adam", choices=runlib.ADAMS, default="kingma-ba",
+                   help="Adam as Kingma and Ba write it (default), or as the paper's TensorFlow "
+                   "code ran it: eps before the bias correction, on W's gradient divided by B "
+                   "(README, \"Where we differ\")")
     p.add_argument("--threads", type=runlib.int_at_least(1), default=ok.get_threads(),
                    metavar="N", help="threads of each training step (default: the %(default)s "
                    "cores this process may use). Runs side by side should share the cores out: "
@@ -192,7 +196,8 @@ def build_parser():
 
 # Options that define the experiment: a checkpoint resumes only under the same values. The others
 # (--steps, file names, intervals) only say how long to run and where to write.
-EXPERIMENT_KEYS = ("task", "method", "rank", "trunc", "hidden", "batch", "lr", "seed", "dtype")
+EXPERIMENT_KEYS = ("task", "method", "rank", "trunc", "hidden", "batch", "lr", "seed", "dtype",
+                   "adam")
 
 
 def resolve_config(parser, args):
@@ -200,8 +205,8 @@ def resolve_config(parser, args):
     rank, trunc = runlib.resolve_rank_and_trunc(parser, args, default_rank=16, default_trunc=100)
     return {"task": "copy", "method": args.method, "rank": rank, "trunc": trunc,
             "hidden": args.hidden, "batch": args.batch, "lr": args.lr, "seed": args.seed,
-            "dtype": args.dtype, "threads": args.threads, "steps": args.steps, "log": args.log,
-            "log_every": args.log_every, "checkpoint": args.checkpoint,
+            "dtype": args.dtype, "adam": args.adam, "threads": args.threads, "steps": args.steps,
+            "log": args.log, "log_every": args.log_every, "checkpoint": args.checkpoint,
             "checkpoint_every": args.checkpoint_every, "plot": args.plot,
             "measure_noise": args.measure_noise, "noise_steps": args.noise_steps,
             "noise_length": args.noise_length,

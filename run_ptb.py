@@ -294,6 +294,10 @@ def build_parser():
                    help="seed of the one numpy Generator behind all randomness (default 0)")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32",
                    help="floating point type (default float32, as the paper's TensorFlow code)")
+    p.add_argument("--adam", choices=runlib.ADAMS, default="kingma-ba",
+                   help="Adam as Kingma and Ba write it (default), or as the paper's TensorFlow "
+                   "code ran it: eps before the bias correction, on W's gradient divided by B "
+                   "(README, \"Where we differ\")")
     p.add_argument("--threads", type=runlib.int_at_least(1), default=ok.get_threads(),
                    metavar="N", help="threads of each training step (default: the %(default)s "
                    "cores this process may use). Runs side by side should share the cores out: "
@@ -324,7 +328,7 @@ RESETS = "by stream position"  # stream_resets; checkpoints without this key res
 # Options that define the experiment: a checkpoint resumes only under the same values (and the
 # same data). The others (--steps, files, intervals) only say how long to run and where to write.
 EXPERIMENT_KEYS = ("task", "method", "rank", "trunc", "hidden", "batch", "lr", "seed", "dtype",
-                   "eval_every", "reset_every", "resets", "data_sha256")
+                   "adam", "eval_every", "reset_every", "resets", "data_sha256")
 
 
 def resolve_config(parser, args):
@@ -332,9 +336,9 @@ def resolve_config(parser, args):
     rank, trunc = runlib.resolve_rank_and_trunc(parser, args, default_rank=8, default_trunc=100)
     return {"task": "ptb", "method": args.method, "rank": rank, "trunc": trunc,
             "hidden": args.hidden, "batch": args.batch, "lr": args.lr, "seed": args.seed,
-            "dtype": args.dtype, "threads": args.threads, "eval_every": args.eval_every,
-            "reset_every": args.reset_every, "resets": RESETS, "steps": args.steps,
-            "data_dir": args.data_dir, "log": args.log,
+            "dtype": args.dtype, "adam": args.adam, "threads": args.threads,
+            "eval_every": args.eval_every, "reset_every": args.reset_every, "resets": RESETS,
+            "steps": args.steps, "data_dir": args.data_dir, "log": args.log,
             "log_every": args.log_every, "checkpoint": args.checkpoint,
             "checkpoint_every": args.checkpoint_every, "plot": args.plot}
 

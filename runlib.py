@@ -53,6 +53,10 @@ import numpy as np
 import ok_rtrl as ok
 
 METHODS = ok.METHODS + ("tbptt",)  # --method's choices
+ADAMS = ("kingma-ba", "tensorflow")  # --adam's choices: see adam_eps
+# Experiment keys added since runs were first made, with the value those runs had: a checkpoint
+# written before a key existed resumes under that value, and only under it.
+PAST_DEFAULTS = {"adam": "kingma-ba"}
 PROGRESS_SECONDS = 5.0  # a progress line at most this often
 
 
@@ -183,6 +187,7 @@ def train_step(run, config, rng, x, y, reset):
     the mean by B once more and clips to norm 1). A diverged run becomes one line.
     """
     method, B, n = config["method"], config["batch"], config["hidden"]
+    eps = adam_eps(config, run["adam"].t + 1)
     try:
         if method == "tbptt":
             run["window"].append((x, y, reset))
@@ -191,12 +196,13 @@ def train_step(run, config, rng, x, y, reset):
             xs, ys, resets = (np.stack(column) for column in zip(*run["window"]))  # (K, B) each
             run["window"] = []
             losses, run["params"], run["adam"], run["h"] = ok.tbptt_update(
-                run["params"], run["adam"], run["h"], xs, ys, resets, config["lr"], max_norm=B)
+                run["params"], run["adam"], run["h"], xs, ys, resets, config["lr"], max_norm=B,
+                eps=eps)
         else:
             signs = ok.draw_signs(rng, method, B, config["rank"] or 1, n)
             stream_losses, run["params"], run["adam"], run["h"], run["state"] = ok.online_update(
                 run["params"], run["adam"], run["state"], run["h"], x, y, method, signs,
-                config["lr"], max_norm=B, reset=reset)
+                config["lr"], max_norm=B, reset=reset, eps=eps)
             losses = np.array([stream_losses.mean()], dtype=np.float64)
         if not np.all(np.isfinite(losses)):
             raise FloatingPointError("the loss is not finite: the run diverged; lower the "
@@ -214,6 +220,21 @@ def train_step(run, config, rng, x, y, reset):
         kept = f"; {config['checkpoint']} keeps the last save" if config["checkpoint"] else ""
         raise UserError(f"step {run['step'] + 1}: {e}{kept}") from None
     return losses
+
+
+def adam_eps(config, t, eps=1e-8, beta2=0.999):
+    """Adam's eps at its step t for config["adam"], as ok.apply_gradients takes it.
+
+    kingma-ba: eps added to sqrt(v_hat), as Kingma and Ba write Adam. tensorflow: Adam as the
+    paper's code ran it. TensorFlow adds eps to sqrt(v) before the bias correction, which is
+    Kingma and Ba's step with eps / sqrt(1 - beta2^t); and that code gave it W's gradient
+    divided by B once more (then clipped to norm 1, our clipping to norm B, scaled), on which
+    scale the same eps is B times larger than on ours. W_out got the plain batch mean.
+    """
+    if config.get("adam", PAST_DEFAULTS["adam"]) == "kingma-ba":
+        return eps
+    early = eps / math.sqrt(1.0 - beta2 ** t)
+    return config["batch"] * early, early
 
 
 # --- Checkpoints: what a run is made of, as named arrays, and back -------------------------------
@@ -320,6 +341,7 @@ def _load_checkpoint(path, config, keys):
     if stored.get("task") != config["task"]:
         raise UserError(f"checkpoint {path} is from another task ({stored.get('task')!r}, not "
                         f"{config['task']!r}); choose another --checkpoint file")
+    stored = {**PAST_DEFAULTS, **stored}
     missing = [k for k in keys if k not in stored]
     if missing:  # a key added to the experiment since: the stored run means something else
         raise UserError(f"checkpoint {path} was written by an older version of this program, "

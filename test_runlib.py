@@ -538,3 +538,44 @@ def test_gradient_agreement_refuses_non_finite_input():
         runlib.gradient_agreement(p._replace(W_out=p.W_out * np.nan), xs, ys, [("ok", 1)], rng)
     with pytest.raises(ValueError, match="h0 must be a finite"):
         runlib.gradient_agreement(p, xs, ys, [("kf", 1)], rng, h0=np.full((2, 3), np.nan))
+
+
+# --- Adam as the paper's code ran it (--adam tensorflow) ----------------------------------------
+
+
+def tensorflow_adam(params, gradients, lr, B, eps=1e-8, beta1=0.9, beta2=0.999):
+    """Adam as the paper's code ran it, written out from TensorFlow's AdamOptimizer: W's
+    gradient divided by B and clipped to norm 1, W_out's as it is; lr_t = lr sqrt(1 - beta2^t)
+    / (1 - beta1^t) and the step lr_t m / (sqrt(v) + eps)."""
+    params, m, v = list(params), [0.0, 0.0], [0.0, 0.0]
+    for t, (dW, dW_out) in enumerate(gradients, start=1):
+        g_W = dW / B
+        g_W = g_W / max(1.0, np.linalg.norm(g_W))
+        lr_t = lr * np.sqrt(1 - beta2 ** t) / (1 - beta1 ** t)
+        for i, g in enumerate((g_W, dW_out)):
+            m[i] = beta1 * m[i] + (1 - beta1) * g
+            v[i] = beta2 * v[i] + (1 - beta2) * g * g
+            params[i] = params[i] - lr_t * m[i] / (np.sqrt(v[i]) + eps)
+    return params
+
+
+def test_adam_tensorflow_is_the_papers_adam():
+    """ok.apply_gradients with runlib.adam_eps's "tensorflow" eps (and the runners' clipping to
+    norm B) takes the steps of TensorFlow's Adam on the paper's gradient scale, in float64 to
+    1e-12; "kingma-ba" does not, on gradients small enough for eps to matter."""
+    rng, B, lr = np.random.default_rng(0), 32, 1e-3
+    params = ok.init_params(3, 4, 3, rng, np.float64)
+    sizes = [1e-9, 1e-7, 1e-5, 100.0, 1e-8, 3.0]  # W's gradient norm B * 100 is clipped
+    gradients = [(s * rng.standard_normal(params.W.shape),
+                  s * rng.standard_normal(params.W_out.shape)) for s in sizes]
+    want = tensorflow_adam(params, gradients, lr, B)
+    for flavour in ("tensorflow", "kingma-ba"):
+        p, adam = params, ok.adam_init(params)
+        for dW, dW_out in gradients:
+            eps = runlib.adam_eps({"adam": flavour, "batch": B}, adam.t + 1)
+            p, adam, _ = ok.apply_gradients(p, adam, dW, dW_out, lr, max_norm=B, eps=eps)
+        errors = [np.linalg.norm(got - w) / np.linalg.norm(w) for got, w in zip(p, want)]
+        if flavour == "tensorflow":
+            assert max(errors) < 1e-12, errors
+        else:
+            assert min(errors) > 1e-6, errors

@@ -361,6 +361,32 @@ def test_ptb_refuses_checkpoint_from_before_per_stream_resets(tmp_path, capsys):
     assert "older version" in line and "resets" in line and "another --checkpoint" in line
 
 
+
+def test_copy_adam_is_part_of_the_experiment(tmp_path, capsys):
+    """--adam tensorflow trains differently from the default, a checkpoint resumes only under its
+    own --adam, and one written before --adam existed (no "adam" in its config) resumes as
+    kingma-ba, ending where an uninterrupted run ends."""
+    paths = {name: str(tmp_path / f"{name}.npz") for name in ("tf", "kb", "old", "whole")}
+    assert run_copy.main(TINY_COPY + ["--steps", "30", "--checkpoint", paths["tf"],
+                                      "--adam", "tensorflow"]) == 0
+    assert run_copy.main(TINY_COPY + ["--steps", "30", "--checkpoint", paths["kb"]]) == 0
+    W_tf, W_kb = (checkpoint_contents(paths[k])[1]["params.W"] for k in ("tf", "kb"))
+    assert not np.array_equal(W_tf, W_kb)
+    capsys.readouterr()
+    assert run_copy.main(TINY_COPY + ["--steps", "40", "--checkpoint", paths["tf"]]) == 1
+    assert "--adam tensorflow there, kingma-ba here" in one_error_line(
+        capsys.readouterr().err, "run_copy.py")
+    assert run_copy.main(TINY_COPY + ["--steps", "20", "--checkpoint", paths["old"]]) == 0
+    with np.load(paths["old"]) as f:
+        arrays = {name: f[name] for name in f.files}
+    config = json.loads(str(arrays["config"]))
+    del config["adam"]
+    arrays["config"] = json.dumps(config)
+    np.savez(paths["old"], **arrays)
+    assert run_copy.main(TINY_COPY + ["--steps", "30", "--checkpoint", paths["old"]]) == 0
+    assert run_copy.main(TINY_COPY + ["--steps", "30", "--checkpoint", paths["whole"]]) == 0
+    assert_same_run(paths["old"], paths["whole"])
+
 def test_data_lookup_order(tmp_path, monkeypatch):
     """--data-dir first, then $OK_RTRL_DATA, then the cache; named folders are only read."""
     for name in ("flag", "env", "cache/ok-rtrl/ptb-char"):
