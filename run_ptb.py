@@ -294,14 +294,7 @@ def build_parser():
                    help="seed of the one numpy Generator behind all randomness (default 0)")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32",
                    help="floating point type (default float32, as the paper's TensorFlow code)")
-    p.add_argument("--adam", choices=runlib.ADAMS, default="kingma-ba",
-                   help="Adam as Kingma and Ba write it (default), or as the paper's TensorFlow "
-                   "code ran it: eps before the bias correction, on W's gradient divided by B "
-                   "(README, \"Where we differ\")")
-    p.add_argument("--threads", type=runlib.int_at_least(1), default=ok.get_threads(),
-                   metavar="N", help="threads of each training step (default: the %(default)s "
-                   "cores this process may use). Runs side by side should share the cores out: "
-                   "two runs on 2 cores, --threads 1 each. The results do not depend on it")
+    runlib.add_shared_options(p)
     p.add_argument("--data-dir", metavar="DIR",
                    help="folder with train.txt, valid.txt, test.txt or ptb.char.*.txt (default: "
                    "$OK_RTRL_DATA, else ~/.cache/ok-rtrl/ptb-char, filled by a checked download)")

@@ -9,7 +9,8 @@ the math) and nothing that knows a task.
 What a task provides, and what this module does with it:
 
 - Its options, parsed with int_at_least, positive_float and output_path (a bad value is usage
-  and one line, exit 2) and METHODS; resolve_rank_and_trunc gives --method its rank and window.
+  and one line, exit 2) and METHODS; resolve_rank_and_trunc gives --method its rank and window,
+  add_shared_options adds --adam and --threads.
   Its main(argv) is cli_main(...), which turns every UserError into one line and exit status 1.
 - Its configuration, a JSON-able dict with at least task, method, rank, trunc, hidden, batch,
   lr, seed, dtype and checkpoint, and the keys that define its experiment (a checkpoint resumes
@@ -107,6 +108,18 @@ def output_path(text):
     if os.path.isdir(text):
         raise argparse.ArgumentTypeError(f"{text} is a folder, expected a file name")
     return text
+
+
+def add_shared_options(p):
+    """--adam and --threads, the same in every runner."""
+    p.add_argument("--adam", choices=ADAMS, default="kingma-ba",
+                   help="Adam as Kingma and Ba write it (default), or as the paper's TensorFlow "
+                   "code ran it: eps before the bias correction, on W's gradient divided by B "
+                   "(README, \"Where we differ\")")
+    p.add_argument("--threads", type=int_at_least(1), default=ok.get_threads(), metavar="N",
+                   help="threads of each training step (default: the %(default)s cores this "
+                   "process may use). Runs side by side should share the cores out: two runs "
+                   "on 2 cores, --threads 1 each. The results do not depend on it")
 
 
 def resolve_rank_and_trunc(parser, args, default_rank, default_trunc):
