@@ -814,12 +814,12 @@ def gradient_agreement(params, xs, ys, learners, rng, h0=None, resets=None):
             signs = ok.draw_signs(rng, method, B, rank, n)
             _, g, _, _, states[k] = ok.learner_step(params, states[k], h, xs[t], ys[t], method,
                                                     signs, reset)
-            cosine[t, k], rel_error[t, k] = agreement(g, g_exact)
+            cosine[t, k], rel_error[t, k] = _agreement(g, g_exact)
         h = h_next
     return cosine, rel_error
 
 
-def agreement(g, g_exact):
+def _agreement(g, g_exact):
     """Cosine similarity and relative squared error of g against g_exact, in float64.
 
     Zero norms: two zero gradients agree perfectly (1, 0); one zero gradient against a non-zero
