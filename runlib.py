@@ -244,7 +244,7 @@ def adam_eps(config, t, eps=1e-8, beta2=0.999):
     divided by B once more (then clipped to norm 1, our clipping to norm B, scaled), on which
     scale the same eps is B times larger than on ours. W_out got the plain batch mean.
     """
-    if config.get("adam", PAST_DEFAULTS["adam"]) == "kingma-ba":
+    if config["adam"] == "kingma-ba":
         return eps
     early = eps / math.sqrt(1.0 - beta2 ** t)
     return config["batch"] * early, early
