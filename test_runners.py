@@ -36,6 +36,16 @@ TINY_PTB = ["--hidden", "8", "--batch", "4", "--rank", "2", "--lr", "0.01", "--r
 # --- Helpers -------------------------------------------------------------------------------------
 
 
+def drop_config_key(path, key):
+    """Make checkpoint path look written before key joined the experiment: its config without it."""
+    with np.load(path) as f:
+        arrays = {name: f[name] for name in f.files}
+    config = json.loads(str(arrays["config"]))
+    del config[key]
+    arrays["config"] = json.dumps(config)
+    np.savez(path, **arrays)
+
+
 def ptb_char_text(lines):
     """A char-level file from word-level lines, as the archive's ptb.char.*.txt are made: words
     joined by '_', one line per sentence, and every character followed by one space."""
@@ -349,12 +359,7 @@ def test_ptb_refuses_checkpoint_from_before_per_stream_resets(tmp_path, capsys):
     path = str(tmp_path / "run.npz")
     argv = TINY_PTB + ["--data-dir", str(tmp_path / "data"), "--checkpoint", path]
     assert run_ptb.main(argv + ["--steps", "5"]) == 0
-    with np.load(path) as f:
-        arrays = {name: f[name] for name in f.files}
-    config = json.loads(str(arrays["config"]))
-    del config["resets"]
-    arrays["config"] = json.dumps(config)
-    np.savez(path, **arrays)
+    drop_config_key(path, "resets")
     capsys.readouterr()
     assert run_ptb.main(argv + ["--steps", "10"]) == 1
     line = one_error_line(capsys.readouterr().err, "run_ptb.py")
@@ -377,12 +382,7 @@ def test_copy_adam_is_part_of_the_experiment(tmp_path, capsys):
     assert "--adam tensorflow there, kingma-ba here" in one_error_line(
         capsys.readouterr().err, "run_copy.py")
     assert run_copy.main(TINY_COPY + ["--steps", "20", "--checkpoint", paths["old"]]) == 0
-    with np.load(paths["old"]) as f:
-        arrays = {name: f[name] for name in f.files}
-    config = json.loads(str(arrays["config"]))
-    del config["adam"]
-    arrays["config"] = json.dumps(config)
-    np.savez(paths["old"], **arrays)
+    drop_config_key(paths["old"], "adam")
     assert run_copy.main(TINY_COPY + ["--steps", "30", "--checkpoint", paths["old"]]) == 0
     assert run_copy.main(TINY_COPY + ["--steps", "30", "--checkpoint", paths["whole"]]) == 0
     assert_same_run(paths["old"], paths["whole"])
