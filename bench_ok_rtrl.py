@@ -172,7 +172,10 @@ def time_entry_points(rounds, steps=60):
     return {name: float(np.median(t)) for name, t in times.items()}
 
 
-def time_side_by_side(rounds, steps=100):
+SIDE_BY_SIDE_STEPS = 100  # timed steps of each process in time_side_by_side
+
+
+def time_side_by_side(rounds, steps=SIDE_BY_SIDE_STEPS):
     """Wall time (s) of two copy-size training processes one after the other, each with every
     core, and side by side, each with half (at least 1): the medians over rounds."""
     cores = ok.get_threads()
@@ -240,7 +243,8 @@ def main(argv=None):
           f"{1e3 * runner_like:.1f} ms as the runners start; ratio {script / runner_like:.2f}.")
     after, beside = time_side_by_side(rounds=2)
     half = max(1, ok.get_threads() // 2)
-    print(f"Two copy-size training processes (each: startup and {100 + 22} OK steps), median "
+    print(f"Two copy-size training processes (each: startup, 22 warm-up and "
+          f"{SIDE_BY_SIDE_STEPS} timed OK steps), median "
           f"of 2: one after the other with {ok.get_threads()} threads each {after:.1f} s, side "
           f"by side with {half} each {beside:.1f} s; ratio {beside / after:.2f}.")
     cold, warm = compile_seconds()
