@@ -1,6 +1,7 @@
 """Benchmark: one training step of every learner against OK's floor, the r products H_t A_k.
 
     python bench_ok_rtrl.py [--repeats 5] [--dtype float32] [--baseline OLD_ok_rtrl.py]
+    python bench_ok_rtrl.py --profile
 
 Prints a markdown table: per configuration (n, B, r), the median time of the batched H A
 products alone (the floor), of one full training step (cell, learner update, gradient, clipping,
@@ -13,8 +14,12 @@ and two training processes one after the other (all cores each) against side by 
 share of the cores each). Last, the Numba compile time with a cold and a warm cache. Timings
 are medians over repeated steps after warm-up, measured side by side in one run: these
 machines are noisy, so compare ratios, not absolute numbers across runs.
+
+--profile instead splits the OK training step, on one thread, into the parts that
+docs/speed.md ("What the targets would take") weighs against the floor.
 """
 import argparse
+import contextlib
 import importlib.util
 import os
 import subprocess
@@ -22,6 +27,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from unittest import mock
 
 import numpy as np
 from threadpoolctl import ThreadpoolController
@@ -67,11 +73,10 @@ def time_floor(n, B, r, dtype, rng, repeats):
     return min(batched, split)
 
 
-def time_online(method, params, B, r, rng, repeats, module=ok):
-    """One online training step: learner_step, then clipping and Adam (of module's version).
-
-    The learner first runs r + 1 steps untimed, so that OK's Kronecker sum has all r terms.
-    """
+def trainer(method, params, B, r, rng, module=ok):
+    """step() runs one online training step (learner_step, then clipping and Adam, of module's
+    version) on random symbols; state is the list [learner, h, params, adam] it updates. The
+    first r + 1 steps are run here, so that OK's Kronecker sum has all r terms."""
     V, n, _ = ok.sizes(params)
     state = [module.init_learner(method, params, B, r), np.zeros((B, n), params.W.dtype),
              params, module.adam_init(params)]
@@ -86,6 +91,12 @@ def time_online(method, params, B, r, rng, repeats, module=ok):
 
     for _ in range(r + 1):
         step()
+    return step, state
+
+
+def time_online(method, params, B, r, rng, repeats, module=ok):
+    """One online training step (trainer's), after r + 1 untimed ones."""
+    step, state = trainer(method, params, B, r, rng, module)
     seconds = median_seconds(step, repeats)
     # memory held: OK's factors are views of a larger two-slot buffer (ok_rtrl._next_slot)
     state_bytes = sum((f if f.base is None else f.base).nbytes for f in state[0]) / B
@@ -192,6 +203,63 @@ def time_side_by_side(rounds, steps=SIDE_BY_SIDE_STEPS):
     return float(np.median(after)), float(np.median(beside))
 
 
+# The parts of an OK training step that profile() times: (where the function is looked up
+# when the step calls it, its name, the column it adds to). The rest is the products H_t A_k
+# and small array work.
+PARTS = [(ok, "_gram", "Gram"), (ok, "_transform_rows", "rotation + map-back"),
+         (ok, "_influence_grad", "q A_k"), (np.linalg, "eigh", "eigh, SVD, signs"),
+         (np.linalg, "svd", "eigh, SVD, signs"), (ok, "_fix_svd_signs", "eigh, SVD, signs"),
+         (ok, "apply_gradients", "Adam, H_t, cell"), (ok, "jacobians", "Adam, H_t, cell"),
+         (ok, "cell_step", "Adam, H_t, cell"), (ok, "readout", "Adam, H_t, cell")]
+
+
+def profile(n, B, r, V, rng, steps=20):
+    """ms per OK training step on one thread: the whole step, the products H A_k alone on the
+    same buffers (the floor's work), and the time spent in each column of PARTS."""
+    totals = dict.fromkeys((column for _, _, column in PARTS), 0.0)
+
+    def timed(function, column):
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                totals[column] += time.perf_counter() - start
+        return wrapper
+
+    threads = ok.get_threads()
+    ok.set_threads(1)
+    try:
+        step, state = trainer("ok", ok.init_params(V, n, V, rng), B, r, rng)
+        with contextlib.ExitStack() as patches:
+            for where, name, column in PARTS:
+                patches.enter_context(mock.patch.object(where, name,
+                                                        timed(getattr(where, name), column)))
+            start = time.perf_counter()
+            for _ in range(steps):
+                step()
+            whole = (time.perf_counter() - start) / steps
+        H = rng.standard_normal((B, n, n)).astype(np.float32)
+        As = state[0].As
+        out = np.empty_like(As)
+        with ThreadpoolController().limit(limits=1, user_api="blas"):
+            products = median_seconds(lambda: np.matmul(H[:, None], As, out=out), steps)
+    finally:
+        ok.set_threads(threads)
+    return {"step": whole, "products": products, **{k: v / steps for k, v in totals.items()}}
+
+
+def print_profile(rng):
+    print("OK training step on one thread, ms (products: the products alone on the step's "
+          "buffers)\n")
+    rows = [(config, profile(*config, rng)) for config in CONFIGS[1:]]
+    columns = list(rows[0][1])
+    print("| n, B, r | " + " | ".join(columns) + " |")
+    print("|---" * (len(columns) + 1) + "|")
+    for (n, B, r, _), ms in rows:
+        print(f"| {n}, {B}, {r} | " + " | ".join(f"{1e3 * v:.1f}" for v in ms.values()) + " |")
+
+
 def load_module(path):
     """Import another copy of ok_rtrl.py under its own name, beside this one."""
     spec = importlib.util.spec_from_file_location("ok_rtrl_baseline", path)
@@ -207,7 +275,12 @@ def main(argv=None):
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     parser.add_argument("--baseline", metavar="FILE", help="another ok_rtrl.py whose OK step to "
                         "time side by side (e.g. from an older commit)")
+    parser.add_argument("--profile", action="store_true", help="instead, the OK step's parts on "
+                        "one thread (docs/speed.md)")
     args = parser.parse_args(argv)
+    if args.profile:
+        print_profile(np.random.default_rng(0))
+        return 0
     baseline = load_module(args.baseline) if args.baseline else None
     dtype = np.dtype(args.dtype)
     rng = np.random.default_rng(0)
