@@ -26,11 +26,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from unittest import mock
 
 import numpy as np
-from threadpoolctl import ThreadpoolController
 
 import ok_rtrl as ok
 
@@ -64,12 +62,9 @@ def time_floor(n, B, r, dtype, rng, repeats):
     As = rng.standard_normal((B, r, n, 2 * n)).astype(dtype)
     out = np.empty_like(As)
     batched = median_seconds(lambda: np.matmul(H[:, None], As, out=out), repeats)
-    cores = ok.get_threads()
-    groups = [slice(B * i // cores, B * (i + 1) // cores) for i in range(cores)]
-    with ThreadPoolExecutor(cores) as pool, ThreadpoolController().limit(limits=1,
-                                                                          user_api="blas"):
-        split = median_seconds(lambda: list(pool.map(
-            lambda s: np.matmul(H[s, None], As[s], out=out[s]), groups)), repeats)
+    with ok._one_blas_thread():  # the step's own way: ok_rtrl.py section 6
+        split = median_seconds(lambda: ok._by_streams(
+            lambda s: np.matmul(H[s, None], As[s], out=out[s]), B), repeats)
     return min(batched, split)
 
 
@@ -136,7 +131,8 @@ def compile_seconds():
 
 
 # One OK training loop at the copy task's size, in a fresh process: {imports} first, then the
-# module; prints the median step time. {threads} threads, {steps} timed steps after r + 1 + 5.
+# module; prints the median step time. {threads} threads, {steps} timed steps after {warmup}.
+LOOP_WARMUP = 22  # r + 1 steps to fill OK's Kronecker sum, and 5 more
 LOOP = """{imports}
 import time
 import numpy as np
@@ -148,13 +144,13 @@ params = ok.init_params(V, n, V, rng)
 adam, h = ok.adam_init(params), np.zeros((B, n), np.float32)
 state = ok.init_learner("ok", params, B, r)
 times = []
-for t in range(r + 6 + {steps}):
+for t in range({warmup} + {steps}):
     x, y, signs = rng.integers(0, V, B), rng.integers(0, V, B), ok.draw_signs(rng, "ok", B, r, n)
     start = time.perf_counter()
     _, params, adam, h, state = ok.online_update(params, adam, state, h, x, y, "ok", signs,
                                                  1e-3, B)
     times.append(time.perf_counter() - start)
-print(np.median(times[r + 6:]))
+print(np.median(times[{warmup}:]))
 """
 ENTRY_POINTS = {"your script (numpy first)": "import numpy",
                 "as the runners start": "import run_copy  # the runner's own imports, in its order"}
@@ -162,7 +158,7 @@ ENTRY_POINTS = {"your script (numpy first)": "import numpy",
 
 def start_loop(imports, threads, steps):
     here = os.path.dirname(os.path.abspath(__file__))
-    code = LOOP.format(imports=imports, threads=threads, steps=steps)
+    code = LOOP.format(imports=imports, threads=threads, steps=steps, warmup=LOOP_WARMUP)
     return subprocess.Popen([sys.executable, "-c", code], cwd=here, stdout=subprocess.PIPE,
                             text=True)
 
@@ -242,7 +238,7 @@ def profile(n, B, r, V, rng, steps=20):
         H = rng.standard_normal((B, n, n)).astype(np.float32)
         As = state[0].As
         out = np.empty_like(As)
-        with ThreadpoolController().limit(limits=1, user_api="blas"):
+        with ok._one_blas_thread():
             products = median_seconds(lambda: np.matmul(H[:, None], As, out=out), steps)
     finally:
         ok.set_threads(threads)
@@ -316,7 +312,7 @@ def main(argv=None):
           f"{1e3 * runner_like:.1f} ms as the runners start; ratio {script / runner_like:.2f}.")
     after, beside = time_side_by_side(rounds=2)
     half = max(1, ok.get_threads() // 2)
-    print(f"Two copy-size training processes (each: startup, 22 warm-up and "
+    print(f"Two copy-size training processes (each: startup, {LOOP_WARMUP} warm-up and "
           f"{SIDE_BY_SIDE_STEPS} timed OK steps), median "
           f"of 2: one after the other with {ok.get_threads()} threads each {after:.1f} s, side "
           f"by side with {half} each {beside:.1f} s; ratio {beside / after:.2f}.")
