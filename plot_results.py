@@ -49,7 +49,7 @@ PTB_ZOOM = (2.70, 3.15)  # BPC range of the figure's right panel, where OK and t
 METHOD_ORDER = ("ok", "kf", "kf-avg", "uoro", "rtrl", "tbptt")
 # One colour per baseline in both figures; OK at the paper's rank is C0, the authors' runs grey.
 COLOURS = {"OK rank 1": "C1", "KF-RTRL": "C2", "UORO": "C3", "TBPTT-5": "C4", "TBPTT-10": "C5",
-           "TBPTT-20": "C6", "exact RTRL": "C7"}
+           "TBPTT-20": "C6", "exact RTRL": "C7", "OK rank 8, TensorFlow's Adam": "C9"}
 LINESTYLES = ("-", "--", ":", "-.")  # seed after seed of one method
 AUTHORS = "0.55"  # their runs: thin grey lines
 
@@ -104,15 +104,18 @@ def numbers(path):
 
 
 def method_label(config):
-    """'OK rank 16', 'KF-RTRL', 'TBPTT-20', ... from a log's config."""
+    """'OK rank 16', 'KF-RTRL', 'TBPTT-20', 'OK rank 8, TensorFlow's Adam', ... from a log's
+    config (`--adam tensorflow` is named; a log from before the option has the default)."""
     method = config["method"]
     if method == "ok":
-        return f"OK rank {config['rank']}"
-    if method == "kf-avg":
-        return f"KF-avg rank {config['rank']}"
-    if method == "tbptt":
-        return f"TBPTT-{config['trunc']}"
-    return {"kf": "KF-RTRL", "uoro": "UORO", "rtrl": "exact RTRL"}.get(method, method)
+        label = f"OK rank {config['rank']}"
+    elif method == "kf-avg":
+        label = f"KF-avg rank {config['rank']}"
+    elif method == "tbptt":
+        label = f"TBPTT-{config['trunc']}"
+    else:
+        label = {"kf": "KF-RTRL", "uoro": "UORO", "rtrl": "exact RTRL"}.get(method, method)
+    return label + (", TensorFlow's Adam" if config.get("adam") == "tensorflow" else "")
 
 
 def our_runs(results, experiment):
@@ -138,8 +141,10 @@ def our_runs(results, experiment):
 
 
 def is_main(config, experiment):
-    """True for OK at the rank the paper reports for this experiment."""
-    return config["method"] == "ok" and config["rank"] == experiment["rank"]
+    """True for OK at the rank the paper reports for this experiment, with the runners' default
+    Adam (the seeds the table takes the median of)."""
+    return (config["method"] == "ok" and config["rank"] == experiment["rank"]
+            and config.get("adam") in (None, "kingma-ba"))
 
 
 def authors_runs(results, experiment):

@@ -30,11 +30,14 @@ def write_log(path, config, columns, rows, trailer=None):
         f.write("\n".join(lines) + "\n")
 
 
-def run_config(task, method, seed, rank=None, trunc=None, hidden=None, batch=None, lr=PAPER_LR):
+def run_config(task, method, seed, rank=None, trunc=None, hidden=None, batch=None, lr=PAPER_LR,
+               adam=None):
+    """A runner's config; adam None leaves the key out, as logs from before --adam have it."""
     size = COPY if task == "copy" else PTB
-    return {"task": task, "method": method, "rank": rank, "trunc": trunc,
-            "hidden": hidden or size["hidden"], "batch": batch or size["batch"], "lr": lr,
-            "seed": seed, "dtype": "float32", "log_every": 1000}
+    config = {"task": task, "method": method, "rank": rank, "trunc": trunc,
+              "hidden": hidden or size["hidden"], "batch": batch or size["batch"], "lr": lr,
+              "seed": seed, "dtype": "float32", "log_every": 1000}
+    return config if adam is None else dict(config, adam=adam)
 
 
 def copy_log(folder, name, T_at, last, **config):
@@ -73,8 +76,9 @@ def write_authors(folder, copy_runs, ptb_runs):
 
 def synthetic_results(folder):
     """A results folder with known numbers: the authors' runs, OK at the paper's ranks (one log
-    under a misleading name, runs that stop early), a baseline, and logs that are not ours at
-    the paper's size (another size, another learning rate, a noise log)."""
+    under a misleading name, runs that stop early), a baseline, OK with TensorFlow's Adam, and
+    logs that are not ours at the paper's size (another size, another learning rate, a noise
+    log)."""
     write_authors(folder,
                   copy_runs=[{25000: 8, 50000: 11, 100000: 15, 200000: 20},
                              {25000: 9, 50000: 12, 100000: 17}],
@@ -106,6 +110,10 @@ def synthetic_results(folder):
             method="ok", rank=8, seed=3)  # no validation at 10k
     ptb_log(folder, "ptb-n256-uoro-seed1.csv", {10000: 4.3, 20000: 4.3}, 20000,
             method="uoro", seed=1)
+    ptb_log(folder, "ptb-n256-ok8-seed4.csv", {10000: 3.0100, 20000: 2.7500}, 20000,
+            method="ok", rank=8, seed=4, adam="kingma-ba")  # the default, named: a seed of OK
+    ptb_log(folder, "ptb-n256-ok8-tfadam-seed1.csv", {10000: 2.9, 20000: 2.6}, 20000,
+            method="ok", rank=8, seed=1, adam="tensorflow")  # OK, but not one of its seeds
 
 
 SYNTHETIC_TABLE = """\
@@ -127,7 +135,8 @@ SYNTHETIC_TABLE = """\
 | OK rank 8, seed 1 | 3.065 | 2.792 | `results/ptb-n256-ok8-seed1.csv` |
 | OK rank 8, seed 2 | 3.025 | - | `results/ptb-n256-ok8-seed2.csv` |
 | OK rank 8, seed 3 | - | - | `results/ptb-n256-ok8-seed3.csv` |
-| OK rank 8, median of 3 seeds | - | - |  |
+| OK rank 8, seed 4 | 3.010 | 2.750 | `results/ptb-n256-ok8-seed4.csv` |
+| OK rank 8, median of 4 seeds | - | - |  |
 | authors' code, 2 runs (min-max) | 3.021-3.030 | 2.743-2.760 | `results/paper-ptb-n256-ok8-valid.csv` |"""
 
 
@@ -138,7 +147,8 @@ def test_table_from_synthetic_logs(tmp_path):
     """Each seed of OK at the paper's rank (found by its header, whatever the file's name), the
     median over seeds (9.5 from 8, 9, 10, 11; '-' unless every seed has reached the step), '-'
     where a run stopped early or has no validation at the step, the authors' min-max on the
-    standard files. The baselines, other sizes, other learning rates and noise logs stay out."""
+    standard files. The baselines, other sizes, other learning rates, OK with TensorFlow's Adam
+    and noise logs stay out; OK with the default Adam named in its header is a seed."""
     synthetic_results(str(tmp_path))
     assert table(str(tmp_path)) == SYNTHETIC_TABLE
 
@@ -167,11 +177,14 @@ def test_table_with_no_runs_of_ours_has_the_authors_rows_only(tmp_path):
 def test_the_curves_skip_comment_lines_and_rows_without_validation(tmp_path):
     """A PTB log's curve holds the validated steps only; its config and test lines are no rows."""
     synthetic_results(str(tmp_path))
-    runs = {(config["method"], config["seed"]): curve
+    runs = {(plot_results.method_label(config), config["seed"]): curve
             for config, curve in our_runs(str(tmp_path), PTB)}
-    assert runs == {("ok", 1): {2000: 3.7, 10000: 3.0652, 12000: 3.0, 20000: 2.7923},
-                    ("ok", 2): {2000: 3.6, 10000: 3.025}, ("ok", 3): {8000: 3.2, 12000: 3.0},
-                    ("uoro", 1): {10000: 4.3, 20000: 4.3}}
+    assert runs == {("OK rank 8", 1): {2000: 3.7, 10000: 3.0652, 12000: 3.0, 20000: 2.7923},
+                    ("OK rank 8", 2): {2000: 3.6, 10000: 3.025},
+                    ("OK rank 8", 3): {8000: 3.2, 12000: 3.0},
+                    ("OK rank 8", 4): {10000: 3.01, 20000: 2.75},
+                    ("OK rank 8, TensorFlow's Adam", 1): {10000: 2.9, 20000: 2.6},
+                    ("UORO", 1): {10000: 4.3, 20000: 4.3}}
 
 
 # --- Errors and the optional matplotlib ---------------------------------------------------------
