@@ -227,7 +227,7 @@ def test_a_damaged_or_missing_file_gives_one_line(tmp_path, capsys, damage, mess
 
 
 def test_the_committed_logs_read_as_the_readme_quotes_them():
-    """The baselines' T at 25k / 50k / 100k and validation BPC at 10k / 20k as the README's tables
+    """The other runs' T at 25k / 50k / 100k and validation BPC at 10k / 20k as the README's tables
     give them (KF-RTRL's 3.212728 at 20k rounds to 3.213), and the authors' spread as the paper's
     logs give it (copy T 15-17 at 100k; PTB 3.021-3.030 and 2.743-2.760 on the standard files)."""
     copy = {plot_results.method_label(config): [curve[s] for s in (25000, 50000, 100000)]
@@ -238,7 +238,8 @@ def test_the_committed_logs_read_as_the_readme_quotes_them():
     ptb = {plot_results.method_label(config): [f"{curve[s]:.3f}" for s in (10000, 20000)]
            for config, curve in our_runs(plot_results.RESULTS, PTB)
            if config["seed"] == 1 and not plot_results.is_main(config, PTB)}
-    assert ptb == {"KF-RTRL": ["3.587", "3.213"], "UORO": ["4.354", "4.351"]}
+    assert ptb == {"KF-RTRL": ["3.587", "3.213"], "UORO": ["4.354", "4.351"],
+                   "OK rank 8, TensorFlow's Adam": ["3.032", "2.762"]}
     text = table(plot_results.RESULTS)
     assert ("| authors' code, 5 runs (min-max) | 8-9 | 11-12 | 15-17 | "
             "`results/paper-copy-n128-ok16-T.csv` |") in text
