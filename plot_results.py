@@ -23,7 +23,7 @@ import os
 import statistics
 import sys
 
-from runlib import UserError, matplotlib_pyplot, save_figure
+from runlib import PAST_DEFAULTS, UserError, matplotlib_pyplot, save_figure
 
 PROG = "plot_results.py"
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -104,8 +104,8 @@ def numbers(path):
 
 
 def method_label(config):
-    """'OK rank 16', 'KF-RTRL', 'TBPTT-20', 'OK rank 8, TensorFlow's Adam', ... from a log's
-    config (`--adam tensorflow` is named; a log from before the option has the default)."""
+    """'OK rank 16', 'KF-RTRL', 'TBPTT-20', 'OK rank 8, TensorFlow's Adam', ... from a config
+    of our_runs (`--adam tensorflow` is named)."""
     method = config["method"]
     if method == "ok":
         label = f"OK rank {config['rank']}"
@@ -115,7 +115,7 @@ def method_label(config):
         label = f"TBPTT-{config['trunc']}"
     else:
         label = {"kf": "KF-RTRL", "uoro": "UORO", "rtrl": "exact RTRL"}.get(method, method)
-    return label + (", TensorFlow's Adam" if config.get("adam") == "tensorflow" else "")
+    return label + (", TensorFlow's Adam" if config["adam"] == "tensorflow" else "")
 
 
 def our_runs(results, experiment):
@@ -133,7 +133,8 @@ def our_runs(results, experiment):
         at = columns.index(experiment["value"])
         with numbers(path):
             curve = {int(row[0]): experiment["convert"](row[at]) for row in rows if row[at]}
-        runs.append((dict(config, log=os.path.basename(path)), curve))
+        # a log from before an option existed ran with its old default (runlib.PAST_DEFAULTS)
+        runs.append(({**PAST_DEFAULTS, **config, "log": os.path.basename(path)}, curve))
     return sorted(runs, key=lambda run: (not is_main(run[0], experiment),
                                          METHOD_ORDER.index(run[0]["method"]),
                                          run[0]["rank"] or 0, run[0]["trunc"] or 0,
@@ -144,7 +145,7 @@ def is_main(config, experiment):
     """True for OK at the rank the paper reports for this experiment, with the runners' default
     Adam (the seeds the table takes the median of)."""
     return (config["method"] == "ok" and config["rank"] == experiment["rank"]
-            and config.get("adam") in (None, "kingma-ba"))
+            and config["adam"] == "kingma-ba")
 
 
 def authors_runs(results, experiment):
