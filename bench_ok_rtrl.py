@@ -248,7 +248,7 @@ def profile(n, B, r, V, rng, steps=20):
 def print_profile(rng):
     print("OK training step on one thread, ms (products: the products alone on the step's "
           "buffers)\n")
-    rows = [(config, profile(*config, rng)) for config in CONFIGS[1:]]
+    rows = [(config, profile(*config, rng)) for config in CONFIGS[1:]]  # the sizes with targets
     columns = list(rows[0][1])
     print("| n, B, r | " + " | ".join(columns) + " |")
     print("|---" * (len(columns) + 1) + "|")
