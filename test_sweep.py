@@ -97,6 +97,22 @@ def children(pid):
     return found
 
 
+def runner_processes(pid):
+    """Environment and command line (as one list of byte strings) of each child of pid that runs
+    a runner. A child that has exited, or has been forked but has not yet started the runner (it
+    still has the sweep's environment), is left out."""
+    found = []
+    for child in children(pid):
+        try:
+            environ = read(f"/proc/{child}/environ", "rb").split(b"\0")
+            cmdline = read(f"/proc/{child}/cmdline", "rb").split(b"\0")
+        except OSError:
+            continue
+        if any(os.path.basename(arg).decode() in sweep.RUNNERS.values() for arg in cmdline):
+            found.append(environ + cmdline)
+    return found
+
+
 @pytest.fixture(scope="module")
 def local_sweep(tmp_path_factory):
     """The copy-task grid (2 learning rates x 2 seeds) run here, 2 runs at a time, 1 thread each;
@@ -326,9 +342,7 @@ def test_killed_sweep_reruns_to_the_same_summary_running_nothing_twice(local_swe
                    and os.path.exists(os.path.join(run_dir(folder, *run), "log.csv"))
                    and 1 <= len(log_rows(os.path.join(run_dir(folder, *run), "log.csv"))) <= 3]
         if finished and halfway:
-            runner_env = [read(f"/proc/{pid}/environ", "rb").split(b"\0")
-                          + read(f"/proc/{pid}/cmdline", "rb").split(b"\0")
-                          for pid in children(process.pid)]
+            runner_env = runner_processes(process.pid)
             process.send_signal(signal.SIGTERM)
             break
         time.sleep(0.02)
@@ -346,9 +360,13 @@ def test_killed_sweep_reruns_to_the_same_summary_running_nothing_twice(local_swe
     before = {(run, name): (read(os.path.join(run_dir(folder, *run), name), "rb"),
                             os.stat(os.path.join(run_dir(folder, *run), name)).st_mtime_ns)
               for run in finished for name in files}
-    rows_before = {run: log_rows(os.path.join(run_dir(folder, *run), "log.csv"), drop_rate=False)
-                   for run in stopped}
-    assert any(rows_before.values())  # the run that was half-way (a second may have just begun)
+    # A stopped run keeps its log rows byte for byte, and the one that was half-way goes on from
+    # them. Another run may have been caught just before its runner wrote a log (None here: the
+    # rerun starts it afresh) or just after its last row (nothing left to add).
+    logs = {run: os.path.join(run_dir(folder, *run), "log.csv") for run in stopped}
+    rows_before = {run: log_rows(log, drop_rate=False) if os.path.exists(log) else None
+                   for run, log in logs.items()}
+    assert all(rows_before.get(run) for run in halfway)
     rerun = sweep_command(argv, cwd=HERE)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     assert f"{len(finished)} finished before" in rerun.stdout
@@ -356,9 +374,10 @@ def test_killed_sweep_reruns_to_the_same_summary_running_nothing_twice(local_swe
         path = os.path.join(run_dir(folder, *run), name)
         assert read(path, "rb") == content and os.stat(path).st_mtime_ns == mtime, path
     for run, rows in rows_before.items():
-        assert f"resuming lr {run[0]} seed {run[1]}" in rerun.stdout
-        now = log_rows(os.path.join(run_dir(folder, *run), "log.csv"), drop_rate=False)
-        assert now[:len(rows)] == rows and len(now) > len(rows)
+        verb = "starting" if rows is None else "resuming"
+        assert f"{verb} lr {run[0]} seed {run[1]}" in rerun.stdout
+        kept, now = rows or [], log_rows(logs[run], drop_rate=False)
+        assert now[:len(kept)] == kept and (len(now) > len(kept) or run not in halfway)
     for lr, seed in RUNS:
         assert state(folder, lr, seed) == "finished"
         assert (log_rows(os.path.join(run_dir(folder, lr, seed), "log.csv"))
