@@ -140,7 +140,7 @@ def slow_min_variance(sigma, r):
         for keep in itertools.combinations(range(r + 1), p):
             mixed = np.delete(sigma, keep)
             S = mixed.sum()
-            if S == 0 or (r - p) * mixed.max() <= S * (1 + 1e-12):
+            if S == 0 or (r - p) * mixed.max() <= S:
                 best = min(best, S * S / (r - p) - (mixed ** 2).sum() if S > 0 else 0.0)
     return best
 
@@ -151,7 +151,9 @@ def slow_opt(sigma, r, signs, asymmetric=False):
     asymmetric: y-side multiplied by sqrt(sigma), x-side divided (the paper's released scaling,
     D^{-1} M D): still unbiased, since the diagonal is unchanged, but with more variance.
     """
-    p = next(p for p in range(r) if (r - p) * sigma[p] <= sigma[p:].sum() * (1 + 1e-12))
+    # The theorem's test, exactly: with any slack a sigma_p a hair above c would be mixed, its
+    # clipped v_p = 0 leaves |v| < 1, and C' would have full rank.
+    p = next(p for p in range(r) if (r - p) * sigma[p] <= sigma[p:].sum())
     S, C = sigma[p:].sum(), np.diag(np.r_[sigma[:p], np.zeros(r + 1 - p)])
     if S > 0:
         c = S / (r - p)
@@ -364,6 +366,8 @@ def test_ok_reduce_ignores_the_signs_of_kept_coordinates(terms):
     Opt's rule (§4) on the np.linalg.svd sigma (generic terms: no ties at the rule's boundary)."""
     r, us, As = terms
     sigma = kron_sigma(us, As)
+    # The theorem's test, exactly: with any slack a sigma_p a hair above c would be mixed, its
+    # clipped v_p = 0 leaves |v| < 1, and C' would have full rank.
     p = next(p for p in range(r) if (r - p) * sigma[p] <= sigma[p:].sum())
     for signs in sign_patterns(r + 1):
         flipped = np.r_[-signs[:p], signs[p:]]
@@ -429,6 +433,7 @@ sigmas = st.lists(st.one_of(st.sampled_from([0.0, 1.0, 2.0]), st.floats(0, 10)),
 @example(np.ones(3))
 @example(np.array([5.0, 1.0, 1.0]))
 @example(np.array([2.0, 2.0, 1.0, 0.0, 0.0]))
+@example(np.array([1 + 1e-13, 0.5, 0.5]))  # sigma_1 above the mixing level c by 1e-13: keep it
 def test_min_variance_matches_brute_force(sigma):
     """min_variance equals the least variance over every 'keep some, mix the rest' scheme, and
     Opt's construction (§4) written out here attains it, unbiased, rank <= r (the paper's
