@@ -17,8 +17,9 @@ One OK step (§3, the paper's Algorithm 1 with its Opt, §4), per stream:
      Gram-and-rotate factorisation (§3a): Gram = terms terms^T = E diag(lambda) E^T in float64,
      Y = E^T terms (rows orthogonal), s_i = ||Y_i|| measured on Y, Q = Y^T diag(1/s), R = diag(s)
      E^T. Q R = terms^T for any s since E is orthogonal, so OK is unbiased whatever the rounding;
-     measuring s on Y rather than as sqrt(lambda) keeps directions far below sqrt(eps) of the
-     largest accurate, which makes the variance equal V_min on rank-deficient input too.
+     s measured on Y rather than as sqrt(lambda) resolves directions far below sqrt(eps) of the
+     largest (variance V_min on rank-deficient input too). A side shorter than its r+1 terms
+     (tiny networks): Householder QR, Q padded with zero columns and R with zero rows.
   3. C = R_u R_A^T ((r+1) x (r+1)): sum_k u_k (x) A_k = Q_u C Q_A^T. SVD C = U diag(sigma) V^T.
      Sign convention: each pair (U_i, V_i) is flipped so that the largest-magnitude entry of
      Q_u U_i (lowest index on exact ties) is positive; then the realised factors do not depend
@@ -298,8 +299,7 @@ def _ok_reduce_batch(us, As, signs):
     B, r_plus_1, m = us.shape
     r = r_plus_1 - 1
     A_rows = As.reshape(B, r_plus_1, -1)  # (B, r+1, n*k): each term flattened to a row, a view
-    # 2. Factor each side through its Gram matrix (§3a): terms^T = Q R with Q = Y^T diag(1/s),
-    # R = diag(s) E^T, where Y = E^T terms replaces the terms in place and s are its row norms.
+    # 2. Factor each side (§3a): terms^T = Q R, Q = Y^T diag(1/s), R = diag(s) E^T; terms <- Y.
     E_u, s_u = _gram_rotate(us)  # (B, r+1, r+1), (B, r+1), float64
     E_A, s_A = _gram_rotate(A_rows)
     # 3. sum_k u_k (x) A_k = Q_u C Q_A^T with the small core C = R_u R_A^T; C = U diag(sigma) V^T.
@@ -349,26 +349,27 @@ def _fix_svd_signs(Y_u, inv_s_u, U, Vt):
 
 
 def _gram_rotate(terms):
-    """Steps 1-4 of §3a, the Gram-and-rotate factorisation terms[b]^T = Q R, in place.
+    """Steps 1-4 of §3a, terms[b]^T = Q R, in place (step 2 of the OK step, module docstring).
 
-    terms (B, k, d), float32 or float64, is overwritten by Y = E^T terms. Returns E (B, k, k) and
-    s (B, k), float64, where terms terms^T = E diag(lambda) E^T and s are the row norms of Y. Then
-    Q = Y^T diag(1/s) has orthonormal columns (up to rounding) and R = diag(s) E^T. Q R = terms^T
-    holds to rounding whatever s is, since E is orthogonal: OK stays unbiased on rank-deficient
-    input too. s is measured on Y rather than taken as sqrt(lambda): the Gram's rounding (eps
-    lambda_max) swamps every direction below sqrt(eps) of the largest; Y resolves it to eps.
+    terms (B, k, d), float32 or float64, is overwritten by Y. Returns E (B, k, k) and s (B, k),
+    float64: Q = Y^T diag(1/s) (orthonormal columns, zero where s = 0) and R = diag(s) E^T. s is
+    measured on Y, not taken as sqrt(lambda): the Gram's rounding (eps lambda_max) swamps every
+    direction below sqrt(eps) of the largest; Y resolves it to eps. Nor can the Gram tell such a
+    direction from a null one, so a side shorter than its terms (d < k, §3.2), which has k - d
+    null directions, is factored by Householder QR.
     """
     B, k, d = terms.shape
     gram = _gram(terms)  # 1. (B, k, k), accumulated in float64
     if not np.isfinite(gram).all():  # overflow in H A (a diverging run) or NaN in the terms
         raise FloatingPointError("the OK state is not finite (NaN or inf): the run diverged; "
                                  "lower the learning rate or train in float64")
+    if d < k:  # tiny: Q (d, d) and R (d, k), padded with k - d zero columns and rows
+        Q, R = np.linalg.qr(terms.astype(np.float64).transpose(0, 2, 1))
+        terms[:, :d], terms[:, d:] = Q.transpose(0, 2, 1), 0.0  # Y = [Q^T; 0]
+        E = np.concatenate([R, np.zeros((B, k - d, k))], axis=1).transpose(0, 2, 1)  # [R; 0]^T
+        return E, np.repeat([np.arange(k) < d], B, axis=0).astype(np.float64)  # s = [1; 0]
     _, E = np.linalg.eigh(gram)  # 2. lambda (ascending) is not used: see step 4
-    s = np.sqrt(_transform_rows(terms, E))  # 3-4. terms <- Y, and ||Y_i||
-    if d < k:  # a side shorter than its number of terms (§3.2): k - d directions of E span
-        terms[:, :k - d] = 0.0  # the Gram's null space, their rows of Y are rounding errors
-        s[:, :k - d] = 0.0  # only, so they are exact zeros: Q gets zero columns there
-    return E, s
+    return E, np.sqrt(_transform_rows(terms, E))  # 3-4. terms <- Y, and s = ||Y_i||
 
 
 # --- 3a. The Gram-and-rotate factorisation: Numba kernels -----------------------------------------
@@ -412,11 +413,10 @@ def _gram(terms):
 def _transform_rows(terms, M):
     """terms[b, :p] <- M[b]^T terms[b], in place; returns the new rows' squared norms (B, p).
 
-    terms (B, k, d), M (B, k, p) float64 with p <= k. §3a steps 3-4 with M = E (p = k): the
-    rotation Y = E^T terms and ||Y_i||^2; §3.5 with M the map-back coefficients (p = r).
-    Each column block of the terms is copied before it is overwritten, and its new rows are
-    built 4 at a time from 4 terms per sweep, in the terms' dtype; the squares are summed in
-    float64 from the rows as stored.
+    terms (B, k, d), M (B, k, p) float64 with p <= k. §3a steps 3-4 with M = E (p = k): the rotation
+    Y = E^T terms and ||Y_i||^2; §3.5 with M the map-back coefficients (p = r). Each column block of
+    the terms is copied before it is overwritten, and its new rows are built 4 at a time from 4
+    terms per sweep, in the terms' dtype; the squares are summed in float64 from the rows as stored.
     """
     B, k, d = terms.shape
     p = M.shape[2]

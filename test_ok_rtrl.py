@@ -546,6 +546,20 @@ def test_ok_at_full_rank_is_exact(problem, extra):
         assert_close(dW_ok, ex.dW, 1e-9, scale=ex.dW_size, what="full-rank dW")
 
 
+@pytest.mark.parametrize("tiny", [1e-8, 1e-9, 1e-10])
+def test_ok_is_exact_on_a_short_side_with_a_tiny_direction(tiny):
+    """m = 3 < r + 1 = 4: the sum has rank <= 3 = r, so OK is exact whatever the signs (§3.2).
+    The u side's third direction is `tiny` times the others, below sqrt(eps): the Gram cannot
+    tell it from the side's null direction (zeroing the rows of Y that eigh lists first loses up
+    to 1e-9 of the terms' size here); the Householder QR that a short side gets can."""
+    rng, r = np.random.default_rng(0), 3
+    us, As = rng.normal(size=(r + 1, 3)) * [1.0, 1.0, tiny], rng.normal(size=(r + 1, 2, 4))
+    for signs in sign_patterns(r + 1):
+        # Rounding only (measured < 1e-15 of the terms' size).
+        assert_close(expand(*ok.ok_reduce(us, As, signs)), expand(us, As), 1e-12,
+                     scale=term_scale(us, As), what="short-side sum")
+
+
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @given(problems(max_n=4, max_V=3, min_T=4, max_T=4, scales=(0.3, 1.0)), st.integers(0, 2**32 - 1))
 def test_ok_carries_no_rounding_noise_as_terms(dtype, problem, seed):
