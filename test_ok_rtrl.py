@@ -424,7 +424,10 @@ def test_kf_reduce_matches_its_twin_and_variance(terms):
     assert_close(var_kf, var, 1e-10, scale=scale**2, what="kf variance")  # rounding only
 
 
-sigmas = st.lists(st.one_of(st.sampled_from([0.0, 1.0, 2.0]), st.floats(0, 10)),
+# No subnormals: 5e-324 has a single significant bit, too few for the oracle's rounding-level
+# checks (its rank test failed on [5e-324] * 3, where c = S / q itself is off by a third).
+sigmas = st.lists(st.one_of(st.sampled_from([0.0, 1.0, 2.0]),
+                            st.floats(0, 10, allow_subnormal=False)),
                   min_size=2, max_size=6).map(lambda s: np.array(sorted(s, reverse=True)))
 
 
