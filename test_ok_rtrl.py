@@ -145,15 +145,22 @@ def slow_min_variance(sigma, r):
     return best
 
 
+def opt_p(sigma, r):
+    """Opt's p (§4, 0-based): the smallest p with (r - p) sigma_p <= sum(sigma[p:]).
+
+    The theorem's test, exactly: with any slack a sigma_p a hair above c = S / (r - p) would be
+    mixed, its clipped v_p = 0 would leave |v| < 1, and slow_opt's C' would have full rank.
+    """
+    return next(p for p in range(r) if (r - p) * sigma[p] <= sigma[p:].sum())
+
+
 def slow_opt(sigma, r, signs, asymmetric=False):
     """Opt (§4) as a dense (r+1, r+1) matrix C' = sum_j x_j y_j^T for one sign pattern.
 
     asymmetric: y-side multiplied by sqrt(sigma), x-side divided (the paper's released scaling,
     D^{-1} M D): still unbiased, since the diagonal is unchanged, but with more variance.
     """
-    # The theorem's test, exactly: with any slack a sigma_p a hair above c would be mixed, its
-    # clipped v_p = 0 leaves |v| < 1, and C' would have full rank.
-    p = next(p for p in range(r) if (r - p) * sigma[p] <= sigma[p:].sum())
+    p = opt_p(sigma, r)
     S, C = sigma[p:].sum(), np.diag(np.r_[sigma[:p], np.zeros(r + 1 - p)])
     if S > 0:
         c = S / (r - p)
@@ -366,9 +373,7 @@ def test_ok_reduce_ignores_the_signs_of_kept_coordinates(terms):
     Opt's rule (§4) on the np.linalg.svd sigma (generic terms: no ties at the rule's boundary)."""
     r, us, As = terms
     sigma = kron_sigma(us, As)
-    # The theorem's test, exactly: with any slack a sigma_p a hair above c would be mixed, its
-    # clipped v_p = 0 leaves |v| < 1, and C' would have full rank.
-    p = next(p for p in range(r) if (r - p) * sigma[p] <= sigma[p:].sum())
+    p = opt_p(sigma, r)
     for signs in sign_patterns(r + 1):
         flipped = np.r_[-signs[:p], signs[p:]]
         # Same computation up to the sign of unused numbers: rounding only.
