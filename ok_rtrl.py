@@ -363,7 +363,7 @@ def _gram_rotate(terms):
     if not np.isfinite(gram).all():  # overflow in H A (a diverging run) or NaN in the terms
         raise FloatingPointError("the OK state is not finite (NaN or inf): the run diverged; "
                                  "lower the learning rate or train in float64")
-    if d < k:  # tiny: Q (d, d) and R (d, k), padded with k - d zero columns and rows
+    if d < k:  # tiny, its Gram used for the check only: Q (d, d), R (d, k), zero-padded
         Q, R = np.linalg.qr(terms.astype(np.float64).transpose(0, 2, 1))
         terms[:, :d], terms[:, d:] = Q.transpose(0, 2, 1), 0.0  # Y = [Q^T; 0]
         E = np.concatenate([R, np.zeros((B, k - d, k))], axis=1).transpose(0, 2, 1)  # [R; 0]^T
