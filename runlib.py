@@ -178,45 +178,43 @@ def print_config(title, config):
 
 
 def new_run(config, rng, V):
-    """A fresh run: weights drawn first from rng (V symbols in and out), Adam, the learner's
-    state (None for TBPTT), h = 0, step 0 and an empty TBPTT window. The task adds its own
-    entries to the dict."""
+    """A fresh run: weights drawn first from rng (V symbols in and out), Adam, step 0, and for
+    an online method its ok.Learner (which carries h and draws its signs from rng), for TBPTT
+    h = 0 and an empty window. The task adds its own entries to the dict."""
     B, n = config["batch"], config["hidden"]
     params = ok.init_params(V, n, V, rng, dtype=np.dtype(config["dtype"]))
-    state = (None if config["method"] == "tbptt"
-             else ok.init_learner(config["method"], params, B, config["rank"] or 1))
-    return {"params": params, "adam": ok.adam_init(params), "state": state,
-            "h": np.zeros((B, n), params.W.dtype), "step": 0, "window": []}
+    run = {"params": params, "adam": ok.adam_init(params), "step": 0}
+    if config["method"] == "tbptt":
+        return dict(run, h=np.zeros((B, n), params.W.dtype), window=[])
+    return dict(run, learner=ok.Learner(params, B, config["method"], config["rank"] or 1, rng))
 
 
 def train_step(run, config, rng, x, y, reset):
     """One step of every stream -> the batch-mean losses (nats) of the steps just trained on.
 
     x, y, reset (B,): each stream's input and target symbol, and whether its h and learner state
-    start afresh before the step. Online methods: one learner step and one Adam update
-    (ok.online_update), so one loss. TBPTT: the step joins the window; when it holds K steps, one
-    update over the window (ok.tbptt_update) returns their K losses, and inside a window there are
-    none. As in the paper's code, the batch-mean W gradient is clipped to norm B (its code divides
-    the mean by B once more and clips to norm 1). A diverged run becomes one line.
+    start afresh before the step. Online methods: one learner step and one Adam update, so one
+    loss. TBPTT: the step joins the window; when it holds K steps, BPTT over the window (from
+    the carried h) and one update with its gradient divided by K, the scale of one online step
+    (README, "Where we differ"), return their K losses; inside a window there are none. As in
+    the paper's code, the batch-mean W gradient is clipped to norm B (its code divides the mean
+    by B once more and clips to norm 1). A diverged run becomes one line.
     """
-    method, B, n = config["method"], config["batch"], config["hidden"]
-    eps = adam_eps(config, run["adam"].t + 1)
+    B, eps = config["batch"], adam_eps(config, run["adam"].t + 1)
     try:
-        if method == "tbptt":
+        if config["method"] == "tbptt":
             run["window"].append((x, y, reset))
             if len(run["window"]) < config["trunc"]:
                 return np.zeros(0)
             xs, ys, resets = (np.stack(column) for column in zip(*run["window"]))  # (K, B) each
             run["window"] = []
-            losses, run["params"], run["adam"], run["h"] = ok.tbptt_update(
-                run["params"], run["adam"], run["h"], xs, ys, resets, config["lr"], max_norm=B,
-                eps=eps)
+            losses, dW, dW_out, run["h"] = ok.bptt(run["params"], xs, ys, run["h"], resets)
+            dW, dW_out = dW / len(losses), dW_out / len(losses)
         else:
-            signs = ok.draw_signs(rng, method, B, config["rank"] or 1, n)
-            stream_losses, run["params"], run["adam"], run["h"], run["state"] = ok.online_update(
-                run["params"], run["adam"], run["state"], run["h"], x, y, method, signs,
-                config["lr"], max_norm=B, reset=reset, eps=eps)
+            stream_losses, dW, dW_out = run["learner"].step(run["params"], x, y, reset)
             losses = np.array([stream_losses.mean()], dtype=np.float64)
+        run["params"], run["adam"], _ = ok.apply_gradients(run["params"], run["adam"], dW, dW_out,
+                                                           config["lr"], max_norm=B, eps=eps)
         if not np.all(np.isfinite(losses)):
             raise FloatingPointError("the loss is not finite: the run diverged; lower the "
                                      "learning rate or train in float64")
@@ -256,19 +254,20 @@ def adam_eps(config, t, eps=1e-8, beta2=0.999):
 def checkpoint_arrays(config, rng, run, counters, task_arrays):
     """Everything a run needs to go on exactly where it stopped, as named arrays for np.savez:
     the config, the rng's state, the run's entries named in counters (as JSON, which keeps floats
-    exactly, Infinity included), weights, Adam, learner state, h and the TBPTT window, and the
-    task's own arrays (a dict of arrays or NamedTuples such as Params)."""
+    exactly, Infinity included), weights, Adam, h, the learner's influence ('learner.*') or the
+    TBPTT window, and the task's own arrays (a dict of arrays or NamedTuples such as Params)."""
     B = config["batch"]
-    window = run["window"]
+    window = run.get("window", [])
+    carried = run["learner"].state() if "learner" in run else ok.LearnerState(run["h"], ())
     arrays = {"config": json.dumps(config), "rng": json.dumps(rng.bit_generator.state),
-              "counters": json.dumps({k: run[k] for k in counters}), "h": run["h"],
+              "counters": json.dumps({k: run[k] for k in counters}), "h": carried.h,
               "window_x": np.array([w[0] for w in window], np.int64).reshape(-1, B),  # (k, B)
               "window_y": np.array([w[1] for w in window], np.int64).reshape(-1, B),
               "window_reset": np.array([w[2] for w in window], bool).reshape(-1, B)}
     arrays.update(_flatten("params", run["params"]))
     arrays.update(_flatten("adam", run["adam"]))
-    if run["state"] is not None:
-        arrays.update(_flatten("learner", run["state"]))
+    if carried.influence:
+        arrays.update(_flatten("learner", carried.influence))
     for name, value in task_arrays.items():
         arrays.update(_flatten(name, value))
     return arrays
@@ -278,11 +277,16 @@ def restore_run(arrays, run, rng, path, task_tuples=()):
     """Overwrite a fresh run (new_run's) and rng with what checkpoint_arrays saved, shapes and
     dtypes checked, with the run's NamedTuples named in task_tuples (PTB's best weights); the
     task restores its other arrays."""
-    own = ("params", "adam", "h") + (("state",) if run["state"] is not None else ())
-    for name in own + tuple(task_tuples):
-        run[name] = _unflatten("learner" if name == "state" else name, run[name], arrays, path)
+    for name in ("params", "adam") + tuple(task_tuples):
+        run[name] = _unflatten(name, run[name], arrays, path)
+    if "learner" in run:
+        carried = run["learner"].state()  # its shapes and dtypes, which the checkpoint must have
+        run["learner"].load(ok.LearnerState(_unflatten("h", carried.h, arrays, path),
+                                            _unflatten("learner", carried.influence, arrays, path)))
+    else:
+        run["h"] = _unflatten("h", run["h"], arrays, path)
+        run["window"] = list(zip(arrays["window_x"], arrays["window_y"], arrays["window_reset"]))
     run.update(json.loads(str(arrays["counters"])))
-    run["window"] = list(zip(arrays["window_x"], arrays["window_y"], arrays["window_reset"]))
     rng.bit_generator.state = json.loads(str(arrays["rng"]))
 
 
@@ -797,25 +801,23 @@ def gradient_agreement(params, xs, ys, learners, rng, h0=None, resets=None):
     ok.bptt. Returns cosine and rel_error, each (T, len(learners)): per step t, the cosine
     similarity of the learner's dW_t with exact dW_t and ||dW_t - exact||^2 / ||exact||^2.
     """
-    xs, ys = np.asarray(xs), np.asarray(ys)  # ok.learner_step checks each step's symbols
+    xs, ys = np.asarray(xs), np.asarray(ys)  # each Learner.step checks its step's symbols
     T, B = xs.shape
     n = ok.sizes(params)[1]
     h = np.zeros((B, n), params.W.dtype) if h0 is None else np.asarray(h0, params.W.dtype)
     if h.shape != (B, n) or not np.isfinite(h).all():
         raise ValueError(f"h0 must be a finite ({B}, {n}) array, got shape {h.shape}")
-    exact = ok.init_learner("rtrl", params, B)
-    states = [ok.init_learner(method, params, B, rank) for method, rank in learners]
+    exact, *others = (ok.Learner(params, B, method, rank, rng)
+                      for method, rank in [("rtrl", 1)] + list(learners))
+    for learner in [exact] + others:  # each from h0 and zero influence
+        learner.load(learner.state()._replace(h=h))
     cosine, rel_error = np.empty((T, len(learners))), np.empty((T, len(learners)))
     for t in range(T):
         reset = None if resets is None else resets[t]
-        _, g_exact, _, h_next, exact = ok.learner_step(params, exact, h, xs[t], ys[t], "rtrl",
-                                                       reset=reset)
-        for k, (method, rank) in enumerate(learners):
-            signs = ok.draw_signs(rng, method, B, rank, n)
-            _, g, _, _, states[k] = ok.learner_step(params, states[k], h, xs[t], ys[t], method,
-                                                    signs, reset)
-            cosine[t, k], rel_error[t, k] = _agreement(g, g_exact)
-        h = h_next
+        g_exact = exact.step(params, xs[t], ys[t], reset)[1]
+        for k, learner in enumerate(others):  # the same h as exact's: the same cell, same inputs
+            cosine[t, k], rel_error[t, k] = _agreement(learner.step(params, xs[t], ys[t], reset)[1],
+                                                       g_exact)
     return cosine, rel_error
 
 

@@ -471,7 +471,7 @@ def test_min_variance_at_rank_one_is_two_sigma1_sigma2(s1, s2):
 
 
 def sign_shape(method, rank, n, B=1):
-    """Shape of one step's signs for B streams, as draw_signs gives them."""
+    """Shape of one step's signs for B streams, as each learner's influence.sign_shape."""
     return {"ok": (B, rank + 1), "kf": (B, 1, 2), "kf-avg": (B, rank, 2), "uoro": (B, n)}[method]
 
 
@@ -573,22 +573,119 @@ def test_ok_is_exact_on_a_short_side_with_a_tiny_direction(tiny):
 def test_ok_carries_no_rounding_noise_as_terms(dtype, problem, seed):
     """t steps after a reset, G_t is a sum of t Kronecker terms, so OK of rank r > t keeps
     exactly t nonzero terms: the other singular values of C are rounding noise, set to zero
-    (§3 step 3). Carried instead, such terms shrink under H into subnormal floats (slow)."""
+    (OK's step 3). Carried instead, such terms shrink under H into subnormal floats (slow)."""
     p, xs, ys, _ = problem
     p = ok.Params(*(w.astype(dtype) for w in p))
     T, B = xs.shape
     rank = T + 2
-    rng = np.random.default_rng(seed)
-    state, h = ok.init_learner("ok", p, B, rank), np.zeros((B, p.W.shape[1] // 2), dtype)
+    learner = ok.Learner(p, B, "ok", rank, rng=np.random.default_rng(seed))
     for t in range(T):
-        signs = ok.draw_signs(rng, "ok", B, rank, p.W.shape[1] // 2)
-        _, _, _, h, state = ok.learner_step(p, state, h, xs[t], ys[t], "ok", signs)
+        learner.step(p, xs[t], ys[t])
+        state = learner.state().influence
         nonzero_u = np.any(state.us != 0, axis=2)  # (B, r)
         nonzero_A = np.any(state.As != 0, axis=(2, 3))
         # each term's factors are both zero or both not; at most t + 1 of them are nonzero (D_t,
         # hence a_t (x) D_t, can vanish for saturated gates, never add a dimension)
         np.testing.assert_array_equal(nonzero_u, nonzero_A)
         assert nonzero_u.sum(axis=1).max() <= t + 1, f"step {t + 1}: {nonzero_u.sum(axis=1)}"
+
+
+# --- OK for any cell: a tanh RNN and an LSTM, through the Influence estimators (§2-4) ----------
+# Each cell maps (W, x, state) to a_t, the new state, H_t and D_t, written here from its
+# equations; the test checks those against finite differences, so the estimators are fed
+# the true derivatives.
+
+
+def tanh_cell(W, x, s, V):
+    """h_t = tanh(a_t W), a_t = [onehot(x_t), h_{t-1}, 1]: state h (B, n), W (m, n)."""
+    B, n = s.shape
+    a = np.hstack([np.eye(V)[x], s, np.ones((B, 1))])
+    h = np.tanh(a @ W)
+    D = np.einsum("bi,ij->bij", 1 - h**2, np.eye(n))  # dh/dz = diag(1 - h^2)
+    return a, h, D @ W[V:V + n].T, D  # H = dh/dz dz/dh_{t-1} = D W_h^T
+
+
+def lstm_cell(W, x, s, V):
+    """An LSTM, state s = [h, c] (B, 2n), gates z = a_t W = [z_i, z_f, z_g, z_o], W (m, 4n)."""
+    B, two_n = s.shape
+    n = two_n // 2
+    h, c = s[:, :n], s[:, n:]
+    a = np.hstack([np.eye(V)[x], h, np.ones((B, 1))])
+    i, f, g, o = np.split(a @ W, 4, axis=1)
+    i, f, g, o = sigmoid(i), sigmoid(f), np.tanh(g), sigmoid(o)
+    c_t = f * c + i * g
+    h_t = o * np.tanh(c_t)
+    dh_dc = o * (1 - np.tanh(c_t) ** 2)
+    H, D = np.zeros((B, 2 * n, 2 * n)), np.zeros((B, 2 * n, 4 * n))
+    for b in range(B):
+        dc_dz = np.hstack([np.diag(d) for d in (g[b] * i[b] * (1 - i[b]), c[b] * f[b] * (1 - f[b]),
+                                                 i[b] * (1 - g[b] ** 2), np.zeros(n))])
+        dh_dz = dh_dc[b][:, None] * dc_dz
+        dh_dz[:, 3 * n:] += np.diag(np.tanh(c_t[b]) * o[b] * (1 - o[b]))
+        D[b] = np.vstack([dh_dz, dc_dz])  # d[h_t, c_t]/dz
+        H[b, :, :n] = D[b] @ W[V:V + n].T  # through z: h_{t-1} meets W's rows V:V+n
+        H[b, :n, n:] = np.diag(dh_dc[b] * f[b])  # c_{t-1} reaches c_t, and h_t through it
+        H[b, n:, n:] = np.diag(f[b])
+    return a, np.hstack([h_t, c_t]), H, D
+
+
+CELLS = {"tanh": (tanh_cell, 1, 1), "lstm": (lstm_cell, 2, 4)}  # cell, N / n, P / n
+
+
+@st.composite
+def cell_problems(draw):
+    """A cell, its sizes, weights and inputs from a seed: n <= 2, V <= 2, T steps of one stream
+    from a random state, OK's rank r <= 2, with T (r + 1) <= 8 signs to enumerate."""
+    name = draw(st.sampled_from(sorted(CELLS)))
+    n, V, r = draw(st.integers(1, 2)), draw(st.integers(1, 2)), draw(st.integers(1, 2))
+    T = draw(st.integers(1, 8 // (r + 1)))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    scale = draw(st.sampled_from([0.3, 1.0]))
+    cell, N, P = CELLS[name][0], CELLS[name][1] * n, CELLS[name][2] * n
+    W = scale * rng.standard_normal((V + n + 1, P))
+    return name, cell, V, N, P, r, W, rng.integers(0, V, (T, 1)), rng.uniform(-1, 1, (1, N))
+
+
+def run_cell(cell, W, xs, s0, V, influence=None, signs=None):
+    """The cell over xs (T, 1) from s0, and an influence estimator updated at every step (with
+    signs[t], if given). Returns the last state."""
+    s = s0
+    for t, x in enumerate(xs):
+        a, s, H, D = cell(W, x, s, V)
+        if influence is not None:
+            influence.update(a, H, D, None if signs is None else signs[t])
+    return s
+
+
+@fewer(2)
+@given(cell_problems())
+def test_ok_is_unbiased_for_any_cell(problem):
+    """OK needs only a_t, H_t and D_t (§2): for a tanh RNN (N = P = n) and an LSTM (state
+    [h, c]: N = 2n, P = 4n), exact RTRL's G_T = d s_T / dW equals central finite differences of
+    the cell's own state, and the mean of OK's G_T over every sequence of sign patterns is
+    RTRL's (each step is unbiased given the past, §3)."""
+    name, cell, V, N, P, r, W, xs, s0 = problem
+    m, T = W.shape[0], len(xs)
+    exact = ok.RTRL(1, m, N, P)
+    run_cell(cell, W, xs, s0, V, exact)
+    G = exact.state().G[0]  # (N, m, P)
+    eps, fd = 1e-6, np.zeros_like(G)
+    for l, j in itertools.product(range(m), range(P)):
+        dW = np.zeros_like(W)
+        dW[l, j] = eps
+        plus, minus = run_cell(cell, W + dW, xs, s0, V), run_cell(cell, W - dW, xs, s0, V)
+        fd[:, l, j] = (plus - minus)[0] / (2 * eps)
+    # Truncation eps^2 times a third derivative, rounding 1e-16 / eps, on O(1) states: < 1e-9.
+    assert_close(G, fd, 1e-7, scale=max(np.linalg.norm(fd), 1.0), what=f"{name}: RTRL vs FD")
+    estimates = []
+    for pattern in sign_patterns(T * (r + 1)):
+        influence = ok.OK(1, m, N, P, r)
+        run_cell(cell, W, xs, s0, V, influence, pattern.reshape(T, 1, r + 1))
+        us, As = (f[0] for f in influence.state())  # (r, m), (r, N, P)
+        estimates.append(expand(us, As).transpose(1, 0, 2))  # (N, m, P)
+    # Rounding in each estimate scales with its own size (as in the learner tests above).
+    scale = np.mean([np.linalg.norm(g) for g in estimates])
+    assert_close(np.mean(estimates, axis=0), G, 1e-9, scale=scale, what=f"{name}: mean OK")
 
 
 # --- 6-7. Degenerate inputs (§3a), float32 -----------------------------------------------------
@@ -718,9 +815,9 @@ _p, _xs, _ys, _ = make_problem(n=2, V=2, O=3, T=3, B=2, scale=0.3, seed=0)  # V 
 _rng, _us, _As = np.random.default_rng(0), np.ones((3, 4)), np.ones((3, 2, 4))  # r + 1 = 3 terms
 BAD_CALLS = {  # id: (loose pattern the ValueError message must contain, the call)
     "rank 0": ("rank", lambda: ok.sequence_grad(_p, _xs, _ys, "ok", rank=0, rng=_rng)),
-    "learner rank 0": ("rank", lambda: ok.init_learner("ok", _p, 2, rank=0)),
+    "learner rank 0": ("rank", lambda: ok.Learner(_p, 2, "ok", rank=0)),
     "unknown method": ("method", lambda: ok.sequence_grad(_p, _xs, _ys, "sgd", rng=_rng)),
-    "unknown learner": ("method", lambda: ok.init_learner("bptt-3", _p, 2)),
+    "unknown learner": ("method", lambda: ok.Learner(_p, 2, "bptt-3")),
     "2 signs for 3 terms": ("signs", lambda: ok.ok_reduce(_us, _As, np.ones(2))),
     "0 is not a sign": ("signs", lambda: ok.ok_reduce(_us, _As, np.array([1.0, 0.0, -1.0]))),
     "3 u's, 2 A's": ("As", lambda: ok.ok_reduce(_us, _As[:2], np.ones(3))),
@@ -747,12 +844,12 @@ def test_bad_arguments_raise_value_error(pattern, call):
         call()
 
 
-# --- The online API: learner_step, init_learner, draw_signs, apply_gradients -------------------
+# --- The online API: Learner, the Influence estimators, random_signs, set_threads ---------------
 
 
 @pytest.mark.parametrize("method", ok.METHODS)
-def test_learner_step_reset_starts_a_fresh_sequence(method):
-    """A reset at step t zeroes that stream's h and learner state: with the same signs, stream 0
+def test_learner_reset_starts_a_fresh_sequence(method):
+    """A reset at step t zeroes that stream's h and influence: with the same signs, stream 0
     then runs as a fresh sequence from t, stream 1 as if alone, and for rtrl the summed dW is the
     dense twin's with resets (a new sequence starts from h = 0 and G = 0, as in the runners)."""
     p, xs, ys, _ = make_problem(n=3, V=2, O=2, T=6, B=2, scale=0.5, seed=3)
@@ -763,16 +860,16 @@ def test_learner_step_reset_starts_a_fresh_sequence(method):
         signs = 2 * np.random.default_rng(4).integers(0, 2, shape) - 1
 
     def run(cols, steps, reset_at=None):
-        B = len(cols)
-        state, h = ok.init_learner(method, p, B, rank), np.zeros((B, n))
-        assert all(np.all(f == 0) and f.shape[0] == B for f in state)  # zeros, streams lead
+        learner = ok.Learner(p, len(cols), method, rank)
+        start = learner.state()
+        assert not start.h.any() and all(not f.any() and len(f) == len(cols)
+                                         for f in start.influence)  # zeros, streams lead
         out = []
         for t in steps:
             reset = np.array([t == reset_at, False]) if reset_at is not None else None
             s = None if signs is None else signs[t][cols]
-            losses, dW, dW_out, h, state = ok.learner_step(p, state, h, xs[t, cols], ys[t, cols],
-                                                           method, signs=s, reset=reset)
-            out.append((losses, dW, dW_out, h))
+            losses, dW, dW_out = learner.step(p, xs[t, cols], ys[t, cols], reset, s)
+            out.append((losses, dW, dW_out, learner.state().h))
         return out
 
     both = run([0, 1], range(6), reset_at=t0)
@@ -791,31 +888,28 @@ def test_learner_step_reset_starts_a_fresh_sequence(method):
         assert_close(sum(o[2] for o in both), ex.dW_out, 1e-9, what="summed dW_out")
 
 
-def test_ok_state_from_anywhere_gives_the_same_steps():
-    """OK computes each step in the other slot of the state's two-slot buffer (_next_slot). A
-    state built from plain arrays, one from init_learner, and a copy taken after every step give
-    the same losses and gradients, and the state returned by a step leaves its input intact."""
+@pytest.mark.parametrize("method", ok.METHODS)
+def test_kept_states_stay_as_they_were_and_resume_bit_for_bit(method):
+    """state() hands out copies: states kept after every step (history.append) are still what
+    they were when taken, after every later step, though OK computes each step in memory it
+    reuses (§9c). A new learner that loads any of them continues exactly as the original did."""
     p, xs, ys, _ = make_problem(n=3, V=2, O=2, T=6, B=2, scale=0.5, seed=5)
-    B, (m, two_n), r = 2, p.W.shape, 2
-    signs = 2 * np.random.default_rng(6).integers(0, 2, (6, B, r + 1)) - 1
-    plain = ok.KronState(np.zeros((B, r, m)), np.zeros((B, r, two_n // 2, two_n)))
-    runs = []
-    for kind in ("init_learner", "plain", "copied"):
-        state, h, out = (plain if kind == "plain" else ok.init_learner("ok", p, B, r)), \
-            np.zeros((B, two_n // 2)), []
-        for t in range(6):
-            before = ok.KronState(*map(np.copy, state))
-            losses, dW, dW_out, h, new = ok.learner_step(p, state, h, xs[t], ys[t], "ok", signs[t])
-            for got, want in zip(state, before):
-                np.testing.assert_array_equal(got, want)  # the input state is not overwritten
-            state = ok.KronState(*map(np.copy, new)) if kind == "copied" else new
-            out.append((losses, dW, dW_out, h))
-        runs.append(out)
-    for other in runs[1:]:
-        for a, b in zip(runs[0], other):
-            for x, y in zip(a, b):
-                np.testing.assert_array_equal(x, y)  # the same float64 operations: bit for bit
-
+    learner = ok.Learner(p, 2, method, 2)
+    shape, rng = learner.influence.sign_shape, np.random.default_rng(6)
+    signs = [None if shape is None else ok.random_signs(rng, shape) for _ in range(6)]
+    history, taken, outputs = [], [], []
+    for t in range(6):
+        history.append(learner.state())
+        taken.append([np.copy(f) for f in (history[-1].h, *history[-1].influence)])
+        outputs.append(learner.step(p, xs[t], ys[t], signs=signs[t]))
+        for kept, copies in zip(history, taken):
+            for got, want in zip((kept.h, *kept.influence), copies):
+                np.testing.assert_array_equal(got, want)  # not overwritten by any later step
+    for t in range(6):
+        replay = ok.Learner(p, 2, method, 2)
+        replay.load(history[t])
+        for got, want in zip(replay.step(p, xs[t], ys[t], signs=signs[t]), outputs[t]):
+            np.testing.assert_array_equal(got, want)  # the same float64 operations: bit for bit
 
 
 @pytest.fixture
@@ -828,39 +922,43 @@ def threads():
 
 @pytest.mark.parametrize("method", ok.METHODS)
 def test_results_do_not_depend_on_the_thread_count(method, threads):
-    """Each stream is computed by one thread, in the same order whatever the count (§6): 1, 2, 3
-    and 7 threads give the same bits over training steps with resets, in float32 as the runners
-    train. 5 streams split unevenly (2 + 3, 1 + 2 + 2, ...): a stream dropped, computed twice or
-    by another stream's group would show."""
+    """Each stream is computed by one thread, in the same order whatever the count (§9b): 1, 2,
+    3 and 7 threads give the same bits over training steps with resets, in float32 as the
+    runners train. 5 streams split unevenly (2 + 3, 1 + 2 + 2, ...): a stream dropped, computed
+    twice or by another stream's group would show."""
     V, n, B, r, steps = 3, 6, 5, 3, 8
     rng = np.random.default_rng(0)
     p0 = ok.init_params(V, n, V, rng, np.float32)._replace(
         W=(30 * ok.init_params(V, n, V, rng).W).astype(np.float32))  # more than rounding to lose
     xs, ys = rng.integers(0, V, (steps, B)), rng.integers(0, V, (steps, B))
     resets = rng.random((steps, B)) < 0.2
-    signs = [ok.draw_signs(rng, method, B, r, n) for _ in range(steps)]
     runs = []
     for count in (1, 2, 3, 7):
         threads(count)
-        p, adam, h = p0, ok.adam_init(p0), np.zeros((B, n), np.float32)
-        state = ok.init_learner(method, p, B, r)
+        p, adam, learner = p0, ok.adam_init(p0), ok.Learner(p0, B, method, r, rng=1)
         for t in range(steps):
-            losses, p, adam, h, state = ok.online_update(p, adam, state, h, xs[t], ys[t], method,
-                                                         signs[t], 1e-2, B, resets[t])
-        runs.append([losses, *p, h, *state])
+            losses, dW, dW_out = learner.step(p, xs[t], ys[t], resets[t])
+            p, adam, _ = ok.apply_gradients(p, adam, dW, dW_out, 1e-2, B)
+        state = learner.state()
+        runs.append([losses, *p, state.h, *state.influence])
     for count, run in zip((2, 3, 7), runs[1:]):
         for got, want in zip(run, runs[0]):
             np.testing.assert_array_equal(got, want, err_msg=f"{count} threads against 1")
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # in the pool thread
 def test_an_error_in_any_thread_reaches_the_caller(threads):
-    """A diverged OK state in the last group of streams (another thread's) raises in the caller."""
-    p, xs, ys, _ = make_problem(n=3, V=2, O=2, T=1, B=4, scale=0.5, seed=1)
+    """An OK state that overflows in the last stream (another thread's group) raises in the
+    caller: H = 1e30 in stream 3 makes its float32 terms H A overflow within a few steps."""
     threads(2)
-    state = ok.init_learner("ok", p, 4, 2)
-    state.As[3, 0, 0, 0] = np.inf
+    B, m, N, P = 4, 3, 2, 2
+    G = ok.OK(B, m, N, P, 2, rng=0, dtype=np.float32)
+    H = np.repeat(np.eye(N, dtype=np.float32)[None], B, axis=0)
+    H[3] *= 1e30
+    a, D = np.ones((B, m), np.float32), np.ones((B, N, P), np.float32)
     with pytest.raises(FloatingPointError, match="not finite"):
-        ok.learner_step(p, state, np.zeros((4, 3)), xs[0], ys[0], "ok", np.ones((4, 3)))
+        for _ in range(5):
+            G.update(a, H, D)
 
 
 def test_set_threads_takes_a_positive_integer(threads):
@@ -870,14 +968,19 @@ def test_set_threads_takes_a_positive_integer(threads):
     threads(3)
     assert ok.get_threads() == 3
 
-def test_draw_signs_shapes_and_values():
-    """draw_signs gives +-1 arrays of the shapes sequence_grad's signs= takes."""
+
+def test_random_signs_have_the_shapes_each_learner_takes():
+    """Each learner's sign_shape is the shape sequence_grad's signs= takes per step (rtrl: none),
+    and random_signs fills it with +-1 only (both present among 1000: false failure 2^-999)."""
+    p = make_problem(n=4, V=2, O=2, T=1, B=3, scale=0.3, seed=0).params
     rng = np.random.default_rng(0)
-    assert ok.draw_signs(rng, "rtrl", 3, 2, 4) is None
+    assert ok.Learner(p, 3, "rtrl").influence.sign_shape is None
     for method in STOCHASTIC:
-        signs = ok.draw_signs(rng, method, 3, 2, 4)
-        assert signs.shape == sign_shape(method, 2, 4, 3), method
-        assert set(np.unique(signs)) <= {-1, 1}, method
+        shape = ok.Learner(p, 3, method, 2).influence.sign_shape
+        assert shape == sign_shape(method, 2, 4, 3), method
+        signs = ok.random_signs(rng, shape)
+        assert signs.shape == shape and set(np.unique(signs)) <= {-1, 1}, method
+    assert set(np.unique(ok.random_signs(rng, (1000,)))) == {-1, 1}
 
 
 def test_apply_gradients_rejects_nan_and_clips_dW():
@@ -940,16 +1043,33 @@ def _non_finite_calls(value):
         for field in ("W", "W_out"):
             calls[f"sequence_grad {method} {field}"] = (f"params.{field}", lambda m=method, f=field:
                 ok.sequence_grad(_with_bad(p, f, value), xs, ys, m, rank=2, rng=rng))
+    a, H, D, q = np.ones((2, 6)), np.ones((2, 3, 3)), np.ones((2, 3, 6)), np.ones((2, 3))
     for method in ok.METHODS:
-        def step(params=p, h=h, method=method):
-            state = ok.init_learner(method, p, 2, 2)
-            signs = ok.draw_signs(np.random.default_rng(1), method, 2, 2, 3)
-            return ok.learner_step(params, state, h, xs[0], ys[0], method, signs)
-        calls[f"learner_step {method} W"] = ("params.W", lambda s=step: s(
-            params=_with_bad(p, "W", value)))
-        calls[f"learner_step {method} W_out"] = ("params.W_out", lambda s=step: s(
-            params=_with_bad(p, "W_out", value)))
-        calls[f"learner_step {method} h"] = ("h", lambda s=step: s(h=_poison(h, value)))
+        def learner(method=method):
+            return ok.Learner(p, 2, method, 2, rng=1)
+
+        def load(field, method=method):  # a state with one bad field, into a new learner
+            L = learner(method)
+            state = L.state()
+            if field == "h":
+                state = state._replace(h=_poison(state.h, value))
+            else:
+                influence = state.influence._replace(**{field: _poison(
+                    getattr(state.influence, field), value)})
+                state = state._replace(influence=influence)
+            L.load(state)
+
+        for field in ("W", "W_out"):
+            calls[f"Learner.step {method} {field}"] = (f"params.{field}", lambda f=field, L=learner:
+                L().step(_with_bad(p, f, value), xs[0], ys[0]))
+        for field in ("h",) + type(learner().influence.state())._fields:
+            calls[f"Learner.load {method} {field}"] = (field, lambda f=field, load=load: load(f))
+        for name, args in (("a", (a, H, D)), ("H", (a, H, D)), ("D", (a, H, D))):
+            i = "aHD".index(name)
+            bad = args[:i] + (_poison(args[i], value),) + args[i + 1:]
+            calls[f"update {method} {name}"] = (name, lambda bad=bad, L=learner:
+                L().influence.update(*bad))
+        calls[f"grad {method} q"] = ("q", lambda L=learner: L().influence.grad(_poison(q, value)))
     return calls
 
 
@@ -987,14 +1107,15 @@ CONFORMANCE_DESCRIPTION = [
     "  signs of every step (ok (B, r+1), kf (B, 1, 2), kf-avg (B, r, 2), uoro (B, n); none for",
     "  rtrl), and per step (leading axis T): the state after the step (same keys as initial),",
     "  losses (T, B) in nats, dW (T, m, 2n) and dW_out (T, n+1, O), the step's gradient estimate",
-    "  of the batch-mean loss (learner_step). A_k is (n, 2n): G[i, l, j] ~ sum_k u_k[l] A_k[i, j];",
-    "  flattened row-major (2n^2) on the A side of §3.2. ok also gives sigma (T, B, r+1), the",
-    "  singular values of the r+1-term sum, and p (T, B), how many of them Opt keeps (§4).",
+    "  of the batch-mean loss (Learner.step). A_k is (n, 2n): G[i, l, j] ~ sum_k u_k[l] A_k[i, j],",
+    "  flattened row-major (2n^2) on the A side of OK's step 2 (§4). ok also gives sigma",
+    "  (T, B, r+1), the singular values of the r+1-term sum, and p (T, B), how many of them Opt",
+    "  keeps (§5).",
     "The initial states are random, not zero: a zero state makes C rank-deficient, and singular",
     "  vectors of zero or repeated singular values are not unique, so no port could match those",
     "  realisations. Here every sigma is distinct and nonzero, and each sign decision (the SVD",
-    "  sign convention of §3.3, Opt's p) is far from a tie: a correct float64 port reproduces",
-    "  every value to about 1e-12 relative.",
+    "  sign convention of OK's step 3, Opt's p) is far from a tie: a correct float64 port",
+    "  reproduces every value to about 1e-12 relative.",
     "bptt: exact BPTT over the whole sequence from h0: losses (T,) batch-mean, loss (their sum),",
     "  dW (m, 2n), dW_out (n+1, O) the gradient of loss, h_T (B, n).",
     "adam: two apply_gradients steps from adam_init(params) with lr, max_norm, beta1, beta2, eps;",
@@ -1069,13 +1190,15 @@ def _conformance_learner(method, r, params, xs, ys, h0, cell, rng):
         state = ok.KronState(rng.standard_normal((B, r, m)),
                              0.3 * rng.standard_normal((B, r, n, 2 * n)))
     record = {"rank": r, "initial": state._asdict()}
-    signs = np.array([ok.draw_signs(rng, method, B, r, n) for _ in range(T)])
+    learner = ok.Learner(params, B, method, r)
+    learner.load(ok.LearnerState(h0, state))
+    shape = learner.influence.sign_shape
+    signs = [None if shape is None else ok.random_signs(rng, shape) for _ in range(T)]
     if method != "rtrl":
-        record["signs"] = signs
+        record["signs"] = np.array(signs)
     steps = {key: [] for key in state._fields + ("losses", "dW", "dW_out")}
     if method == "ok":
         steps.update(sigma=[], p=[])
-    state, h = type(state)(*map(np.copy, state)), h0
     for t in range(T):
         if method == "ok":  # sigma of the r+1 terms of this step, from the dense sum
             HAs = cell["H"][t][:, None] @ state.As  # (B, r, n, 2n)
@@ -1086,11 +1209,11 @@ def _conformance_learner(method, r, params, xs, ys, h0, cell, rng):
                 sigma[sigma <= (r + 1) * np.finfo(np.float64).eps * sigma[0]] = 0.0
             steps["sigma"].append(sigmas)
             steps["p"].append([ok._opt_split(s, r)[0] for s in sigmas])
-        losses, dW, dW_out, h, state = ok.learner_step(params, state, h, xs[t], ys[t],
-                                                       method, signs[t])
+        losses, dW, dW_out = learner.step(params, xs[t], ys[t], signs=signs[t])
+        state = learner.state().influence
         for key, value in zip(state._fields + ("losses", "dW", "dW_out"),
                               tuple(state) + (losses, dW, dW_out)):
-            steps[key].append(np.copy(value))
+            steps[key].append(value)
     record["steps"] = steps
     return record
 
@@ -1362,12 +1485,14 @@ def _ok_run_from_file(data):
     """The module's ok steps on the file's inputs and initial state: states, losses, dW per step."""
     params = ok.Params(*(np.array(data["params"][k]) for k in ("W", "W_out")))
     record = data["learners"]["ok"]
-    state = ok.KronState(*(np.array(record["initial"][k]) for k in ("us", "As")))
-    h, out = np.array(data["h0"]), []
+    learner = ok.Learner(params, len(data["h0"]), "ok", record["rank"])
+    learner.load(ok.LearnerState(np.array(data["h0"]), ok.KronState(
+        *(np.array(record["initial"][k]) for k in ("us", "As")))))
+    out = []
     for t, (x, y) in enumerate(zip(data["xs"], data["ys"])):
-        losses, dW, _, h, state = ok.learner_step(params, state, h, np.array(x), np.array(y),
-                                                  "ok", np.array(record["signs"][t]))
-        out.append([np.copy(v) for v in (*state, losses, dW)])
+        losses, dW, _ = learner.step(params, np.array(x), np.array(y),
+                                     signs=np.array(record["signs"][t]))
+        out.append([*learner.state().influence, losses, dW])
     return out
 
 
@@ -1431,11 +1556,14 @@ def test_float32_steps_match_the_conformance_vectors():
             for t in range(len(case["xs"])):
                 before = (record["initial"] if t == 0
                           else {k: record["steps"][k][t - 1] for k in fields})
-                state = ok._STATE_TYPES[method](*(np.array(before[k], np.float32) for k in fields))
+                learner = ok.Learner(params, len(h_in[t]), method, record["rank"])
+                kind = type(learner.influence.state())
+                learner.load(ok.LearnerState(np.array(h_in[t], np.float32), kind(
+                    *(np.array(before[k], np.float32) for k in fields))))
                 signs = np.array(record["signs"][t]) if "signs" in record else None
-                losses, dW, dW_out, _, state = ok.learner_step(
-                    params, state, np.array(h_in[t], np.float32), np.array(case["xs"][t]),
-                    np.array(case["ys"][t]), method, signs)
+                losses, dW, dW_out = learner.step(params, np.array(case["xs"][t]),
+                                                  np.array(case["ys"][t]), signs=signs)
+                state = learner.state().influence
                 for key, got in (*zip(fields, state), ("losses", losses), ("dW", dW),
                                  ("dW_out", dW_out)):
                     # measured: at most 4.4e-7 = 4 EPS32 (uoro's dW); 1e-5 leaves room for

@@ -432,7 +432,7 @@ def test_learner_state_that_overflows_stops_with_one_line(monkeypatch, capsys):
     """A learner state that is no longer finite makes OK's SVD fail: the diverged line too."""
     def overflowed(*args, **kwargs):
         raise np.linalg.LinAlgError("SVD did not converge")
-    monkeypatch.setattr(ok, "online_update", overflowed)
+    monkeypatch.setattr(np.linalg, "svd", overflowed)  # OK's step 3
     assert run_copy.main(TINY_COPY + ["--steps", "10"]) == 1
     line = one_error_line(capsys.readouterr().err, "run_copy.py")
     assert "step 1" in line and "SVD did not converge" in line and "diverged" in line
@@ -460,7 +460,7 @@ def test_learner_too_big_for_memory_is_refused_before_allocating(monkeypatch, ca
 
     def no_allocation(*args, **kwargs):
         raise AssertionError("allocated a learner that cannot fit")
-    monkeypatch.setattr(ok, "init_learner", no_allocation)
+    monkeypatch.setattr(ok, "Learner", no_allocation)
     assert run_copy.main(["--method", "rtrl", "--hidden", "256", "--steps", "5"]) == 1
     line = one_error_line(capsys.readouterr().err, "run_copy.py")
     assert "GiB" in line and "--hidden" in line and "fits" in line and "--rank" not in line
@@ -472,27 +472,29 @@ def test_learner_too_big_for_memory_is_refused_before_allocating(monkeypatch, ca
 @pytest.mark.parametrize("method, rank", [("rtrl", 1), ("ok", 4), ("kf", 1), ("kf-avg", 3),
                                           ("uoro", 1)])
 def test_memory_estimate_covers_the_measured_peak(method, rank):
-    """learner_memory is an upper bound of what one online step holds at its peak (the state
-    before and after, and every temporary), measured with tracemalloc, which numpy reports to."""
+    """learner_memory is an upper bound of what a learner holds at the peak of a training step
+    (its state, OK's two slots of r+1 terms, and every temporary of the step and of Adam),
+    measured with tracemalloc, which numpy reports to, from before the learner is made."""
     import tracemalloc
     B, n, V = 3, 12, 5
-    rng = np.random.default_rng(0)
-    params = ok.init_params(V, n, V, rng, np.float32)
-    state, h, adam = ok.init_learner(method, params, B, rank), np.zeros((B, n), np.float32), \
-        ok.adam_init(params)
+    params = ok.init_params(V, n, V, np.random.default_rng(0), np.float32)
     x = np.zeros(B, np.int64)
-    signs = ok.draw_signs(rng, method, B, rank, n)
-    ok.online_update(params, adam, state, h, x, x, method, signs, 1e-3, B)  # compile first
+
+    def train(steps):
+        learner, adam = ok.Learner(params, B, method, rank, rng=0), ok.adam_init(params)
+        for _ in range(steps):  # two steps: both of OK's slots in use
+            _, dW, dW_out = learner.step(params, x, x)
+            ok.apply_gradients(params, adam, dW, dW_out, 1e-3, B)
+
+    train(1)  # compile first
     tracemalloc.start()
     try:
         before = tracemalloc.get_traced_memory()[0]
-        ok.online_update(params, adam, state, h, x, x, method, signs, 1e-3, B)
+        train(2)
         peak = tracemalloc.get_traced_memory()[1] - before
     finally:
         tracemalloc.stop()
-    state_bytes = sum(field.nbytes for field in state)
-    estimate = runlib.learner_memory(method, rank, B, n, V, np.float32)
-    assert estimate >= state_bytes + peak
+    assert runlib.learner_memory(method, rank, B, n, V, np.float32) >= peak
 
 
 # --- gradient_agreement: the measure behind --measure-noise -----------------------------------
@@ -516,13 +518,12 @@ def test_gradient_agreement_is_perfect_for_exact_learners(problem, seed):
     np.testing.assert_allclose(cosine[:, :2], 1.0, rtol=0, atol=1e-9)
     np.testing.assert_allclose(rel_error[:, :2], 0.0, rtol=0, atol=1e-18)
     # KF again, by hand: the same draws (rtrl draws none, OK draws before KF at every step).
-    rng, h = np.random.default_rng(seed), np.zeros((B, n))
-    exact, kf, full_ok = (ok.init_learner(meth, p, B, r) for meth, r in learners)
+    rng = np.random.default_rng(seed)
+    exact, kf = ok.Learner(p, B, "rtrl"), ok.Learner(p, B, "kf")
     for t in range(T):
-        ok.draw_signs(rng, "ok", B, min(m, 2 * n * n), n)
-        _, g_kf, _, _, kf = ok.learner_step(p, kf, h, xs[t], ys[t], "kf",
-                                            ok.draw_signs(rng, "kf", B, 1, n), resets[t])
-        _, g, _, h, exact = ok.learner_step(p, exact, h, xs[t], ys[t], "rtrl", reset=resets[t])
+        ok.random_signs(rng, (B, min(m, 2 * n * n) + 1))  # full-rank OK's signs
+        g_kf = kf.step(p, xs[t], ys[t], resets[t], signs=ok.random_signs(rng, (B, 1, 2)))[1]
+        g = exact.step(p, xs[t], ys[t], resets[t])[1]
         norms = np.linalg.norm(g_kf) * np.linalg.norm(g)
         want = 1.0 if norms == 0 and not g.any() and not g_kf.any() else (
             0.0 if norms == 0 else float((g_kf * g).sum() / norms))
