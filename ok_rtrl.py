@@ -192,7 +192,7 @@ class Influence:
             array[streams] = 0.0
 
     def state(self):
-        """A copy of the estimator's arrays: an RTRLState, KronState or UOROState."""
+        """A copy of the estimator's arrays: an RTRLState, KronState, KFState or UOROState."""
         return type(self._state)(*map(np.copy, self._state))
 
     def load(self, state):
@@ -300,12 +300,20 @@ def bptt(params, xs, ys, h0=None, resets=None):
 
 
 class KronState(NamedTuple):
+    """OK's influence: G ~ sum_k u_k (x) A_k."""
+    us: np.ndarray  # (B, r, m)
+    As: np.ndarray  # (B, r, N, P)
+
+
+class KFState(NamedTuple):
+    """KF's: r independent rank-1 estimates u_k (x) A_k, whose mean estimates G."""
     us: np.ndarray  # (B, r, m)
     As: np.ndarray  # (B, r, N, P)
 
 
 class KroneckerSum(Influence):
-    """An influence held as Kronecker terms (Algorithm 1); OK and KF are its reductions."""
+    """An influence held as Kronecker terms us (B, r, m), As (B, r, N, P) (Algorithm 1); OK and
+    KF are its reductions."""
 
     def _grad(self, q):
         """Algorithm 1, step 3: sum_b sum_k outer(u_k, q A_k)."""
@@ -542,15 +550,15 @@ class KF(KroneckerSum):
         _check_positive_int("copies", copies)
         super().__init__(B, m, N, P, rng=rng, dtype=dtype)
         self.copies, self.sign_shape = copies, (B, copies, 2)
-        self._state = KronState(np.zeros((B, copies, m), self.dtype),
-                                np.zeros((B, copies, N, P), self.dtype))
+        self._state = KFState(np.zeros((B, copies, m), self.dtype),
+                              np.zeros((B, copies, N, P), self.dtype))
 
     def _update(self, a, H, D, signs):
         us, As = self._state
         HA = _products(H[:, None], As)  # (B, r, N, P)
         B, r = us.shape[:2]
-        self._state = KronState(*_kf_mix(us, HA, np.broadcast_to(a[:, None], (B, r, a.shape[1])),
-                                         np.broadcast_to(D[:, None], HA.shape), signs))
+        self._state = KFState(*_kf_mix(us, HA, np.broadcast_to(a[:, None], (B, r, a.shape[1])),
+                                       np.broadcast_to(D[:, None], HA.shape), signs))
 
     def _grad(self, q):
         return super()._grad(q) / self.copies  # the mean of the estimates
@@ -624,7 +632,7 @@ def _safe_ratio(num, den):
 
 class LearnerState(NamedTuple):
     h: np.ndarray  # (B, n): h_{t-1}, the state the next step starts from
-    influence: tuple  # the estimator's: RTRLState, KronState or UOROState
+    influence: tuple  # the estimator's: RTRLState, KronState, KFState or UOROState
 
 
 class Learner:

@@ -108,7 +108,7 @@ def test_the_lstm_jacobians_are_its_derivatives():
     W, x = rng.normal(0, 0.7, (V + n + 1, 4 * n)), rng.integers(0, V, B)
     h, c = rng.normal(size=(B, n)), rng.normal(size=(B, n))
     _, _, a, H, D = lstm_step(W, x, h, c)
-    assert a.shape == (B, V + n + 1) and H.shape == (B, 2 * n, 2 * n) and D.shape == (B, 2 * n, 4 * n)
+    assert (a.shape, H.shape, D.shape) == ((B, V + n + 1), (B, 2 * n, 2 * n), (B, 2 * n, 4 * n))
 
     def state(W, h, c):
         return np.hstack(lstm_step(W, x, h, c)[:2])  # (B, 2n) = [h_t, c_t]

@@ -969,6 +969,70 @@ def test_set_threads_takes_a_positive_integer(threads):
     assert ok.get_threads() == 3
 
 
+def _refused_calls():
+    """id: (pattern the ValueError must contain, call(learner, params)) for a float32 OK learner
+    of B = 4 streams, n = 3, V = 2, O = 3 that has taken a few steps (the cases a user hit)."""
+    p = make_problem(n=3, V=2, O=3, T=1, B=4, scale=0.3, seed=0).params
+    p64, x = ok.Params(*(w.astype(np.float64) for w in p)), np.zeros(4, np.int64)
+
+    def load_h(*shape, dtype=np.float32):
+        return lambda L, p: L.load(L.state()._replace(h=np.zeros(shape, dtype)))
+    h_shape = r"expected h of shape \(B, n\) = \(4, 3\)"
+    return {
+        "h (B, n+1)": (h_shape, load_h(4, 4)),
+        "h (B+1, n)": (h_shape, load_h(5, 3)),
+        "1-d h": (h_shape, load_h(3)),
+        "float64 h, float32 weights": ("dtype float32", load_h(4, 3, dtype=np.float64)),
+        "h and influence swapped": ("h must be a numpy array, got a KronState", lambda L, p:
+                                    L.load(ok.LearnerState(L.state().influence, L.state().h))),
+        "h for the state": ("takes a LearnerState", lambda L, p: L.load(L.state().h)),
+        "a KF state as OK's": ("OK.load takes a KronState, got a KFState", lambda L, p:
+                               L.load(ok.Learner(p, 4, "kf").state())),
+        "a state for B = 5": ("shape", lambda L, p: L.load(ok.Learner(p, 5, "ok", 2).state())),
+        "float64 weights": ("params.W .*dtype float32", lambda L, p: L.step(p64, x, x)),
+        "x for B = 5": (r"expected x of shape \(4,\)", lambda L, p: L.step(p, np.zeros(5, int), x)),
+        "x of floats": ("integer symbols", lambda L, p: L.step(p, x.astype(float), x)),
+        "reset for B = 5": ("expected reset of shape", lambda L, p:
+                            L.step(p, x, x, reset=np.ones(5, bool))),
+        "signs of the wrong shape, with a reset": ("signs must have shape", lambda L, p:
+                                                   L.step(p, x, x, np.ones(4, bool),
+                                                          np.ones((4, 2)))),
+        "arguments in the wrong order": ("params must be a Params", lambda L, p:
+                                         ok.Learner("ok", p, 4)),
+        "H of another cell": (r"expected H of shape \(B, N, N\) = \(4, 3, 3\)", lambda L, p:
+                              L.influence.update(np.ones((4, 6), np.float32),
+                                                 np.ones((4, 2, 2), np.float32),
+                                                 np.ones((4, 3, 6), np.float32))),
+        "q in float64": ("expected q .*dtype float32", lambda L, p:
+                         L.influence.grad(np.ones((4, 3)))),
+        "h0 in float64": ("expected h0 .*dtype float32", lambda L, p:
+                          ok.bptt(p, np.zeros((2, 4), int), np.zeros((2, 4), int),
+                                  np.zeros((4, 3)))),
+    }
+
+
+@pytest.mark.parametrize("case", sorted(_refused_calls()))
+def test_refused_calls_say_what_they_expected_and_change_nothing(case):
+    """Each wrong call a user made (README: every public function checks its arguments) raises
+    ValueError saying what was expected, in a short message with no array printed, and leaves
+    the learner as it was: its h, its influence and its Generator (no signs drawn)."""
+    pattern, call = _refused_calls()[case]
+    p = make_problem(n=3, V=2, O=3, T=1, B=4, scale=0.3, seed=0).params
+    p = ok.Params(*(w.astype(np.float32) for w in p))
+    learner = ok.Learner(p, 4, "ok", 2, rng=0)
+    for t in range(3):  # a state that is not all zeros
+        learner.step(p, np.full(4, t % 2), np.zeros(4, int))
+    before, rng_before = learner.state(), learner.influence.rng.bit_generator.state
+    with pytest.raises(ValueError, match=pattern) as refused:
+        call(learner, p)
+    message = str(refused.value)
+    assert len(message) < 300 and "[[" not in message, message
+    after = learner.state()
+    for got, want in zip((after.h, *after.influence), (before.h, *before.influence)):
+        np.testing.assert_array_equal(got, want)
+    assert learner.influence.rng.bit_generator.state == rng_before
+
+
 def test_random_signs_have_the_shapes_each_learner_takes():
     """Each learner's sign_shape is the shape sequence_grad's signs= takes per step (rtrl: none),
     and random_signs fills it with +-1 only (both present among 1000: false failure 2^-999)."""
@@ -1187,8 +1251,8 @@ def _conformance_learner(method, r, params, xs, ys, h0, cell, rng):
     elif method == "uoro":
         state = ok.UOROState(rng.standard_normal((B, n)), rng.standard_normal((B, m, 2 * n)))
     else:
-        state = ok.KronState(rng.standard_normal((B, r, m)),
-                             0.3 * rng.standard_normal((B, r, n, 2 * n)))
+        kind = ok.KronState if method == "ok" else ok.KFState
+        state = kind(rng.standard_normal((B, r, m)), 0.3 * rng.standard_normal((B, r, n, 2 * n)))
     record = {"rank": r, "initial": state._asdict()}
     learner = ok.Learner(params, B, method, r)
     learner.load(ok.LearnerState(h0, state))
