@@ -11,19 +11,19 @@ JSON, the column names, a row every --log-every steps and, for PTB, a last '#' l
 BPC. Each log is recognised by its config (task, size, learning rate, method, rank, seed), not by
 its file name; logs of other sizes and the noise logs are left out. A run still going is drawn as
 far as it has got. The authors' numbers are results/paper-copy-n128-ok16-T.csv and
-results/paper-ptb-n256-ok8-valid.csv; their '#' lines say where they come from. Only drawing needs
-matplotlib.
+results/paper-ptb-n256-ok8-valid.csv; their '#' lines say where they come from. The logs are read
+by runfiles.py (standard library only), so the table needs neither numpy nor Numba; only drawing
+needs matplotlib.
 """
 import argparse
 import contextlib
 import glob
-import json
 import math
 import os
 import statistics
 import sys
 
-from runlib import PAST_DEFAULTS, UserError, matplotlib_pyplot, save_figure
+from runfiles import UserError, log_config, matplotlib_pyplot, read_log, save_figure
 
 PROG = "plot_results.py"
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -58,40 +58,15 @@ AUTHORS = "0.55"  # their runs: thin grey lines
 
 
 def read_csv(path):
-    """A CSV with '#' comment lines anywhere -> (comments without their '# ', column names, rows
-    as lists of strings)."""
-    comments, columns, rows = [], None, []
-    try:
-        with open(path, newline="") as f:
-            for number, line in enumerate(f, 1):
-                line = line.rstrip("\r\n")
-                if line.startswith("#"):
-                    comments.append(line[1:].strip())
-                elif columns is None:
-                    columns = line.split(",")
-                elif line:
-                    rows.append(line.split(","))
-                    if len(rows[-1]) != len(columns):
-                        raise UserError(f"{path}, line {number}: {len(rows[-1])} fields, the "
-                                        f"header has {len(columns)}; is the file damaged?")
-    except OSError as e:
-        raise UserError(f"cannot read {path} ({e.strerror or e})") from None
-    if columns is None:
+    """A log of ours or the authors' (runfiles.read_log); a damaged one is a UserError."""
+    log = read_log(path)
+    if log.columns is None:
         raise UserError(f"{path}: no column names; is the file damaged?")
-    return comments, columns, rows
-
-
-def run_config(path, comments):
-    """The config a runner wrote in its log's first '#' line, or None for another kind of CSV."""
-    for runner in ("run_copy.py", "run_ptb.py"):
-        prefix = f"{runner} config: "
-        if comments and comments[0].startswith(prefix):
-            try:
-                return json.loads(comments[0][len(prefix):])
-            except json.JSONDecodeError:
-                raise UserError(f"{path}: its config line is not valid JSON; is the file "
-                                "damaged?") from None
-    return None
+    if log.damaged:
+        number, fields = log.damaged[0]
+        raise UserError(f"{path}, line {number}: {len(fields)} fields, the header has "
+                        f"{len(log.columns)}; is the file damaged?")
+    return log
 
 
 @contextlib.contextmanager
@@ -124,17 +99,17 @@ def our_runs(results, experiment):
     value} of T (copy) or of the validation BPC (PTB, rows with a validation only)."""
     runs = []
     for path in sorted(glob.glob(os.path.join(results, "*.csv"))):
-        comments, columns, rows = read_csv(path)
-        config = run_config(path, comments)
-        if (config is None or columns != experiment["columns"]
+        log = read_csv(path)
+        prog, config = log_config(path, log) or (None, None)
+        if (prog not in ("run_copy.py", "run_ptb.py") or log.columns != experiment["columns"]
                 or any(config.get(key) != experiment[key] for key in ("task", "hidden", "batch"))
                 or not math.isclose(config.get("lr", 0), PAPER_LR)):
             continue
-        at = columns.index(experiment["value"])
+        at = log.columns.index(experiment["value"])
         with numbers(path):
-            curve = {int(row[0]): experiment["convert"](row[at]) for row in rows if row[at]}
-        # a log from before an option existed ran with its old default (runlib.PAST_DEFAULTS)
-        runs.append(({**PAST_DEFAULTS, **config, "log": os.path.basename(path)}, curve))
+            curve = {int(row[0]): experiment["convert"](row[at]) for _, row in log.rows
+                     if row[at]}
+        runs.append(({**config, "log": os.path.basename(path)}, curve))
     return sorted(runs, key=lambda run: (not is_main(run[0], experiment),
                                          METHOD_ORDER.index(run[0]["method"]),
                                          run[0]["rank"] or 0, run[0]["trunc"] or 0,
@@ -155,12 +130,12 @@ def authors_runs(results, experiment):
     if not os.path.exists(path):
         raise UserError(f"{path} is missing: it comes with the repository (git checkout -- "
                         f"results/{experiment['paper']})")
-    _, columns, rows = read_csv(path)
-    if experiment["paper_value"] not in columns:
+    log = read_csv(path)
+    if experiment["paper_value"] not in log.columns:
         raise UserError(f"{path}: no column '{experiment['paper_value']}'; is the file damaged?")
-    at, runs = columns.index(experiment["paper_value"]), {}
+    at, runs = log.columns.index(experiment["paper_value"]), {}
     with numbers(path):
-        for row in rows:
+        for _, row in log.rows:
             runs.setdefault(row[0], {})[int(row[1])] = experiment["convert"](row[at])
     return list(runs.values())
 
@@ -269,6 +244,7 @@ def draw_copy(plt, results, path):
     ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
     save_figure(plt, fig, path)
+    print(f"plot: {path}")
 
 
 def draw_ptb(plt, results, path):
@@ -291,6 +267,7 @@ def draw_ptb(plt, results, path):
     rows = -(-len(labels) // 4)  # the legend's rows, below the panels
     fig.tight_layout(rect=(0, 0.04 + 0.035 * rows, 1, 1))
     save_figure(plt, fig, path)
+    print(f"plot: {path}")
 
 
 # --- Command line -------------------------------------------------------------------------------
