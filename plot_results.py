@@ -32,26 +32,30 @@ PAPER_LR = 10 ** -3.5
 # The two experiments at the paper's sizes: which of our logs belong (task, size; the learning
 # rate is the paper's 10^-3.5 in both; logs without a runner's config line, such as the
 # authors' files, are no runs of ours), the log's columns and the one drawn, the OK rank the paper
-# reports, the authors' file and column, the steps the table reports and how it writes a value.
+# reports, the authors' file and column, the steps the table reports and how it writes a value,
+# the figure, and whether the authors' runs are drawn as points rather than lines.
 COPY = {"task": "copy", "hidden": 128, "batch": 16, "rank": 16,
         "columns": ["step", "T", "avg_bits", "steps_per_s"], "value": "T", "convert": int,
         "paper": "paper-copy-n128-ok16-T.csv", "paper_value": "T",
         "table_steps": (25_000, 50_000, 100_000), "what": "T at", "fmt": "{:g}".format,
-        "figure": "copy-paper-size.png", "max_step": 100_000}
+        "figure": "copy-paper-size.png", "max_step": 100_000, "paper_points": False}
 PTB = {"task": "ptb", "hidden": 256, "batch": 32, "rank": 8,
        "columns": ["step", "train_bits", "valid_bpc", "chars_per_s"], "value": "valid_bpc",
        "convert": float, "paper": "paper-ptb-n256-ok8-valid.csv",
        "paper_value": "valid_bpc_standard_files",
        "table_steps": (10_000, 20_000), "what": "valid BPC at", "fmt": "{:.3f}".format,
-       "figure": "ptb-paper-size.png", "max_step": 20_000}
+       "figure": "ptb-paper-size.png", "max_step": 20_000,
+       "paper_points": True}  # validated every 10k steps: points, which a line would make a curve
 PTB_ZOOM = (2.70, 3.15)  # BPC range of the figure's right panel, where OK and the authors' runs lie
 
 METHOD_ORDER = ("ok", "kf", "kf-avg", "uoro", "rtrl", "tbptt")
 # One colour per baseline in both figures; OK at the paper's rank is C0, the authors' runs grey.
 COLOURS = {"OK rank 1": "C1", "KF-RTRL": "C2", "UORO": "C3", "TBPTT-5": "C4", "TBPTT-10": "C5",
            "TBPTT-20": "C6", "exact RTRL": "C7", "OK rank 8, TensorFlow's Adam": "C9"}
-LINESTYLES = ("-", "--", ":", "-.")  # seed after seed of one method
-AUTHORS = "0.55"  # their runs: thin grey lines
+LINESTYLES = ("-", "--", ":", "-.")  # seed after seed of one method ...
+MARKERS = ("o", "s", "^", "D")  # ... and, where points are marked, its marker
+LEGEND_HANDLE = 4.0  # font sizes: long enough to show a dashed line's gaps beside its marker
+AUTHORS = "0.55"  # their runs: grey, thin lines or points
 
 
 # --- Reading the logs ---------------------------------------------------------------------------
@@ -191,31 +195,34 @@ def spread(values, fmt):
 # --- The figures --------------------------------------------------------------------------------
 
 
-def draw_runs(ax, results, experiment, drawstyle, marker):
+def draw_runs(ax, results, experiment, drawstyle, marked):
     """Ours and the authors' runs up to the figure's last step, in the legend's order: OK at the
-    paper's rank (C0, one line style per seed), the authors' runs (thin, grey, one entry), our
-    baselines (each in its colour)."""
+    paper's rank (C0, one line style per seed and, where points are marked, one marker), the
+    authors' runs (thin, grey, one entry; points where the experiment says so), our baselines
+    (each in its colour)."""
     last, theirs = experiment["max_step"], authors_runs(results, experiment)
 
     def draw(curve, **style):
         steps = sorted(s for s in curve if s <= last)
-        ax.plot(steps, [curve[s] for s in steps], drawstyle=drawstyle, marker=marker, ms=3,
-                **style)
+        ax.plot(steps, [curve[s] for s in steps], drawstyle=drawstyle, **style)
 
     ours, seeds_drawn = our_runs(results, experiment), {}
 
     def draw_ours(config, curve, **style):
-        """One of our runs, in the next line style for its method."""
+        """One of our runs, in the next line style (and marker) for its method."""
         name = method_label(config)
-        seeds_drawn[name] = seeds_drawn.get(name, 0) + 1
-        draw(curve, ls=LINESTYLES[(seeds_drawn[name] - 1) % len(LINESTYLES)], **style)
+        k = seeds_drawn[name] = seeds_drawn.get(name, -1) + 1
+        mark = {"marker": MARKERS[k % len(MARKERS)], "ms": 4} if marked else {}
+        draw(curve, ls=LINESTYLES[k % len(LINESTYLES)], **mark, **style)
 
     for config, curve in ours:
         if is_main(config, experiment):
             draw_ours(config, curve, color="C0", lw=2.0, zorder=3,
                       label=f"{method_label(config)} (ours), seed {config['seed']}")
+    authors = (dict(ls="none", marker="x", ms=7, mew=1.2) if experiment["paper_points"]
+               else dict(lw=0.9, marker="o" if marked else None, ms=3))
     for i, curve in enumerate(theirs):
-        draw(curve, color=AUTHORS, lw=0.9, zorder=1, label=None if i else
+        draw(curve, color=AUTHORS, zorder=1, **authors, label=None if i else
              f"OK rank {experiment['rank']}, authors' code, {len(theirs)} runs")
     for config, curve in ours:
         if not is_main(config, experiment):
@@ -234,14 +241,14 @@ def steps_axis(ax, low, high, every):
 def draw_copy(plt, results, path):
     """Curriculum T against training steps, 0-100k."""
     fig, ax = plt.subplots(figsize=(9, 5.5))
-    draw_runs(ax, results, COPY, "steps-post", None)
+    draw_runs(ax, results, COPY, "steps-post", marked=False)
     ax.set(ylim=(0, None), xlabel="training steps",
            ylabel="curriculum length T reached",
            title="Copy task, n 128, batch 16, lr 10^-3.5: curriculum T against steps")
     ax.yaxis.get_major_locator().set_params(integer=True)
     steps_axis(ax, 0, COPY["max_step"], 10_000)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left")
+    ax.legend(fontsize=8, loc="upper left", handlelength=LEGEND_HANDLE)
     fig.tight_layout()
     save_figure(plt, fig, path)
     print(f"plot: {path}")
@@ -252,7 +259,7 @@ def draw_ptb(plt, results, path):
     one legend below both."""
     fig, (full, zoom) = plt.subplots(1, 2, figsize=(12, 6))
     for ax in (full, zoom):
-        draw_runs(ax, results, PTB, "default", "o")
+        draw_runs(ax, results, PTB, "default", marked=True)
         ax.grid(alpha=0.3)
         ax.set(xlabel="training steps", ylabel="validation BPC (standard files)")
     last, zoom_from = PTB["max_step"], PTB["max_step"] * 9 // 20
@@ -262,7 +269,8 @@ def draw_ptb(plt, results, path):
                                   f"{zoom_from:,} steps")
     steps_axis(zoom, zoom_from, last, 2_000)
     handles, labels = full.get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), fontsize=9)
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), fontsize=9,
+               handlelength=LEGEND_HANDLE)
     fig.suptitle("Character-level PTB, n 256, batch 32, lr 10^-3.5: validation BPC against steps")
     rows = -(-len(labels) // 4)  # the legend's rows, below the panels
     fig.tight_layout(rect=(0, 0.04 + 0.035 * rows, 1, 1))
