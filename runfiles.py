@@ -201,7 +201,8 @@ def _who(holder):
         return "another process", ""
     if holder.host in ("", socket.gethostname()):
         return f"process {holder.pid}", f" (kill {holder.pid} stops it and saves)"
-    return f"process {holder.pid} on {holder.host}", f" (kill {holder.pid} there stops it and saves)"
+    return (f"process {holder.pid} on {holder.host}",
+            f" (kill {holder.pid} there stops it and saves)")
 
 
 @contextlib.contextmanager

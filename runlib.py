@@ -225,7 +225,8 @@ def main(task, argv=None):
         config, local = resolve_config(task, parser, args)
     except SystemExit as e:  # usage and one error line are printed (2), or --help (0)
         return e.code
-    session = {"status": args.status, "argv": argv, "local": local, "wait": args.wait_if_held or 0.0}
+    session = {"status": args.status, "argv": argv, "local": local,
+               "wait": args.wait_if_held or 0.0}
     stop = {"signal": 0, "signals": 0, "tell": None}
     if args.stop_at_eof:
         stop_at_end_of_input(stop)
@@ -613,9 +614,9 @@ def run_experiment(task, config, session, stop):
             run = None  # refused before training: no step or result of this session to report
             report("refused", str(e))
             raise
-        report("running")
         try:
             with stop_on_signals(stop):
+                report("running")  # once a signal would stop it with a save
                 try:
                     train(task, config, run, rng, data, logs, stop, report)
                     if not stop["signal"]:

@@ -5,8 +5,8 @@ task); what they check lives in runlib.py: numbers as people type them, exact re
 SIGTERM, damaged checkpoints, output files (their mode, a folder that takes no file, saves that
 fail, a second run on the same files, one that waits for a run that is stopping), the status
 file, the end of standard input (a supervisor that died), the CSV log (its header, a resumed log,
-a full disk), a diverging run, and the memory estimate. Every failure must be one line and a non-zero exit with
-nothing lost. test_runners.py tests each task and imports the helpers below.
+a full disk), a diverging run, and the memory estimate. Every failure must be one line and a
+non-zero exit with nothing lost. test_runners.py tests each task and imports the helpers below.
 """
 import errno
 import json

@@ -7,7 +7,8 @@ Ctrl-C and resumed ends bit for bit where an uninterrupted run ends, bad options
 give one line and a non-zero exit, and the PTB download keeps nothing it has not verified. PTB
 tests write a small synthetic corpus in the real files' format; one test reads the real files
 where run_ptb.py finds them without a download ($OK_RTRL_DATA, else its cache) when they are
-there. Nothing here touches the network or the user's home. The machinery both runners share (runlib.py) is tested once, in test_runlib.py.
+there. Nothing here touches the network or the user's home. The machinery both runners share
+(runlib.py) is tested once, in test_runlib.py.
 """
 import hashlib
 import json
