@@ -377,6 +377,10 @@ def dask_backend(task, address, threads, cwd):
     def stop(running, signum):
         Event(stop_event, client=client).set()  # every task sends SIGTERM to its runner
 
+    def close():
+        client.unsubscribe_topic("all")  # first: the scheduler would send us our own leaving
+        client.close()
+
     def lost():
         found = []
         with contextlib.suppress(queue.Empty):
@@ -387,7 +391,7 @@ def dask_backend(task, address, threads, cwd):
     workers = client.nthreads()  # {worker address: threads}
     slots = sum(workers.values())
     return {"start": start, "poll": poll, "stop": stop, "lost": lost,
-            "key": lambda future: future.key, "capacity": math.inf, "close": client.close,
+            "key": lambda future: future.key, "capacity": math.inf, "close": close,
             "verb": "queued", "where": f"the Dask cluster at {address} ("
             f"{plural(len(workers), 'worker')}, {slots} runs at a time for now)"}
 
