@@ -11,6 +11,7 @@ distributed is not installed.
 import contextlib
 import importlib.util
 import json
+import math
 import os
 import re
 import signal
@@ -642,3 +643,44 @@ def test_ptb_sweep_reports_the_best_validation_and_its_test_bpc(tmp_path):
         test = float(re.search(r"# test BPC ([0-9.]+) ", log).group(1))
         assert table_rows(summary)[lr] == [lr, "1/1", f"{valid:.4f}", f"{valid:.4f} - {valid:.4f}",
                                            f"{test:.4f}", f"{test:.4f} - {test:.4f}"]
+
+
+# --- The documentation: where sweeps go, what they cost ------------------------------------------
+
+
+def test_the_sweep_folder_of_the_readme_is_ignored_by_git():
+    with open(os.path.join(HERE, ".gitignore")) as f:
+        assert "sweeps/" in f.read().split()
+
+
+def test_every_cost_estimate_comes_from_the_speed_table():
+    """docs/sweeps.md's costs and the README's "How long" and "Sweeps" figures are the README's
+    measured OK step times (the Speed table's rows at the copy task's and PTB's sizes) times the
+    paper's steps: hours per run, and days for 20 runs on 1, 4, 10 and 20 machines."""
+    readme = read(os.path.join(HERE, "README.md"))
+    costs = " ".join(read(os.path.join(HERE, "docs", "sweeps.md")).split())
+
+    def ok_ms(size):  # the OK column, the third of the Speed table
+        return float(re.search(rf"^\| [^|]*\({size}\) \| [^|]* \| ([\d.]+) ms \|", readme,
+                               re.M).group(1))
+    copy_ms, ptb_ms = ok_ms("copy task"), ok_ms("PTB")
+    hours = {"copy": copy_ms * 2_000_000 / 3.6e6, "ptb": ptb_ms * 1_000_000 / 3.6e6}
+    assert f"{copy_ms:g} ms a step at the copy task's size" in costs
+    assert f"{ptb_ms:g} ms at PTB's" in costs
+    assert f"copy run then takes {hours['copy']:.1f} hours" in costs
+    assert f"PTB run takes {hours['ptb']:.1f} hours, {20 * hours['ptb'] / 24:.1f} days" in costs
+    for machines in (1, 4, 10, 20):
+        rounds = math.ceil(20 / machines)
+        assert (f"| {machines} | {rounds * hours['copy'] / 24:.1f} days | "
+                f"{rounds * hours['ptb'] / 24:.1f} days |") in costs
+    how_long = " ".join(readme.split("### How long the paper's runs take")[1].split("##")[0].split())
+    assert (f"at {copy_ms:g} ms a step takes {copy_ms * 1e5 / 6e4:.0f} minutes for 100k steps "
+            f"and {hours['copy']:.1f} hours") in how_long
+    assert (f"at {ptb_ms:g} ms a step takes {ptb_ms * 2e4 / 6e4:.0f} minutes for 20k steps "
+            f"and {hours['ptb']:.1f} hours") in how_long
+    sweeps = " ".join(readme.split("## Sweeps")[1].split("## Speed")[0].split())
+    assert (f"{20 * hours['copy'] / 24:.0f} days of this 2-core machine for the copy task's 20 "
+            f"runs and {20 * hours['ptb'] / 24:.0f} for PTB's, or "
+            f"{2 * hours['copy'] / 24:.0f}-{2 * hours['ptb'] / 24:.0f} days on ten such "
+            "machines") in sweeps
+
