@@ -19,6 +19,7 @@ import os
 import socket
 import sys
 import tempfile
+import threading
 import time
 from typing import NamedTuple
 
@@ -168,10 +169,17 @@ def claim_outputs(options, wait=0.0, give_up=None):
                 fd = held.enter_context(_locked(option, path, lock_path, wait, give_up))
                 fds += [fd] if fd is not None else []
 
+        guard = threading.RLock()  # tell may come from another thread (runlib's end of stdin)
+
         def tell(state):
-            for fd in fds:
-                _say(fd, state)
-        yield tell
+            with guard:
+                for fd in fds:
+                    _say(fd, state)
+        try:
+            yield tell
+        finally:
+            with guard:  # the descriptors close next: from now on tell says nothing
+                fds.clear()
 
 
 class Holder(NamedTuple):
@@ -227,7 +235,10 @@ def _locked(option, path, lock_path, wait, give_up):
             patience = (deadline if holder.state == "stopping"
                         else min(deadline, waiting_since + HOLDER_GRACE_SECONDS))
             who, stop = _who(holder)
-            if now >= patience or (give_up is not None and give_up()):
+            if give_up is not None and give_up():
+                raise Busy(f"{option} {path} is held by {who}; this run was asked to stop "
+                           "while it waited for it") from None
+            if now >= patience:
                 waited = f" (waited {now - waiting_since:.0f} s)" if wait else ""
                 raise Busy(f"{option} {path} is held by {who}, a run that is still going"
                            f"{waited}: wait until it ends{stop}, or give {option} another "

@@ -203,7 +203,8 @@ def resolve_rank_and_trunc(parser, args, default_rank, default_trunc):
 def resolve_config(task, parser, args):
     """The run's configuration as a JSON-able dict, rank and trunc resolved per method, in the
     order of the log's '#' line: the network and method, the task's experiment keys, --steps,
-    the task's data folders, the outputs, the task's measurements."""
+    the task's data folders, the outputs, the task's measurements. -> (config, the keys of the
+    data folders, which the log's '#' line leaves out)."""
     rank, trunc = resolve_rank_and_trunc(parser, args, task.DEFAULTS["rank"],
                                          task.DEFAULTS["trunc"])
     experiment, data, measurements = task.config(args)
@@ -508,13 +509,13 @@ STOP_SIGNALS = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}  # SIGTERM: 
 # a batch scheduler's notice before it kills the job
 
 
-def request_stop(stop, signum, reason):
+def request_stop(stop, signum, reason, note=""):
     """Ask the run to stop after its current step and save, as signal signum would: stop
     ["signal"] (the exit status is 128 + it), and the runs waiting for its files are told."""
     if stop["signal"]:
         return
     stop["signal"] = signum
-    print(f"\n{reason}: stopping after this step and saving", file=sys.stderr, flush=True)
+    print(f"\n{reason}: stopping after this step and saving{note}", file=sys.stderr, flush=True)
     if stop["tell"] is not None:
         stop["tell"]("stopping")
 
@@ -525,7 +526,7 @@ def stop_at_end_of_input(stop):
     never writes to it; the pipe ends when the supervisor's process ends, however it ends
     (SIGKILL, a lost worker, a restarting nanny), so the run saves instead of going on alone."""
     def watch():
-        with contextlib.suppress(OSError, ValueError):  # no standard input at all: its end too
+        with contextlib.suppress(OSError, ValueError, AttributeError):  # no stdin: its end too
             while os.read(sys.stdin.fileno(), 4096):
                 pass
         request_stop(stop, signal.SIGTERM, "standard input has ended (the process that "
@@ -542,8 +543,7 @@ def stop_on_signals(stop):
         stop["signals"] += 1
         if stop["signals"] > 1:
             raise KeyboardInterrupt
-        request_stop(stop, signum, f"{STOP_SIGNALS[signum]} (a second one quits without "
-                     "saving)")
+        request_stop(stop, signum, STOP_SIGNALS[signum], " (a second one quits without saving)")
 
     previous = {}
     try:
