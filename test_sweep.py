@@ -624,7 +624,8 @@ def write_corpus(folder):
 
 def test_ptb_sweep_reports_the_best_validation_and_its_test_bpc(tmp_path):
     """A PTB grid on a small synthetic corpus: each run's log equals run_ptb.py's run by hand,
-    and the summary holds each run's least validation BPC and its test line's BPC."""
+    and the summary (from each runner's status) holds the least validation BPC of its log and
+    the BPC of its log's test line. One seed is '1 seed', not '1 seeds'."""
     data = str(tmp_path / "data")
     write_corpus(data)
     tiny = ["--hidden", "8", "--batch", "4", "--rank", "2", "--reset-every", "20", "--steps", "60",
@@ -633,6 +634,7 @@ def test_ptb_sweep_reports_the_best_validation_and_its_test_bpc(tmp_path):
     done = sweep_command(["ptb", folder, "--lr", "10^-1.5,10^-2", "--seeds", "3"] + tiny
                          + ["--threads", "1"], cwd=HERE)
     assert done.returncode == 0, done.stdout + done.stderr
+    assert "2 runs (2 learning rates x 1 seed) in" in done.stdout
     assert_run_equals_runner_by_hand("run_ptb.py", tiny + ["--lr", "0.01", "--seed", "3"],
                                      os.path.join(run_dir(folder, "10^-2", 3), "log.csv"), tmp_path)
     summary = read(os.path.join(folder, "summary.txt"))
