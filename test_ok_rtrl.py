@@ -1949,6 +1949,37 @@ def test_conformance_vectors_are_far_from_ties():
     assert {info["p"] > 0 for info in margins} == {False, True}
 
 
+def test_porting_md_works_opt_0_through():
+    """docs/porting.md's worked Opt example is conformance.json's opt[0], and each of its lines
+    (p, c, d, v, w and the rows of X, to 6 digits) is what twin_opt and the module give."""
+    case = load_conformance()["opt"][0]
+    sigma, signs, r = np.array(case["sigma"]), np.array(case["signs"]), case["r"]
+    _, p, c, v = twin_opt(sigma, signs)
+    q = r - p
+    w = v.copy()
+    w[0] += 1.0 if v[0] >= 0 else -1.0
+
+    def numbers(values):
+        return ", ".join(f"{value:.6g}" for value in values)
+    lines = [f"r = {r}   sigma = ({numbers(sigma)})   signs = ({numbers(signs)})",
+             f"p = {p} ", f"q = {q}   c = {case['S']:.6g} / {q} = {c:.6g}",
+             f"d = ({numbers(1 - sigma[p:] / c)})", f"v = ({numbers(v)})",
+             f"w = ({numbers(w)})"] + [f"[{numbers(row)}]" for row in np.array(case["X"]) + 0.0]
+    text = (Path(__file__).parent / "docs" / "porting.md").read_text(encoding="utf-8")
+    for line in lines:
+        assert line in text, line
+
+
+def test_porting_md_and_math_md_define_p_in_the_same_words():
+    """Opt's p is stated once: docs/porting.md and docs/math.md carry the same
+    sentence, then each its formula in its own index convention."""
+    sentence = ("p is the smallest p in 0..r-1 with (r - p) times the largest value not kept at "
+                "most S_p, the sum of the values not kept; p = r - 1 always qualifies.")
+    for doc in ("porting.md", "math.md"):
+        text = (Path(__file__).parent / "docs" / doc).read_text(encoding="utf-8")
+        assert sentence in " ".join(text.split()), doc
+
+
 def _ok_run_from_file(case):
     """The module's ok steps on a case's inputs, resets and initial state: states, losses, dW."""
     params = ok.Params(*(np.array(case["params"][k]) for k in ("W", "W_out")))
