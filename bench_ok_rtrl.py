@@ -7,7 +7,8 @@ Prints a markdown table: per configuration (n, B, r), the median time of the bat
 products alone (the floor), of one full training step (cell, learner update, gradient, clipping,
 Adam) for each method, OK-step / floor, the GFLOP/s that OK achieves on the floor's work, and the
 learner state per stream. --baseline times the OK step of another copy of the module (say, from
-an older commit: `git show REV:ok_rtrl.py > old.py`) in the same run, as an extra column.
+an older commit: `git show REV:ok_rtrl.py > old.py`) in the same run, alternating with this
+module's over --rounds rounds (medians), and gives their ratio.
 Then, at the copy task's size, in fresh processes: the OK step from a user's script (numpy
 imported first, nothing set) against the same step in a process started as the runners are,
 and two training processes one after the other (all cores each) against side by side (their
@@ -100,6 +101,17 @@ def trainer(method, params, B, r, rng, module=ok):
 def time_online(method, params, B, r, rng, repeats, module=ok):
     """One online training step (trainer's), after r + 1 untimed ones."""
     return median_seconds(trainer(method, params, B, r, rng, module)[0], repeats)
+
+
+def time_against(baseline, params, B, r, rng, repeats, rounds):
+    """The OK training step of this module and of baseline, timed in turn over rounds rounds
+    (machine noise hits both alike): the two medians."""
+    steps = [trainer("ok", params, B, r, rng, module)[0] for module in (ok, baseline)]
+    times = [[], []]
+    for _ in range(rounds):
+        for step, seconds in zip(steps, times):
+            seconds.append(median_seconds(step, repeats))
+    return [float(np.median(seconds)) for seconds in times]
 
 
 def time_tbptt(params, B, rng, repeats):
@@ -275,6 +287,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5, help="timed steps per measurement")
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    parser.add_argument("--rounds", type=int, default=5, help="with --baseline: alternations of "
+                        "the two modules' OK steps")
     parser.add_argument("--baseline", metavar="FILE", help="another ok_rtrl.py whose OK step to "
                         "time side by side (e.g. from an older commit)")
     parser.add_argument("--profile", action="store_true", help="instead, the OK step's parts on "
@@ -287,15 +301,20 @@ def main(argv=None):
     dtype = np.dtype(args.dtype)
     rng = np.random.default_rng(0)
     print(f"dtype {args.dtype}, {os.cpu_count()} cores, median of {args.repeats} steps\n")
-    old = "| OK baseline | baseline / floor " if baseline else ""
+    old = "| OK baseline | baseline / floor | OK / baseline " if baseline else ""
     print(f"| n, B, r | floor H A | OK | OK / floor {old}| OK GFLOP/s | KF | kf-avg | UORO "
           f"| TBPTT-{TBPTT_WINDOW} | exact RTRL | OK state / stream |")
-    print("|---" * (13 if baseline else 11) + "|")
+    print("|---" * (14 if baseline else 11) + "|")
     for n, B, r, V in CONFIGS:
         params = ok.init_params(V, n, V, rng, dtype)
         floor = time_floor(n, B, r, dtype, rng, args.repeats)
         times = {m: time_online(m, params, B, r, rng, args.repeats)
-                 for m in ("ok", "kf", "kf-avg", "uoro")}
+                 for m in ("kf", "kf-avg", "uoro") + (() if baseline else ("ok",))}
+        if baseline:  # OK alternating with the baseline's
+            times["ok"], old_seconds = time_against(baseline, params, B, r, rng, args.repeats,
+                                                    args.rounds)
+            old = (f"| {1e3 * old_seconds:.2f} ms | {old_seconds / floor:.1f} "
+                   f"| {times['ok'] / old_seconds:.2f} ")
         tbptt = time_tbptt(params, B, rng, args.repeats)
         m = V + n + 1
         rtrl_bytes, rtrl_flop = B * n * m * 2 * n * dtype.itemsize, 2 * B * n * n * m * 2 * n
@@ -303,9 +322,6 @@ def main(argv=None):
                 if rtrl_bytes < MAX_RTRL_BYTES and rtrl_flop < MAX_RTRL_FLOP else "too big")
         ok_seconds = times["ok"]
         ok_bytes = 2 * (r + 1) * (m + 2 * n * n) * dtype.itemsize  # two slots of r+1 terms (§9c)
-        if baseline:
-            old_seconds = time_online("ok", params, B, r, rng, args.repeats, baseline)
-            old = f"| {1e3 * old_seconds:.2f} ms | {old_seconds / floor:.1f} "
         floor_flop = 2 * B * r * n * n * 2 * n
         ms = {k: f"{1e3 * v:.2f} ms" for k, v in times.items()}
         print(f"| {n}, {B}, {r} | {1e3 * floor:.2f} ms | {ms['ok']} | {ok_seconds / floor:.2f} "
