@@ -5,9 +5,9 @@ Benzing, Gauy, Mujika, Martinsson, Steger, "Optimal Kronecker-Sum Approximation 
 Recurrent Learning", ICML 2019 (arXiv 1902.03993). Oracles: a slow dense RTRL twin with explicit
 H, D, F = a (x) D and G (§1-2), central finite differences, Kronecker sums expanded to dense
 tensors with one einsum, exact enumeration of every sign pattern, and a brute-force Opt variance.
-"§n" names a section of ok_rtrl.py (§1 cell, §2 exact RTRL and BPTT, §3 one OK step, the paper's
-Algorithm 1, with §3a its Gram-and-rotate factorisation, §4 Opt, §5 baselines); "§3.k" is step k
-of the OK step listed in ok_rtrl.py's docstring. docs/math.md derives what the tests rely on.
+"§n" names a section of ok_rtrl.py (§1 cell, §2 exact RTRL and BPTT, §3-§5 the paper's
+Algorithms 1-3: a Kronecker-sum step, OK, Opt; §6 baselines, §7 the learner, §9 speed); "§4.k"
+is step k of OK as class OK lists them. docs/math.md derives what the tests rely on.
 Profiles "ci" (default) and "thorough" live in conftest.py: pytest --hypothesis-profile thorough.
 The last part is the porting kit: conformance.json's writer and checker (pytest option
 --write-conformance), a loop-based OK twin that a port would write, and the sign-flip tests.
@@ -133,7 +133,7 @@ def slow_min_variance(sigma, r):
 
     Keep any subset K (|K| = p <= r-1), spread the other k = r+1-p values over q = r - p terms at
     level c = S/q (feasible iff every mixed sigma <= c): variance q c^2 - sum_mixed sigma^2.
-    By the paper's optimality theorem (§4) the best of these is the prefix K = {1..p} with the
+    By the paper's optimality theorem (§5) the best of these is the prefix K = {1..p} with the
     smallest feasible p.
     """
     best = np.inf
@@ -147,7 +147,7 @@ def slow_min_variance(sigma, r):
 
 
 def opt_p(sigma, r):
-    """Opt's p (§4, 0-based): the smallest p with (r - p) sigma_p <= sum(sigma[p:]).
+    """Opt's p (§5, 0-based): the smallest p with (r - p) sigma_p <= sum(sigma[p:]).
 
     The theorem's test, exactly: with any slack a sigma_p a hair above c = S / (r - p) would be
     mixed, its clipped v_p = 0 would leave |v| < 1, and slow_opt's C' would have full rank.
@@ -156,7 +156,7 @@ def opt_p(sigma, r):
 
 
 def slow_opt(sigma, r, signs, asymmetric=False):
-    """Opt (§4) as a dense (r+1, r+1) matrix C' = sum_j x_j y_j^T for one sign pattern.
+    """Opt (§5) as a dense (r+1, r+1) matrix C' = sum_j x_j y_j^T for one sign pattern.
 
     asymmetric: y-side multiplied by sqrt(sigma), x-side divided (the paper's released scaling,
     D^{-1} M D): still unbiased, since the diagonal is unchanged, but with more variance.
@@ -175,7 +175,7 @@ def slow_opt(sigma, r, signs, asymmetric=False):
 
 
 def slow_kf_mix(u0, A0, u1, A1, signs):
-    """KF-RTRL's mix of two terms into one (§5): rho_i = sqrt(||A_i|| / ||u_i||), or 1."""
+    """KF-RTRL's mix of two terms into one (§6): rho_i = sqrt(||A_i|| / ||u_i||), or 1."""
     def rho(u, A):
         nu, nA = np.linalg.norm(u), np.linalg.norm(A)
         return np.sqrt(nA / nu) if nu > 0 and nA > 0 else 1.0
@@ -225,7 +225,7 @@ SATURATED = make_problem(4, 3, 3, 5, 2, 30.0, 2)  # |z| ~ 70: sigmoid' ~ e^-70, 
 def kron_terms(draw, r=None, kinds=("random", "first step", "repeated", "cancelling", "parallel",
                                      "sigma")):
     """r+1 Kronecker terms us (r+1, m), As (r+1, n, k) of a given structure (r <= 4, m <= 6,
-    n <= 3, k <= 6): sides shorter than r+1 come up and exercise §3a's zero columns of Q."""
+    n <= 3, k <= 6): sides shorter than r+1 come up and exercise §4.2's zero columns of Q."""
     r = draw(st.integers(1, 4)) if r is None else r
     m, n, k = draw(st.integers(1, 6)), draw(st.integers(1, 3)), draw(st.integers(1, 6))
     scale, kind = draw(st.sampled_from([1e-3, 1.0, 1e3])), draw(st.sampled_from(kinds))
@@ -316,7 +316,7 @@ def test_rtrl_matches_finite_differences(problem, seed):
 @given(problems(), st.integers(0, 2**32 - 1))
 def test_bptt_with_h0_and_resets_matches_the_dense_twin(problem, seed):
     """bptt() from a given h0, with resets (h = 0, no gradient across), equals the dense twin;
-    evaluate() from h0 gives the twin's per-step losses (§2; TBPTT windows, §5)."""
+    evaluate() from h0 gives the twin's per-step losses (§2; TBPTT windows, §6)."""
     p, xs, ys, _ = problem
     rng = np.random.default_rng(seed)
     (T, B), n = xs.shape, p.W.shape[1] // 2
@@ -333,7 +333,7 @@ def test_bptt_with_h0_and_resets_matches_the_dense_twin(problem, seed):
     assert_close(h_T, ex.h_T, 1e-9, what="h_T")
 
 
-# --- 2-3. One OK reduction: unbiased, rank r, variance V_min, least of all (§3-4) --------------
+# --- 2-3. One OK reduction: unbiased, rank r, variance V_min, least of all (§4-5) --------------
 
 
 @given(kron_terms())
@@ -341,7 +341,7 @@ def test_bptt_with_h0_and_resets_matches_the_dense_twin(problem, seed):
 @example(SAME_TERMS)
 def test_ok_reduce_is_unbiased(terms):
     """Mean over all 2^(r+1) sign patterns of the OK reduction is the (r+1)-term sum, and every
-    output has r terms of the input's shapes, so Kronecker rank <= r (§3, the paper's Algorithms
+    output has r terms of the input's shapes, so Kronecker rank <= r (§3-5, the paper's Algorithms
     1-3)."""
     r, us, As = terms
     (_, m), (_, n, k) = us.shape, As.shape
@@ -358,7 +358,7 @@ def test_ok_reduce_is_unbiased(terms):
 @example(SAME_TERMS)
 def test_ok_reduce_variance_equals_min_variance(terms):
     """E||G' - G||_F^2 over all sign patterns equals V_min(sigma, r) of the paper's Theorem, sigma
-    the singular values of the dense sum (np.linalg.svd); min_variance agrees (§4)."""
+    the singular values of the dense sum (np.linalg.svd); min_variance agrees (§5)."""
     r, us, As = terms
     sigma = kron_sigma(us, As)
     _, _, variance = enumerate_reduction(ok.ok_reduce, us, As, r + 1)
@@ -371,7 +371,7 @@ def test_ok_reduce_variance_equals_min_variance(terms):
 @given(kron_terms(kinds=("random",)))
 def test_ok_reduce_ignores_the_signs_of_kept_coordinates(terms):
     """Opt keeps sigma_1..sigma_p exactly, so signs[:p] are unused (ok_reduce's docstring); p from
-    Opt's rule (§4) on the np.linalg.svd sigma (generic terms: no ties at the rule's boundary)."""
+    Opt's rule (§5) on the np.linalg.svd sigma (generic terms: no ties at the rule's boundary)."""
     r, us, As = terms
     sigma = kron_sigma(us, As)
     p = opt_p(sigma, r)
@@ -386,7 +386,7 @@ def test_ok_reduce_ignores_the_signs_of_kept_coordinates(terms):
 @example(SAME_TERMS)
 def test_ok_reduce_beats_other_unbiased_reductions(terms):
     """OK's variance is <= that of two other unbiased rank-r reductions: keep r-1 terms and KF-mix
-    the last two, and Opt with the asymmetric scaling of the paper's released code (§4)."""
+    the last two, and Opt with the asymmetric scaling of the paper's released code (§5)."""
     r, us, As = terms
     G, sigma = expand(us, As), kron_sigma(us, As)
     _, _, var_ok = enumerate_reduction(ok.ok_reduce, us, As, r + 1)
@@ -404,7 +404,7 @@ def test_ok_reduce_beats_other_unbiased_reductions(terms):
 @given(kron_terms(r=1))
 @example(ZERO_TERMS)
 def test_ok_reduce_beats_kf_reduction(terms):
-    """At r = 1, kf_reduce is unbiased with variance >= OK's 2 sigma_1 sigma_2 (§4-5)."""
+    """At r = 1, kf_reduce is unbiased with variance >= OK's 2 sigma_1 sigma_2 (§5-6)."""
     _, us, As = terms
     scale = term_scale(us, As)
     _, mean_kf, var_kf = enumerate_reduction(ok.kf_reduce, us, As, 2)
@@ -415,7 +415,7 @@ def test_ok_reduce_beats_kf_reduction(terms):
 
 @given(kron_terms(r=1, kinds=("random",)))
 def test_kf_reduce_matches_its_twin_and_variance(terms):
-    """kf_reduce equals KF-RTRL's formula (§5) sign by sign; on nonzero terms its variance is that
+    """kf_reduce equals KF-RTRL's formula (§6) sign by sign; on nonzero terms its variance is that
     of the cross term c0 c1 (rho0/rho1 u_0 (x) A_1 + rho1/rho0 u_1 (x) A_0), which the balanced rho
     make 2 ||u_0|| ||A_0|| ||u_1|| ||A_1|| + 2 <u_0, u_1> <A_0, A_1> (Mujika et al. 2018)."""
     _, us, As = terms
@@ -445,7 +445,7 @@ sigmas = st.lists(st.one_of(st.sampled_from([0.0, 1.0, 2.0]),
 @example(np.array([1 + 1e-13, 0.5, 0.5]))  # sigma_1 above the mixing level c by 1e-13: keep it
 def test_min_variance_matches_brute_force(sigma):
     """min_variance equals the least variance over every 'keep some, mix the rest' scheme, and
-    Opt's construction (§4) written out here attains it, unbiased, rank <= r (the paper's
+    Opt's construction (§5) written out here attains it, unbiased, rank <= r (the paper's
     optimality theorem)."""
     r = len(sigma) - 1
     V_min, scale = slow_min_variance(sigma, r), sigma.sum() ** 2
@@ -462,13 +462,13 @@ def test_min_variance_matches_brute_force(sigma):
 @example(0.0, 0.0)
 @example(1.0, 1.0)
 def test_min_variance_at_rank_one_is_two_sigma1_sigma2(s1, s2):
-    """V_min(sigma, 1) = 2 sigma_1 sigma_2 (§4; KF-RTRL's variance on balanced terms)."""
+    """V_min(sigma, 1) = 2 sigma_1 sigma_2 (§5; KF-RTRL's variance on balanced terms)."""
     sigma = np.array(sorted([s1, s2], reverse=True))
     # 3 flops: a few EPS64 relative to (s1 + s2)^2
     assert_close(ok.min_variance(sigma, 1), 2 * s1 * s2, 1e-12, scale=(s1 + s2) ** 2)
 
 
-# --- 4-5. The OK learner over a sequence: unbiased; exact at full rank (§3, §5) ----------------
+# --- 4-5. The OK learner over a sequence: unbiased; exact at full rank (§3-4, §6) --------------
 
 
 def sign_shape(method, rank, n, B=1):
@@ -482,7 +482,7 @@ def sign_shape(method, rank, n, B=1):
 @given(data=st.data())
 def test_learner_is_unbiased_over_a_sequence(method, rank, data):
     """The mean of sequence_grad over every sign sequence is the exact RTRL gradient: each
-    reduction is unbiased given the past, and dL_t/dW is linear in G_t (§3-5). B = 1 (the
+    reduction is unbiased given the past, and dL_t/dW is linear in G_t (§3-6). B = 1 (the
     streams are independent); at most 2^9 sign sequences."""
     n = data.draw(st.integers(1, 3 if method == "uoro" else 4), label="n")
     per_step = int(np.prod(sign_shape(method, rank, n)))  # signs per step, B = 1
@@ -507,7 +507,7 @@ def test_learner_is_unbiased_over_a_sequence(method, rank, data):
 @given(problems(max_n=3, max_V=2, min_T=2, max_T=2, max_B=1))
 def test_kf_avg_variance_is_kf_variance_over_rank(problem):
     """r-KF-RTRL-AVG averages r independent KF estimators, so its variance is exactly KF's over
-    r (§5): r = 2, T = 2 (step 1 alone is exact), all 2^4 and 2^8 sign sequences."""
+    r (§6): r = 2, T = 2 (step 1 alone is exact), all 2^4 and 2^8 sign sequences."""
     p, xs, ys, _ = problem
 
     def estimates(method, rank):
@@ -525,7 +525,7 @@ def test_kf_avg_variance_is_kf_variance_over_rank(problem):
 @pytest.mark.parametrize("method", ["kf-avg", "uoro"])
 def test_kf_avg_and_uoro_are_unbiased_by_monte_carlo(method):
     """Seeded Monte Carlo of the drawn-sign path (rng=, no signs) at a size enumeration can't
-    reach: 4 * 10^3 estimates of dW, compared coordinate-wise with exact RTRL (§5)."""
+    reach: 4 * 10^3 estimates of dW, compared coordinate-wise with exact RTRL (§6)."""
     p, xs, ys, _ = make_problem(n=4, V=2, O=3, T=5, B=1, scale=0.5, seed=7)
     dW = slow_rtrl(p, xs, ys).dW
     K, copies = 40, 100  # K batch means of 100 identical streams each: dW is the batch mean
@@ -543,7 +543,7 @@ def test_kf_avg_and_uoro_are_unbiased_by_monte_carlo(method):
 @given(problems(max_n=3, max_V=2, max_T=5), st.integers(0, 3))
 def test_ok_at_full_rank_is_exact(problem, extra):
     """With rank >= min(m, 2n^2), the r+1 terms span at most r Kronecker dimensions, sigma_{r+1}
-    = 0 and V_min = 0: OK is exact RTRL whatever the signs (§3-4)."""
+    = 0 and V_min = 0: OK is exact RTRL whatever the signs (§4-5)."""
     p, xs, ys, seed = problem
     m, n = p.W.shape[0], p.W.shape[1] // 2
     rank = min(m, 2 * n * n) + extra
@@ -551,13 +551,13 @@ def test_ok_at_full_rank_is_exact(problem, extra):
     for s in (seed, seed + 1):
         _, dW_ok, _ = ok.sequence_grad(p, xs, ys, "ok", rank=rank, rng=np.random.default_rng(s))
         # sigma_{r+1} is exactly 0 (a side has < r+1 dimensions, so its padded R has a zero row,
-        # §3a) and Opt mixes nothing: rounding only (measured < 1e-15 of the terms' size).
+        # §4.2) and Opt mixes nothing: rounding only (measured < 1e-15 of the terms' size).
         assert_close(dW_ok, ex.dW, 1e-9, scale=ex.dW_size, what="full-rank dW")
 
 
 @pytest.mark.parametrize("tiny", [1e-8, 1e-9, 1e-10])
 def test_ok_is_exact_on_a_short_side_with_a_tiny_direction(tiny):
-    """m = 3 < r + 1 = 4: the sum has rank <= 3 = r, so OK is exact whatever the signs (§3.2).
+    """m = 3 < r + 1 = 4: the sum has rank <= 3 = r, so OK is exact whatever the signs (§4.2).
     The u side's third direction is `tiny` times the others, below sqrt(eps): the Gram cannot
     tell it from the side's null direction (zeroing the rows of Y that eigh lists first loses up
     to 1e-9 of the terms' size here); the Householder QR that a short side gets can."""
@@ -689,7 +689,7 @@ def test_ok_is_unbiased_for_any_cell(problem):
     assert_close(np.mean(estimates, axis=0), G, 1e-9, scale=scale, what=f"{name}: mean OK")
 
 
-# --- 6-7. Degenerate inputs (§3a), float32 -----------------------------------------------------
+# --- 6-7. Degenerate inputs (§4.2), float32 -----------------------------------------------------
 
 
 @st.composite
@@ -725,7 +725,7 @@ DEGENERATE_CASES = ("repeated", "first step", "nearly repeated", "norms 1 to 1e-
 @st.composite
 def degenerate_terms(draw):
     """r+1 terms (r <= 3) whose factorisation is rank-deficient or nearly so on one side or both:
-    the inputs on which §3a's row norms of Y differ from sqrt(lambda) (§3.2: s is measured on Y).
+    the inputs on which §4.2's row norms of Y differ from sqrt(lambda) (§4.2: s is measured on Y).
     Sides are long enough (m, n k >= r + 1) that any deficiency comes from the terms, not from
     the sizes."""
     case, r = draw(st.sampled_from(DEGENERATE_CASES)), draw(st.integers(1, 3))
@@ -750,7 +750,7 @@ def degenerate_terms(draw):
 @given(degenerate_terms())
 def test_ok_reduce_is_exact_on_degenerate_terms(terms):
     """On degenerate terms OK stays unbiased and its variance equals V_min, both to 1e-12 of the
-    sum (squared for the variance), by enumeration of every sign pattern (§3a: the row norms
+    sum (squared for the variance), by enumeration of every sign pattern (§4.2: the row norms
     of Y, not sqrt(lambda), are what make this hold; with sqrt(lambda) the variance is off by
     ~1e-8 of ||G||^2 on these cases)."""
     case, r, us, As = terms
@@ -783,7 +783,7 @@ def test_float32_tracks_float64(problem, rank):
     """Params cast to float32 give float32 results within float32 rounding of the float64 run on
     the same (float32-representable) params, for each method that is a continuous function of
     its inputs: not OK below full rank, whose realisation jumps where one of its decisions is
-    near a tie (the SVD sign convention of §3.3, Opt's p, repeated or zero sigma, as on the
+    near a tie (the SVD sign convention of §4.3, Opt's p, repeated or zero sigma, as on the
     first steps from a zero state); test_float32_steps_match_the_conformance_vectors covers
     OK away from ties."""
     p64, xs, ys, seed = problem
