@@ -7,7 +7,8 @@ Prints a markdown table: per configuration (n, B, r), the median time of the bat
 products alone (the floor), of one full training step (cell, learner update, gradient, clipping,
 Adam) for each method, OK-step / floor, the GFLOP/s that OK achieves on the floor's work, and the
 learner state per stream. --baseline times the OK step of another copy of the module (say, from
-an older commit: `git show REV:ok_rtrl.py > old.py`) in the same run, as an extra column.
+an older commit: `git show REV:ok_rtrl.py > old.py`) in the same run, alternating with this
+module's over --rounds rounds (medians), and gives their ratio.
 Then, at the copy task's size, in fresh processes: the OK step from a user's script (numpy
 imported first, nothing set) against the same step in a process started as the runners are,
 and two training processes one after the other (all cores each) against side by side (their
@@ -69,44 +70,62 @@ def time_floor(n, B, r, dtype, rng, repeats):
 
 
 def trainer(method, params, B, r, rng, module=ok):
-    """step() runs one online training step (learner_step, then clipping and Adam, of module's
-    version) on random symbols; state is the list [learner, h, params, adam] it updates. The
-    first r + 1 steps are run here, so that OK's Kronecker sum has all r terms."""
+    """step() runs one online training step (the learner's step, then clipping and Adam, of
+    module's version) on random symbols; learner is the learner it trains. The first r + 1 steps
+    are run here, so that OK's Kronecker sum has all r terms. A module from before the Learner
+    (ok_rtrl.py of 746102a and older, for --baseline) is driven through its functions."""
     V, n, _ = ok.sizes(params)
-    state = [module.init_learner(method, params, B, r), np.zeros((B, n), params.W.dtype),
-             params, module.adam_init(params)]
+    if hasattr(module, "Learner"):
+        learner = module.Learner(params, B, method, r, rng)
+        learner_step = learner.step
+    else:
+        learner = [module.init_learner(method, params, B, r), np.zeros((B, n), params.W.dtype)]
+
+        def learner_step(p, x, y):
+            signs = module.draw_signs(rng, method, B, r, n)
+            losses, dW, dW_out, *learner[::-1] = module.learner_step(p, *learner, x, y, method,
+                                                                      signs)
+            return losses, dW, dW_out
+    weights = [params, module.adam_init(params)]
 
     def step():
-        learner, h, p, adam = state
         x, y = rng.integers(0, V, B), rng.integers(0, V, B)
-        signs = module.draw_signs(rng, method, B, r, n)
-        _, p, adam, h, learner = module.online_update(p, adam, learner, h, x, y, method, signs,
-                                                      1e-3, max_norm=B)
-        state[:] = learner, h, p, adam
+        _, dW, dW_out = learner_step(weights[0], x, y)
+        weights[:2] = module.apply_gradients(*weights, dW, dW_out, 1e-3, max_norm=B)[:2]
 
     for _ in range(r + 1):
         step()
-    return step, state
+    return step, learner
 
 
 def time_online(method, params, B, r, rng, repeats, module=ok):
     """One online training step (trainer's), after r + 1 untimed ones."""
-    step, state = trainer(method, params, B, r, rng, module)
-    seconds = median_seconds(step, repeats)
-    # memory held: OK's factors are views of a larger two-slot buffer (ok_rtrl._next_slot)
-    state_bytes = sum((f if f.base is None else f.base).nbytes for f in state[0]) / B
-    return seconds, state_bytes
+    return median_seconds(trainer(method, params, B, r, rng, module)[0], repeats)
+
+
+def time_against(baseline, params, B, r, rng, repeats, rounds):
+    """The OK training step of this module and of baseline, timed in turn over rounds rounds
+    (machine noise hits both alike): the two medians."""
+    steps = [trainer("ok", params, B, r, rng, module)[0] for module in (ok, baseline)]
+    times = [[], []]
+    for _ in range(rounds):
+        for step, seconds in zip(steps, times):
+            seconds.append(median_seconds(step, repeats))
+    return [float(np.median(seconds)) for seconds in times]
 
 
 def time_tbptt(params, B, rng, repeats):
-    """TBPTT-k: one BPTT window of k steps and one update (ok.tbptt_update), reported per step."""
+    """TBPTT-k: BPTT over a window of k steps and one update with its gradient divided by k (as
+    the runners train), reported per step."""
     V, n, _ = ok.sizes(params)
     state = [params, ok.adam_init(params), np.zeros((B, n), params.W.dtype)]
 
     def window():
         xs, ys = rng.integers(0, V, (TBPTT_WINDOW, B)), rng.integers(0, V, (TBPTT_WINDOW, B))
         p, adam, h = state
-        _, p, adam, h = ok.tbptt_update(p, adam, h, xs, ys, None, 1e-3, max_norm=B)
+        _, dW, dW_out, h = ok.bptt(p, xs, ys, h0=h)
+        p, adam, _ = ok.apply_gradients(p, adam, dW / TBPTT_WINDOW, dW_out / TBPTT_WINDOW, 1e-3,
+                                        max_norm=B)
         state[:] = p, adam, h
 
     state_bytes = TBPTT_WINDOW * (n + V + n + 1) * np.dtype(params.W.dtype).itemsize
@@ -141,14 +160,13 @@ ok.set_threads({threads})
 V, n, B, r = 4, 128, 16, 16
 rng = np.random.default_rng(0)
 params = ok.init_params(V, n, V, rng)
-adam, h = ok.adam_init(params), np.zeros((B, n), np.float32)
-state = ok.init_learner("ok", params, B, r)
+adam, learner = ok.adam_init(params), ok.Learner(params, B, "ok", r, rng)
 times = []
 for t in range({warmup} + {steps}):
-    x, y, signs = rng.integers(0, V, B), rng.integers(0, V, B), ok.draw_signs(rng, "ok", B, r, n)
+    x, y = rng.integers(0, V, B), rng.integers(0, V, B)
     start = time.perf_counter()
-    _, params, adam, h, state = ok.online_update(params, adam, state, h, x, y, "ok", signs,
-                                                 1e-3, B)
+    _, dW, dW_out = learner.step(params, x, y)
+    params, adam, _ = ok.apply_gradients(params, adam, dW, dW_out, 1e-3, B)
     times.append(time.perf_counter() - start)
 print(np.median(times[{warmup}:]))
 """
@@ -202,8 +220,8 @@ def time_side_by_side(rounds, steps=SIDE_BY_SIDE_STEPS):
 # The parts of an OK training step that profile() times: (where the function is looked up
 # when the step calls it, its name, the column it adds to). The rest is the products H_t A_k
 # and small array work.
-PARTS = [(ok, "_gram", "Gram"), (ok, "_transform_rows", "rotation + map-back"),
-         (ok, "_influence_grad", "q A_k"), (np.linalg, "eigh", "eigh, SVD, signs"),
+PARTS = [(ok, "_gram", "Gram"), (ok, "_combine_rows", "rotation + map-back"),
+         (ok.KroneckerSum, "_grad", "q A_k"), (np.linalg, "eigh", "eigh, SVD, signs"),
          (np.linalg, "svd", "eigh, SVD, signs"), (ok, "_fix_svd_signs", "eigh, SVD, signs"),
          (ok, "apply_gradients", "Adam, H_t, cell"), (ok, "jacobians", "Adam, H_t, cell"),
          (ok, "cell_step", "Adam, H_t, cell"), (ok, "readout", "Adam, H_t, cell")]
@@ -226,7 +244,7 @@ def profile(n, B, r, V, rng, steps=20):
     threads = ok.get_threads()
     ok.set_threads(1)
     try:
-        step, state = trainer("ok", ok.init_params(V, n, V, rng), B, r, rng)
+        step, learner = trainer("ok", ok.init_params(V, n, V, rng), B, r, rng)
         with contextlib.ExitStack() as patches:
             for where, name, column in PARTS:
                 patches.enter_context(mock.patch.object(where, name,
@@ -236,7 +254,7 @@ def profile(n, B, r, V, rng, steps=20):
                 step()
             whole = (time.perf_counter() - start) / steps
         H = rng.standard_normal((B, n, n)).astype(np.float32)
-        As = state[0].As
+        As = learner.state().influence.As
         out = np.empty_like(As)
         with ok._one_blas_thread():
             products = median_seconds(lambda: np.matmul(H[:, None], As, out=out), steps)
@@ -269,6 +287,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5, help="timed steps per measurement")
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    parser.add_argument("--rounds", type=int, default=5, help="with --baseline: alternations of "
+                        "the two modules' OK steps")
     parser.add_argument("--baseline", metavar="FILE", help="another ok_rtrl.py whose OK step to "
                         "time side by side (e.g. from an older commit)")
     parser.add_argument("--profile", action="store_true", help="instead, the OK step's parts on "
@@ -281,26 +301,29 @@ def main(argv=None):
     dtype = np.dtype(args.dtype)
     rng = np.random.default_rng(0)
     print(f"dtype {args.dtype}, {os.cpu_count()} cores, median of {args.repeats} steps\n")
-    old = "| OK baseline | baseline / floor " if baseline else ""
+    old = "| OK baseline | baseline / floor | OK / baseline " if baseline else ""
     print(f"| n, B, r | floor H A | OK | OK / floor {old}| OK GFLOP/s | KF | kf-avg | UORO "
           f"| TBPTT-{TBPTT_WINDOW} | exact RTRL | OK state / stream |")
-    print("|---" * (13 if baseline else 11) + "|")
+    print("|---" * (14 if baseline else 11) + "|")
     for n, B, r, V in CONFIGS:
         params = ok.init_params(V, n, V, rng, dtype)
         floor = time_floor(n, B, r, dtype, rng, args.repeats)
         times = {m: time_online(m, params, B, r, rng, args.repeats)
-                 for m in ("ok", "kf", "kf-avg", "uoro")}
+                 for m in ("kf", "kf-avg", "uoro") + (() if baseline else ("ok",))}
+        if baseline:  # OK alternating with the baseline's
+            times["ok"], old_seconds = time_against(baseline, params, B, r, rng, args.repeats,
+                                                    args.rounds)
+            old = (f"| {1e3 * old_seconds:.2f} ms | {old_seconds / floor:.1f} "
+                   f"| {times['ok'] / old_seconds:.2f} ")
         tbptt = time_tbptt(params, B, rng, args.repeats)
         m = V + n + 1
         rtrl_bytes, rtrl_flop = B * n * m * 2 * n * dtype.itemsize, 2 * B * n * n * m * 2 * n
-        rtrl = (f"{1e3 * time_online('rtrl', params, B, 1, rng, 3)[0]:.1f} ms"
+        rtrl = (f"{1e3 * time_online('rtrl', params, B, 1, rng, 3):.1f} ms"
                 if rtrl_bytes < MAX_RTRL_BYTES and rtrl_flop < MAX_RTRL_FLOP else "too big")
-        ok_seconds, ok_bytes = times["ok"]
-        if baseline:
-            old_seconds = time_online("ok", params, B, r, rng, args.repeats, baseline)[0]
-            old = f"| {1e3 * old_seconds:.2f} ms | {old_seconds / floor:.1f} "
+        ok_seconds = times["ok"]
+        ok_bytes = 2 * (r + 1) * (m + 2 * n * n) * dtype.itemsize  # two slots of r+1 terms (§9c)
         floor_flop = 2 * B * r * n * n * 2 * n
-        ms = {k: f"{1e3 * v[0]:.2f} ms" for k, v in times.items()}
+        ms = {k: f"{1e3 * v:.2f} ms" for k, v in times.items()}
         print(f"| {n}, {B}, {r} | {1e3 * floor:.2f} ms | {ms['ok']} | {ok_seconds / floor:.2f} "
               f"{old}| {floor_flop / ok_seconds / 1e9:.0f} | {ms['kf']} | {ms['kf-avg']} "
               f"| {ms['uoro']} | {1e3 * tbptt[0]:.2f} ms | {rtrl} | {ok_bytes / 2**20:.1f} MiB |",

@@ -1,65 +1,39 @@
 """Optimal Kronecker-Sum Approximation of Real Time Recurrent Learning (OK), in numpy and Numba.
 
 F. Benzing, M. M. Gauy, A. Mujika, A. Martinsson, A. Steger. "Optimal Kronecker-Sum Approximation
-of Real Time Recurrent Learning". ICML 2019, arXiv:1902.03993. "§n" below names a section of this
-module; "§3.k" is step k of the OK step listed here. docs/math.md gives the derivations at length.
+of Real Time Recurrent Learning". ICML 2019, arXiv:1902.03993. "§n" names a section of this
+module and "§4.k" step k of OK (class OK); docs/math.md derives what the code relies on, and
+docs/porting.md states it for ports.
 
-Real Time Recurrent Learning (RTRL) carries the influence G_t = dh_t/dW forward in time, which
-gives exact online gradients at the price of n*m*2n numbers per stream (§2). OK stores G as a sum
-of r Kronecker products u_k (x) A_k. Each step adds one new product, a_t (x) D_t, and OK replaces
-the resulting r+1 terms by r terms chosen at random so that the estimate stays unbiased and its
-variance is the least possible. KF-RTRL and UORO (§5) are other unbiased reductions with more
-noise; exact RTRL and (T)BPTT are the references.
+For every RNN whose weights enter as z_t = a_t W, Real Time Recurrent Learning carries the
+influence G_t = dh_t/dW forward in time, G_t = H_t G_{t-1} + a_t (x) D_t, given the cell's H_t
+and D_t (§2): exact online gradients, at the price of N m P numbers per stream. OK stores G as
+a sum of r Kronecker products u_k (x) A_k. Each step adds one, and OK replaces the r+1 terms by
+r drawn at random, unbiased and with the least variance any such replacement can have (the
+paper's theorem). KF-RTRL and UORO are unbiased replacements with more variance; exact RTRL and
+BPTT are the references. The paper's network is a recurrent highway cell (§1).
 
-One OK step (§3, the paper's Algorithm 1 with its Opt, §4), per stream:
-  1. Terms: (u_k, H_t A_k) for k <= r and (a_t, D_t); their sum is exactly H_t G_{t-1} + F_t.
-  2. Factor each side, terms^T = Q R with orthonormal Q (m x (r+1) and 2n^2 x (r+1)), by the
-     Gram-and-rotate factorisation (§3a): Gram = terms terms^T = E diag(lambda) E^T in float64,
-     Y = E^T terms (rows orthogonal), s_i = ||Y_i|| measured on Y, Q = Y^T diag(1/s), R = diag(s)
-     E^T. Q R = terms^T for any s since E is orthogonal, so OK is unbiased whatever the rounding;
-     s measured on Y rather than as sqrt(lambda) resolves directions far below sqrt(eps) of the
-     largest (variance V_min on rank-deficient input too). A side shorter than its r+1 terms
-     (tiny networks): Householder QR, Q padded with zero columns and R with zero rows.
-  3. C = R_u R_A^T ((r+1) x (r+1)): sum_k u_k (x) A_k = Q_u C Q_A^T. SVD C = U diag(sigma) V^T.
-     Sign convention: each pair (U_i, V_i) is flipped so that the largest-magnitude entry of
-     Q_u U_i (lowest index on exact ties) is positive; then the realised factors do not depend
-     on the signs LAPACK (or the Gram's eigenvectors) chose, only on sigma's distinctness.
-  4. Opt (§4) draws X (r+1 x r) with E[X X^T] = diag(sigma) and the least E||X X^T - diag||^2:
-     keep sigma_1..sigma_p exactly (x_i = sqrt(sigma_i) e_i), where p is the smallest index with
-     (r - p) sigma_{p+1} <= S = sum_{i>p} sigma_i; spread the other r+1-p values over q = r - p
-     terms as c (I - v v^T), c = S / q, v_i = +-sqrt(1 - sigma_i / c) with random signs: a unit
-     vector whose squared entries average to 1 - sigma_i / c, so the mean is diag(sigma).
-     The paper's theorem: no unbiased rank-r replacement has less variance than
-     V_min = S^2 / q - sum_{i>p} sigma_i^2, and Opt reaches it. Because the Q's are
-     orthonormal, the same V_min bounds E||G' - G||^2 over all unbiased rank-r Kronecker sums.
-  5. New factors u'_j = Q_u U x_j, A'_j = Q_A V x_j: the same x_j on both sides (the symmetric
-     split) gives ||u'_j|| = ||A'_j|| and reaches V_min; the paper's released code divides one
-     side by sqrt(sigma) and multiplies the other, which stays unbiased but not minimal.
-  6. dL_t/dW = sum_j outer(u'_j, q_t A'_j); W_out gets its exact gradient.
-
-Notation (B streams lead every batched array; sizes n, m, r, B, T, V, O):
+Notation (B streams lead every batched array; the highway cell has N = n, P = 2n):
 
     paper          code          shape                      meaning
-    x_t, y_t       x, y          (B,), (B,) ints            input and target symbols
-    h_t, z_t       h, z          (B, n), (B, 2n)            state, pre-activation [z_c, z_f]
-    a_t            a             (B, m)                     [onehot(x_t), h_{t-1}, 1],  m = V + n + 1
-    W, W_out       W, W_out      (m, 2n), (n + 1, O)        cell and read-out weights (last row: bias)
-    f, c', f'      f, alpha/beta (B, n)                     carry gate; alpha = (1-f) c', beta = (h_{t-1}-c) f'
-    H_t, D_t       H, D          (B, n, n), (B, n, 2n)      dh_t/dh_{t-1}, dh_t/dz_t = [diag(alpha), diag(beta)]
-    q_t            q             (B, n)                     dL_t/dh_t (of the batch-mean loss)
-    G_t            G             (B, n, m, 2n)              influence dh_t/dW (exact RTRL)
-    u_k, A_k       us, As        (B, r, m), (B, r, n, 2n)   Kronecker factors: G[i,l,j] ~ sum_k u_k[l] A_k[i,j]
-    (§3a)          E, s, Y       (B, r+1, r+1), (B, r+1),   Gram eigenvectors, row norms of Y = E^T terms
-                                 (B, r+1, d)                (Y replaces the terms in place, d = m or 2n^2)
-    Q, R           (implicit)    Q = Y^T diag(1/s)          R = diag(s) E^T; Q is never formed
+    x_t, y_t       x, y          (B,), (B,) ints            input and target symbols (V and O of them)
+    h_t, z_t       h, z          (B, N), (B, P)             state, pre-activation
+    a_t            a             (B, m)                     what W multiplies: [onehot(x_t), h_{t-1}, 1]
+    W, W_out       W, W_out      (m, P), (N + 1, O)         cell and read-out weights (last row: bias)
+    H_t, D_t       H, D          (B, N, N), (B, N, P)       dh_t/dh_{t-1}, dh_t/dz_t
+    q_t            q             (B, N)                     dL_t/dh_t (of the batch-mean loss)
+    G_t            G             (B, N, m, P)               influence dh_t/dW (exact RTRL)
+    u_k, A_k       us, As        (B, r, m), (B, r, N, P)    Kronecker factors: G[i,l,j] ~ sum_k u_k[l] A_k[i,j]
+    Q, R           Y, E, s       see _factor                terms^T = Q R on each side (OK's step 2)
     C, sigma       C, sigma      (B, r+1, r+1), (B, r+1)    C = R_u R_A^T and its singular values, descending
-    U, V           U, Vt         (B, r+1, r+1) each         C's singular vectors, Vt = V^T; signs: max|Q_u U_i| > 0
+    U, V           U, Vt         (B, r+1, r+1) each         C's singular vectors, Vt = V^T
     V_min          min_variance  scalar                     least variance of any unbiased rank-r reduction
-    s, theta       s, theta      (B, n), (B, m, 2n)         UORO's factors: G ~ s (x) theta
+    s, theta       s, theta      (B, N), (B, m, P)          UORO's factors: G ~ s (x) theta
 
-Layout: §1 cell, §2 exact RTRL and BPTT, §3 OK with §3a its factorisation, §4 Opt, §5 baselines,
-§6 threads, then the online learner interface shared by the runners, whole-sequence gradients,
-and training.
+Layout: the algorithm in the paper's order (§1 the highway cell, §2 exact RTRL for any cell and
+BPTT, §3 Algorithm 1: an unbiased Kronecker-sum step, §4 Algorithm 2: OK, §5 Algorithm 3: Opt,
+§6 the baselines, §7 the learner that trains the highway cell, §8 Adam), then how it is made
+fast (§9: kernels, threads, OK's memory) and the argument checks of the public functions (§10).
 """
 import os
 from concurrent.futures import ThreadPoolExecutor, wait
@@ -70,7 +44,7 @@ import numpy as np
 from numba import njit
 from threadpoolctl import ThreadpoolController
 
-METHODS = ("rtrl", "ok", "kf", "kf-avg", "uoro")  # online learners; "bptt" is offline
+METHODS = ("rtrl", "ok", "kf", "kf-avg", "uoro")  # the Learner's methods; "bptt" is offline
 UORO_EPS = 1e-7  # UORO's epsilon in its rescaling factors (Tallec and Ollivier 2017)
 INIT_STD = 0.01  # weight initialisation N(0, 0.01^2), as the paper's code
 
@@ -100,13 +74,730 @@ def sizes(params):
     return params.W.shape[0] - n - 1, n, params.W_out.shape[1]
 
 
-@njit(cache=True)
-def _gates(z, h_prev):
-    """Elementwise part of one cell step (§1): h = f * h_prev + (1 - f) * c.
+def cell_step(W, x, h_prev):
+    """One step of the cell: a_t = [onehot(x_t), h_{t-1}, 1], z_t = a_t W = [z_c, z_f],
+    c = 2 sigmoid(z_c) - 1, f = sigmoid(z_f), h_t = f h_{t-1} + (1 - f) c.
 
-    z (B, 2n), h_prev (B, n) -> h, f, alpha, beta, each (B, n), where c = 2 sigmoid(z_c) - 1,
-    f = sigmoid(z_f), alpha = dh/dz_c = (1 - f) c' and beta = dh/dz_f = (h_prev - c) f'.
+    W (m, 2n), x (B,) ints, h_prev (B, n) -> h (B, n), a (B, m), and f, alpha = dh/dz_c =
+    (1 - f) c', beta = dh/dz_f = (h_{t-1} - c) f', each (B, n).
     """
+    B, n = h_prev.shape
+    V = W.shape[0] - n - 1
+    a = np.zeros((B, V + n + 1), dtype=W.dtype)
+    a[np.arange(B), x] = 1.0
+    a[:, V:V + n] = h_prev
+    a[:, -1] = 1.0
+    z = a @ W  # (B, 2n)
+    h, f, alpha, beta = _highway_gates(z, np.ascontiguousarray(h_prev))  # §9a
+    return h, a, f, alpha, beta
+
+
+def jacobians(W, f, alpha, beta):
+    """H_t = dh_t/dh_{t-1} = diag(f) + diag(alpha) W_hc^T + diag(beta) W_hf^T (B, n, n) and
+    D_t = dh_t/dz_t = [diag(alpha), diag(beta)] (B, n, 2n), where W_hc = W[V:V+n, :n] and
+    W_hf = W[V:V+n, n:] are the rows of W that h_{t-1} meets."""
+    (B, n), V = f.shape, W.shape[0] - f.shape[1] - 1
+    W_hc_T, W_hf_T = (np.ascontiguousarray(W[V:V + n, j:j + n].T) for j in (0, n))
+    H, D = np.empty((B, n, n), W.dtype), np.zeros((B, n, 2 * n), W.dtype)
+    _by_streams(lambda g: _fill_jacobians(W_hc_T, W_hf_T, f[g], alpha[g], beta[g], H[g], D[g]), B)
+    return H, D
+
+
+def readout(W_out, h, y):
+    """Softmax read-out y_t = softmax([h_t, 1] W_out) and its cross-entropy.
+
+    W_out (N + 1, O), h (B, N), y (B,) ints -> losses (B,) in nats, and dlogits (B, O) =
+    softmax - onehot(y), the gradient of each stream's own loss with respect to its logits.
+    """
+    B = h.shape[0]
+    logits = h @ W_out[:-1] + W_out[-1]  # (B, O)
+    logits = logits - logits.max(axis=1, keepdims=True)  # log-sum-exp shift: exp stays <= 1
+    log_norm = np.log(np.exp(logits).sum(axis=1))  # (B,)
+    losses = log_norm - logits[np.arange(B), y]
+    dlogits = np.exp(logits - log_norm[:, None])
+    dlogits[np.arange(B), y] -= 1.0
+    return losses, dlogits
+
+
+def readout_grads(W_out, h, dlogits):
+    """Gradients of the batch-mean loss from readout's dlogits: q = dL/dh (B, N), which an
+    influence turns into dL/dW (Influence.grad), and the exact dL/dW_out (N + 1, O)."""
+    B = h.shape[0]
+    dlogits = dlogits / B
+    q = dlogits @ W_out[:-1].T  # (B, N)
+    dW_out = np.vstack([h.T @ dlogits, dlogits.sum(axis=0)])  # [h, 1]^T dlogits
+    return q, dW_out
+
+
+def evaluate(params, xs, ys, h0=None):
+    """Forward pass only: per-symbol losses (T, B) in nats and the final state h_T (B, n)."""
+    W, W_out = _check_params(params)
+    V, n, O = sizes(params)
+    xs, ys = _check_sequences(xs, ys, V, O)
+    T, B = xs.shape
+    h = np.zeros((B, n), W.dtype) if h0 is None else _check_h0(h0, B, n, W.dtype)
+    losses = np.empty((T, B), dtype=np.float64)
+    for t in range(T):
+        h = cell_step(W, xs[t], h)[0]
+        losses[t] = readout(W_out, h, ys[t])[0]
+    return losses, h
+
+
+# --- 2. Exact RTRL, for any cell, and BPTT --------------------------------------------------------
+
+
+class Influence:
+    """The influence G_t = dh_t/dW of B streams, or an unbiased estimate of it, carried online.
+
+    For any RNN whose weights W (m, P) enter as z_t = a_t W, with a state of N numbers:
+    update(a, H, D) takes G_{t-1} to G_t = H_t G_{t-1} + a_t (x) D_t, given the cell's a_t (B, m),
+    H_t (B, N, N) and D_t (B, N, P); grad(q) turns q_t = dL_t/dh_t (B, N) into dL_t/dW (m, P)
+    summed over the streams; reset(streams) zeroes G for streams that start a new sequence.
+    An estimator owns its arrays: state() returns a copy, load(state) copies one in, so nothing
+    it hands out changes later. Randomised ones draw each step's signs (sign_shape) from rng (a
+    numpy Generator, used as it is, or a seed) unless update is given them. Subclasses: RTRL,
+    OK, KF (KF-RTRL, r-KF-RTRL-AVG), UORO.
+    """
+
+    sign_shape = None  # shape of one step's +-1 signs; None: deterministic
+
+    def __init__(self, B, m, N, P, *, rng=None, dtype=np.float64):
+        for name, size in (("B", B), ("m", m), ("N", N), ("P", P)):
+            _check_positive_int(name, size)
+        self.B, self.m, self.N, self.P = B, m, N, P
+        self.dtype = _check_float_dtype(dtype)
+        self.rng = None if rng is None else np.random.default_rng(rng)
+
+    def update(self, a, H, D, signs=None):
+        """One step: G_t = H_t G_{t-1} + a_t (x) D_t, exact or an unbiased estimate of it."""
+        B, m, N, P = self.B, self.m, self.N, self.P
+        for name, array, shape, what in (("a", a, (B, m), "(B, m)"),
+                                         ("H", H, (B, N, N), "(B, N, N)"),
+                                         ("D", D, (B, N, P), "(B, N, P)")):
+            _check_finite(name, _check_array(name, array, shape, self.dtype, what))
+        signs = self._draw_signs(signs)
+        with _one_blas_thread():  # the step's own threads do its per-stream work (§9b)
+            self._update(a, H, D, signs)
+
+    def grad(self, q):
+        """dL_t/dW (m, P) = sum over streams b and units i of q[b, i] G_t[b, i], q (B, N)."""
+        _check_finite("q", _check_array("q", q, (self.B, self.N), self.dtype, "(B, N)"))
+        with _one_blas_thread():
+            return self._grad(q)
+
+    def reset(self, streams):
+        """Zero the influence of the streams where streams (B,) is True: new sequences."""
+        streams = _check_mask("streams", streams, self.B)
+        for array in self._state:
+            array[streams] = 0.0
+
+    def state(self):
+        """A copy of the estimator's arrays: an RTRLState, KronState, KFState or UOROState."""
+        return type(self._state)(*map(np.copy, self._state))
+
+    def load(self, state):
+        """Copy state in: a NamedTuple of state()'s type, shapes and dtype."""
+        kind = type(self._state)
+        if not isinstance(state, kind):
+            raise ValueError(f"{type(self).__name__}.load takes a {kind.__name__}, got "
+                             f"{_describe(state)}")
+        for name, new, old in zip(kind._fields, state, self._state):
+            _check_finite(name, _check_array(name, new, old.shape, self.dtype))
+        for new, old in zip(state, self._state):  # only once every field is checked
+            old[...] = new
+
+    def _draw_signs(self, signs):
+        """This step's signs: those given, checked, else drawn from rng; None if deterministic."""
+        if self.sign_shape is None:
+            if signs is not None:
+                raise ValueError(f"{type(self).__name__} is deterministic: it takes no signs")
+            return None
+        if signs is not None:
+            return _check_signs(signs, self.sign_shape)
+        if self.rng is None:
+            raise ValueError(f"{type(self).__name__} draws random signs: give it rng= (a numpy "
+                             "Generator or a seed), or pass signs= to each step")
+        return random_signs(self.rng, self.sign_shape)
+
+
+def random_signs(rng, shape):
+    """Independent uniform +-1 signs of the given shape (int8), from the Generator rng."""
+    return (2 * rng.integers(0, 2, size=shape) - 1).astype(np.int8)
+
+
+class RTRLState(NamedTuple):
+    G: np.ndarray  # (B, N, m, P) influence dh_t/dW
+
+
+class RTRL(Influence):
+    """Exact RTRL: G_t = H_t G_{t-1} + F_t, F_t[i, l, j] = a_t[l] D_t[i, j], in full. N m P
+    numbers per stream and O(N^2 m P) work per step: the reference for every approximation."""
+
+    def __init__(self, B, m, N, P, *, dtype=np.float64):
+        super().__init__(B, m, N, P, dtype=dtype)
+        self._state = RTRLState(np.zeros((B, N, m, P), self.dtype))
+
+    def _update(self, a, H, D, signs):
+        G = self._state.G
+        B, N, m, P = G.shape
+        HG = _products(H, G.reshape(B, N, m * P)).reshape(G.shape)  # (B, N, m, P)
+        self._state = RTRLState(HG + np.einsum("bl,bij->bilj", a, D))
+
+    def _grad(self, q):
+        return np.einsum("bi,bilj->lj", q, self._state.G)
+
+
+def bptt(params, xs, ys, h0=None, resets=None):
+    """Exact backpropagation through time over xs, ys (T, B), from h0 (B, n) or zeros.
+
+    resets (T, B) bool, optional: stream b starts afresh (h = 0) at step t, so no gradient flows
+    into earlier steps. Returns (losses, dW, dW_out, h_T): losses (T,) the batch-mean cross-entropy
+    of each step, (dW, dW_out) the gradient of their sum. Called once per window with h0 = the last
+    window's h_T, this is TBPTT-k (§6).
+    """
+    W, W_out = _check_params(params)
+    V, n, O = sizes(params)
+    xs, ys = _check_sequences(xs, ys, V, O)
+    T, B = xs.shape
+    h = np.zeros((B, n), W.dtype) if h0 is None else _check_h0(h0, B, n, W.dtype)
+    if resets is not None:
+        resets = _check_mask("resets", resets, T, B)
+    step_losses, dW_out = np.empty(T), np.zeros_like(W_out)
+    tape, qs = [], np.empty((T, B, n), W.dtype)
+    for t in range(T):  # forward, keeping what the backward pass needs
+        if resets is not None:
+            h = np.where(resets[t][:, None], 0.0, h).astype(W.dtype)
+        h, a, f, alpha, beta = cell_step(W, xs[t], h)
+        losses, dlogits = readout(W_out, h, ys[t])
+        qs[t], dW_out_t = readout_grads(W_out, h, dlogits)
+        step_losses[t] = losses.mean()
+        dW_out += dW_out_t
+        tape.append((a, f, alpha, beta))
+    dW, dh = np.zeros_like(W), np.zeros((B, n), W.dtype)
+    W_h = W[V:V + n]  # (n, 2n): how h_{t-1} enters z_t
+    for t in reversed(range(T)):
+        a, f, alpha, beta = tape[t]
+        dh = dh + qs[t]  # dL/dh_t: from the read-out at t and from step t+1
+        dz = np.hstack([dh * alpha, dh * beta])  # (B, 2n) = dh D_t
+        dW += a.T @ dz
+        dh = dh * f + dz @ W_h.T  # dL/dh_{t-1} = dL/dh_t H_t
+        if resets is not None:
+            dh[resets[t]] = 0.0  # those streams read zeros, not h_{t-1}
+    return step_losses, dW, dW_out, h
+
+
+# --- 3. Algorithm 1: one step of an unbiased Kronecker-sum approximation of RTRL ------------------
+# G_{t-1} is held as r Kronecker terms, G_{t-1} ~ sum_k u_k (x) A_k, meaning G[i, l, j] =
+# sum_k u_k[l] A_k[i, j]. Then the recursion of §2 needs no G:
+#   1. The r+1 terms (u_1, H_t A_1), ..., (u_r, H_t A_r), (a_t, D_t); their sum is exactly
+#      H_t G_{t-1} + a_t (x) D_t.
+#   2. A reduction replaces them by r terms (u'_j, A'_j), random, with their sum as expectation.
+#   3. The gradient: dL_t/dW = sum_j outer(u'_j, q_t A'_j), summed over the streams.
+# With the weights fixed, H_t, D_t and a_t do not depend on the draws, so if each reduction is
+# unbiased given the past, G'_t is unbiased for G_t (by induction, the recursion being linear),
+# and so is the gradient, which is linear in G_t. OK (§4) is the reduction of least variance;
+# KF-RTRL (§6) reduces two terms to one.
+
+
+class KronState(NamedTuple):
+    """OK's influence: G ~ sum_k u_k (x) A_k."""
+    us: np.ndarray  # (B, r, m)
+    As: np.ndarray  # (B, r, N, P)
+
+
+class KFState(NamedTuple):
+    """KF's: r independent rank-1 estimates u_k (x) A_k, whose mean estimates G."""
+    us: np.ndarray  # (B, r, m)
+    As: np.ndarray  # (B, r, N, P)
+
+
+class KroneckerSum(Influence):
+    """An influence held as Kronecker terms us (B, r, m), As (B, r, N, P) (Algorithm 1); OK and
+    KF are its reductions."""
+
+    def _grad(self, q):
+        """Algorithm 1, step 3: sum_b sum_k outer(u_k, q A_k)."""
+        us, As = self._state
+        B, r, m = us.shape
+        qA = _products(q[:, None, None, :], As)[:, :, 0]  # (B, r, P): q A_k, one product per term
+        return us.reshape(B * r, m).T @ qA.reshape(B * r, -1)  # (m, P)
+
+
+# --- 4. Algorithm 2: OK, the optimal Kronecker-sum reduction --------------------------------------
+
+
+class OK(KroneckerSum):
+    """OK of rank r (Algorithm 2): Algorithm 1 with the unbiased reduction of least variance.
+
+    Per stream and step: 1. the r+1 terms (Algorithm 1); 2. each side factored, terms^T = Q R
+    with orthonormal Q; 3. the core C = R_u R_A^T, so that the sum is Q_u C Q_A^T, its SVD
+    C = U diag(sigma) V^T and a sign convention for its singular vectors; 4. Opt (Algorithm 3,
+    §5) draws X (r+1, r) with E[X X^T] = diag(sigma) and the least variance; 5. the new factors
+    u'_j = Q_u U x_j, A'_j = Q_A V x_j; 6. the gradient (Algorithm 1, step 3). Steps 2-5 are
+    _ok_reduce. signs (B, r+1): Opt's random signs, one per singular value.
+    """
+
+    def __init__(self, B, m, N, P, rank, *, rng=None, dtype=np.float64):
+        _check_positive_int("rank", rank)
+        super().__init__(B, m, N, P, rng=rng, dtype=dtype)
+        self.r, self.sign_shape = rank, (B, rank + 1)
+        self._memory = _TwoSlots(B, rank, ((m,), (N, P)), self.dtype)  # §9c
+        self._state = KronState(*self._memory.factors())
+
+    def _update(self, a, H, D, signs):
+        us, As = self._state  # (B, r, m), (B, r, N, P): the factors, in the current slot
+        terms_u, terms_A = self._memory.free_slot()  # (B, r+1, m), (B, r+1, N, P)
+        r = self.r
+
+        def group_step(g):  # the streams of the slice g, in one thread (§9b)
+            # 1. The r+1 terms, H_t A_k computed straight into the free slot: the floor's work.
+            terms_u[g, :r], terms_u[g, r] = us[g], a[g]
+            np.matmul(H[g, None], As[g], out=terms_A[g, :r])
+            terms_A[g, r] = D[g]
+            _ok_reduce(terms_u[g], terms_A[g], signs[g])  # 2-5, in place
+
+        _by_streams(group_step, self.B)
+        self._memory.swap()
+        self._state = KronState(*self._memory.factors())
+
+
+def _ok_reduce(terms_u, terms_A, signs):
+    """Steps 2-5 of OK for B streams, in place: r+1 Kronecker terms -> r.
+
+    terms_u (B, r+1, m), terms_A (B, r+1, N, P), signs (B, r+1) of +-1. Both arrays are
+    overwritten: by Y (step 2), then by the new factors, which are returned as views of their
+    first r terms: us (B, r, m), As (B, r, N, P).
+    """
+    B, k, m = terms_u.shape
+    r = k - 1
+    # 2. Factor each side: terms^T = Q R, Q = Y^T diag(1/s), R = diag(s) E^T; Y overwrites terms.
+    Y_u, E_u, s_u = _factor(terms_u)  # (B, k, m), (B, k, k), (B, k)
+    Y_A, E_A, s_A = _factor(_flat_terms(terms_A))  # (B, k, N*P): each A_k as a row
+    # 3. The core: sum_k u_k (x) A_k = Q_u C Q_A^T with C = R_u R_A^T, and its SVD.
+    C = (s_u[:, :, None] * E_u.transpose(0, 2, 1)) @ (E_A * s_A[:, None, :])  # (B, k, k)
+    U, sigma, Vt = np.linalg.svd(C)  # sigma (B, k), descending
+    # sigma_i <= k eps sigma_1 is the SVD's rounding noise (a rank-deficient sum: the steps after
+    # a reset, a short side): zero it, so Opt gives it no factors. Kept, such terms would shrink
+    # under H step after step into subnormal floats, on which every product is slow.
+    sigma[sigma <= k * np.finfo(np.float64).eps * sigma[:, :1]] = 0.0
+    inv_s_u, inv_s_A = _inverse_norms(s_u), _inverse_norms(s_A)  # Q = Y^T diag(1/s)
+    _fix_svd_signs(Y_u, inv_s_u, U, Vt)  # one sign per pair (U_i, V_i), whatever LAPACK chose
+    # 4. Opt (Algorithm 3): X X^T replaces diag(sigma), unbiased, rank r, least variance.
+    X = _opt_factors(sigma, signs.astype(sigma.dtype))  # (B, k, r)
+    # 5. Map back: u'_j = Q_u U x_j = Y_u^T (diag(1/s_u) U x_j), into the first r rows of Y_u;
+    # A'_j = Q_A V x_j likewise (docs/math.md: why on Y, not on the terms). The same x_j on both
+    # sides gives ||u'_j|| = ||A'_j||: the paper's optional rescale comes for free.
+    _combine_rows(Y_u, inv_s_u[:, :, None] * (U @ X))
+    _combine_rows(Y_A, inv_s_A[:, :, None] * (Vt.transpose(0, 2, 1) @ X))
+    return terms_u[:, :r], terms_A[:, :r]
+
+
+def _factor(terms):
+    """Step 2 of OK on one side: terms[b]^T = Q R with orthonormal Q, in place.
+
+    terms (B, k, d) is overwritten by Y and returned, with E (B, k, k) and s (B, k), float64:
+    Q = Y^T diag(1/s) (a zero column where s = 0) and R = diag(s) E^T; Q is never formed.
+    The Gram-and-rotate factorisation (docs/math.md): Gram = terms terms^T = E diag(lambda) E^T
+    in float64, Y = E^T terms (orthogonal rows), s_i = ||Y_i||. Q R = terms^T for any s, since E
+    is orthogonal, so OK stays unbiased whatever the rounding. s is measured on Y, not taken as
+    sqrt(lambda): the Gram's rounding (eps lambda_max) swamps every direction below sqrt(eps) of
+    the largest, which Y resolves to eps. Nor can the Gram tell such a direction from a null one,
+    so a side shorter than its terms (d < k, tiny networks), with k - d null directions, is
+    factored by Householder QR: Q padded with zero columns, R with zero rows.
+    """
+    B, k, d = terms.shape
+    gram = _gram(terms)  # (B, k, k), accumulated in float64
+    if not np.isfinite(gram).all():  # overflow in H A (a diverging run) or NaN in the terms
+        raise FloatingPointError("the OK state is not finite (NaN or inf): the run diverged; "
+                                 "lower the learning rate or train in float64")
+    if d < k:  # tiny: its Gram served the check above only. Q (d, d), R (d, k), zero-padded
+        Q, R = np.linalg.qr(terms.astype(np.float64).transpose(0, 2, 1))
+        terms[:, :d], terms[:, d:] = Q.transpose(0, 2, 1), 0.0  # Y = [Q^T; 0]
+        E = np.concatenate([R, np.zeros((B, k - d, k))], axis=1).transpose(0, 2, 1)  # [R; 0]^T
+        return terms, E, np.repeat([np.arange(k) < d], B, axis=0).astype(np.float64)  # s = [1; 0]
+    _, E = np.linalg.eigh(gram)  # lambda (ascending) is not used: s comes from Y
+    return terms, E, np.sqrt(_combine_rows(terms, E))  # terms <- Y = E^T terms; s = ||Y_i||
+
+
+def _flat_terms(terms_A):
+    """terms_A (B, k, N, P) as rows (B, k, N*P): a view, checked, so writing rows writes terms."""
+    rows = terms_A.reshape(terms_A.shape[0], terms_A.shape[1], -1)
+    if not np.shares_memory(rows, terms_A):
+        raise ValueError("OK's A terms must be contiguous in their last two axes")
+    return rows
+
+
+def _inverse_norms(s):
+    """1 / s, the scale of Q's columns in Q = Y^T diag(1/s), and 0 where s is 0 (an exact zero
+    row of Y, or one that underflowed below the smallest normal float): a zero column of Q."""
+    return np.divide(1.0, s, out=np.zeros_like(s), where=s > np.finfo(np.float64).tiny)
+
+
+def _fix_svd_signs(Y_u, inv_s_u, U, Vt):
+    """Step 3's sign convention, in place: flip each pair (U[:, :, i], Vt[:, i, :]) so that the
+    largest-magnitude entry of Q_u U_i, the u-side singular vector of the whole sum, is positive
+    (the lowest index on exact ties; a zero vector, where sigma_i = 0, is left as it is).
+
+    Y_u (B, k, m), inv_s_u (B, k) from step 2, U and Vt (B, k, k). A flipped pair gives the same
+    signs another realisation; Q_u U_i, unlike U_i, does not depend on how Q_u was made, and the
+    u side is the short one (docs/math.md, "The sign convention").
+    """
+    coef = np.ascontiguousarray((inv_s_u[:, :, None] * U).transpose(0, 2, 1))  # U^T diag(1/s)
+    QU_t = coef @ Y_u.astype(np.float64)  # (B, k, m): row i is Q_u U_i = Y_u^T diag(1/s) U_i
+    top = np.abs(QU_t).argmax(axis=2)  # (B, k): first index of the largest magnitude
+    lead = np.take_along_axis(QU_t, top[:, :, None], axis=2)[:, :, 0]  # (B, k)
+    flip = np.where(lead < 0.0, -1.0, 1.0)
+    U *= flip[:, None, :]
+    Vt *= flip[:, :, None]
+
+
+def ok_reduce(us, As, signs):
+    """OK's reduction of one stream's r+1 Kronecker terms to r (steps 2-5 of Algorithm 2).
+
+    us (r+1, m), As (r+1, N, P), signs (r+1,) of +-1 -> us_new (r, m), As_new (r, N, P) with
+    E[sum_j us_new[j] (x) As_new[j]] = sum_k us[k] (x) As[k] and variance min_variance(sigma, r).
+    Mixed coordinate i (descending sigma) takes signs[i]; signs of kept coordinates are unused.
+    """
+    us, As, signs = _check_terms(us, As, signs)
+    dtype = np.result_type(us.dtype, As.dtype, np.float32)
+    us_new, As_new = _ok_reduce(us[None].astype(dtype), As[None].astype(dtype), signs[None])
+    return us_new[0], As_new[0]
+
+
+# --- 5. Algorithm 3: Opt, the optimal unbiased rank-r replacement of diag(sigma) ------------------
+
+
+@njit(cache=True)
+def _opt_split(sigma, r):
+    """p, the number of singular values Opt keeps exactly, and S, the sum of the others.
+
+    p is the smallest index in 0..r-1 with (r - p) sigma[p] <= sum(sigma[p:]) (0-based);
+    p = r - 1 always qualifies, so the search stops there even if rounding says otherwise.
+    """
+    for p in range(r - 1):
+        S = sigma[p:].sum()
+        if (r - p) * sigma[p] <= S:
+            return p, S
+    return r - 1, sigma[r - 1:].sum()
+
+
+@njit(cache=True)
+def _opt_factors(sigma, signs):
+    """Opt: X with E[X X^T] = diag(sigma) and the least variance, V_min.
+
+    sigma (B, r+1) descending, signs (B, r+1) of +-1 -> X (B, r+1, r). Column j of X is x_j = y_j.
+    Kept: x_i = sqrt(sigma_i) e_i for i < p. Mixed: with c = S / q, q = r - p, and the unit
+    vector v_i = signs_i sqrt(1 - sigma_i / c) over the q+1 mixed coordinates, the q columns
+    sqrt(c) w_j span the complement of v, so sum_j x_j x_j^T = c (I - v v^T), whose mean over the
+    signs is diag(sigma). The construction is symmetric in both sides; the paper's released code
+    scales the two sides differently and stays above V_min.
+    """
+    B, k = sigma.shape
+    r = k - 1
+    X = np.zeros((B, k, r), dtype=sigma.dtype)
+    for b in range(B):
+        p, S = _opt_split(sigma[b], r)
+        for i in range(p):
+            X[b, i, i] = np.sqrt(sigma[b, i])
+        if S <= 0.0:
+            continue  # nothing left to mix: the mixed block is zero
+        q = r - p
+        c = S / q
+        v = np.empty(q + 1, dtype=sigma.dtype)
+        for i in range(q + 1):
+            d = max(1.0 - sigma[b, p + i] / c, 0.0)  # >= 0 in exact arithmetic; clip rounding
+            v[i] = signs[b, p + i] * np.sqrt(d)
+        v /= np.sqrt((v * v).sum())  # sum(d) = 1 exactly in theory; renormalise the rounding away
+        # Householder reflection P = I - 2 w w^T / (w^T w) with w = v + sign(v_0) e_0 maps v to a
+        # multiple of e_0, so P's columns 1..q are an orthonormal basis of v's complement. The
+        # sign choice avoids cancellation, and w^T w = 2 (1 + |v_0|) >= 2: no division by zero.
+        w = v.copy()
+        w[0] += 1.0 if v[0] >= 0.0 else -1.0
+        scale = 2.0 / (w * w).sum()
+        root_c = np.sqrt(c)
+        for j in range(q):
+            for i in range(q + 1):
+                P_ij = (1.0 if i == j + 1 else 0.0) - scale * w[i] * w[j + 1]
+                X[b, p + i, p + j] = root_c * P_ij
+    return X
+
+
+def min_variance(sigma, r):
+    """V_min(sigma, r) = S^2 / (r - p) - sum_{i >= p} sigma_i^2 (the paper's optimality theorem).
+
+    The least E||C' - diag(sigma)||_F^2 over random rank-<=r matrices C' with mean diag(sigma);
+    sigma (r+1,) non-negative and descending. For r = 1 it is 2 sigma_1 sigma_2.
+    """
+    _check_positive_int("r", r)
+    sigma = np.asarray(sigma, dtype=np.float64)
+    if sigma.shape != (r + 1,):
+        raise ValueError(f"sigma must have shape ({r + 1},) for r = {r}, got {sigma.shape}")
+    if np.any(sigma < 0) or np.any(np.diff(sigma) > 0) or not np.all(np.isfinite(sigma)):
+        raise ValueError(f"sigma must be finite, non-negative and descending, got {sigma}")
+    p, S = _opt_split(sigma, r)
+    return float(S * S / (r - p) - (sigma[p:] ** 2).sum())
+
+
+# --- 6. The baselines: KF-RTRL, r-KF-RTRL-AVG, UORO; TBPTT is bptt() per window -------------------
+
+
+class KF(KroneckerSum):
+    """KF-RTRL (Mujika et al. 2018): Algorithm 1 at rank 1, whose two terms (u, H_t A) and
+    (a_t, D_t) are mixed into one by two random signs. copies r > 1: r-KF-RTRL-AVG, the mean of r
+    independent KF estimates (variance / r), the memory of OK at rank r. signs (B, r, 2)."""
+
+    def __init__(self, B, m, N, P, copies=1, *, rng=None, dtype=np.float64):
+        _check_positive_int("copies", copies)
+        super().__init__(B, m, N, P, rng=rng, dtype=dtype)
+        self.copies, self.sign_shape = copies, (B, copies, 2)
+        self._state = KFState(np.zeros((B, copies, m), self.dtype),
+                              np.zeros((B, copies, N, P), self.dtype))
+
+    def _update(self, a, H, D, signs):
+        us, As = self._state
+        HA = _products(H[:, None], As)  # (B, r, N, P)
+        B, r = us.shape[:2]
+        self._state = KFState(*_kf_mix(us, HA, np.broadcast_to(a[:, None], (B, r, a.shape[1])),
+                                       np.broadcast_to(D[:, None], HA.shape), signs))
+
+    def _grad(self, q):
+        return super()._grad(q) / self.copies  # the mean of the estimates
+
+
+def _kf_mix(u0, A0, u1, A1, signs):
+    """The KF reduction of u0 (x) A0 + u1 (x) A1 to one unbiased term: u' = c0 rho0 u0 +
+    c1 rho1 u1, A' = c0 A0 / rho0 + c1 A1 / rho1, element by element.
+
+    u (..., m), A (..., N, P), signs (..., 2) = (c0, c1). rho_i = sqrt(||A_i|| / ||u_i||) balances
+    the two sides (Mujika et al. 2018), which minimises the variance for this mixing scheme.
+    """
+    rho0 = np.sqrt(_safe_ratio(_norm(A0, 2), _norm(u0, 1)))[..., None]  # (..., 1)
+    rho1 = np.sqrt(_safe_ratio(_norm(A1, 2), _norm(u1, 1)))[..., None]
+    c0, c1 = signs[..., 0:1].astype(u0.dtype), signs[..., 1:2].astype(u0.dtype)
+    u_new = c0 * rho0 * u0 + c1 * rho1 * u1
+    A_new = (c0 / rho0)[..., None] * A0 + (c1 / rho1)[..., None] * A1
+    return u_new, A_new
+
+
+def kf_reduce(us, As, signs):
+    """KF-RTRL's reduction of one stream's 2 terms to 1: us (2, m), As (2, N, P), signs (2,)."""
+    us, As, signs = _check_terms(us, As, signs, k=2)
+    u_new, A_new = _kf_mix(us[0], As[0], us[1], As[1], signs)
+    return u_new[None], A_new[None]
+
+
+class UOROState(NamedTuple):
+    s: np.ndarray  # (B, N)
+    theta: np.ndarray  # (B, m, P)
+
+
+class UORO(Influence):
+    """UORO (Tallec and Ollivier 2017): G ~ s (x) theta, with s' = rho0 H s + rho1 nu and
+    theta' = theta / rho0 + (nu^T F_t) / rho1 for random signs nu (B, N). O(N m) per step."""
+
+    def __init__(self, B, m, N, P, *, rng=None, dtype=np.float64):
+        super().__init__(B, m, N, P, rng=rng, dtype=dtype)
+        self.sign_shape = (B, N)
+        self._state = UOROState(np.zeros((B, N), self.dtype), np.zeros((B, m, P), self.dtype))
+
+    def _update(self, a, H, D, nu):
+        s, theta = self._state
+        nu = nu.astype(s.dtype)
+        Hs = np.einsum("bij,bj->bi", H, s)  # (B, N)
+        nuF = a[:, :, None] * np.einsum("bi,bij->bj", nu, D)[:, None, :]  # (B, m, P), never F_t
+        rho0 = np.sqrt((_norm(theta, 2) + UORO_EPS) / (_norm(Hs, 1) + UORO_EPS))[:, None]  # (B, 1)
+        rho1 = np.sqrt((_norm(nuF, 2) + UORO_EPS) / (_norm(nu, 1) + UORO_EPS))[:, None]
+        self._state = UOROState(rho0 * Hs + rho1 * nu,
+                                theta / rho0[..., None] + nuF / rho1[..., None])
+
+    def _grad(self, q):
+        s, theta = self._state  # q G = (q . s) theta
+        return np.einsum("b,blj->lj", (q * s).sum(axis=1), theta)
+
+
+def _norm(x, n_axes):
+    """Euclidean (Frobenius) norm over the last n_axes axes."""
+    return np.sqrt((x * x).sum(axis=tuple(range(-n_axes, 0))))
+
+
+def _safe_ratio(num, den):
+    """num / den where both are > 0, else 1: a zero side makes its Kronecker term zero, and any
+    positive rescaling of a zero term is exact, so 1 is as good as any value and needs no division."""
+    ok = (num > 0) & (den > 0)
+    return np.divide(num, den, out=np.ones_like(num), where=ok)
+
+
+# --- 7. The learner: the highway cell trained online with an influence estimator ------------------
+
+
+class LearnerState(NamedTuple):
+    h: np.ndarray  # (B, n): h_{t-1}, the state the next step starts from
+    influence: tuple  # the estimator's: RTRLState, KronState, KFState or UOROState
+
+
+class Learner:
+    """B streams of the highway cell (§1) learning online with one of METHODS.
+
+    params gives the sizes and dtype; method "ok" (rank r), "kf", "kf-avg" (the mean of r KF
+    estimates), "uoro" or exact "rtrl"; rng (a numpy Generator, used as it is, or a seed) draws
+    the signs. step carries h and the influence (self.influence) from step to step; state()
+    and load() copy both out and in.
+    """
+
+    def __init__(self, params, B, method="ok", rank=1, rng=None):
+        W, _ = _check_params(params)
+        _check_method(method, METHODS)
+        _check_positive_int("B", B)
+        _check_positive_int("rank", rank)
+        V, n, _ = sizes(params)
+        m, N, P, dtype = V + n + 1, n, 2 * n, W.dtype
+        self.method, self.rank = method, rank
+        if method == "rtrl":
+            self.influence = RTRL(B, m, N, P, dtype=dtype)
+        elif method == "ok":
+            self.influence = OK(B, m, N, P, rank, rng=rng, dtype=dtype)
+        elif method == "uoro":
+            self.influence = UORO(B, m, N, P, rng=rng, dtype=dtype)
+        else:
+            self.influence = KF(B, m, N, P, 1 if method == "kf" else rank, rng=rng, dtype=dtype)
+        self._h = np.zeros((B, n), dtype)
+
+    def step(self, params, x, y, reset=None, signs=None):
+        """One online step: the cell, the influence's update (§2-6), the read-out.
+
+        params: the weights now (the learner's sizes and dtype); x, y (B,) input and target
+        symbols; reset (B,) bool: those streams start a new sequence (h = 0, G = 0) first;
+        signs: this step's (influence.sign_shape), else drawn from rng. Returns losses (B,) in
+        nats and the gradient of this step's batch-mean loss, dW (m, 2n) from the influence and
+        dW_out (n + 1, O) exactly. A call refused with ValueError changes nothing.
+        """
+        h = self._h
+        (B, n), influence = h.shape, self.influence
+        W, W_out = _check_params(params, like=(influence.m, n, h.dtype))
+        V, _, O = sizes(params)
+        x, y = _check_symbols("x", x, (B,), V), _check_symbols("y", y, (B,), O)
+        reset = None if reset is None else _check_mask("reset", reset, B)
+        signs = influence._draw_signs(signs)
+        if reset is not None and reset.any():
+            h = np.where(reset[:, None], 0.0, h).astype(h.dtype)
+            influence.reset(reset)
+        with _one_blas_thread():  # the step's own threads do its per-stream work (§9b)
+            h, a, f, alpha, beta = cell_step(W, x, h)
+            H, D = jacobians(W, f, alpha, beta)
+            influence._update(a, H, D, signs)  # a, H, D are finite: see _check_params
+            losses, dlogits = readout(W_out, h, y)
+            q, dW_out = readout_grads(W_out, h, dlogits)
+            dW = influence._grad(q)
+        self._h = h
+        return losses, dW, dW_out
+
+    def state(self):
+        """A copy of h and of the influence's arrays, as a LearnerState."""
+        return LearnerState(self._h.copy(), self.influence.state())
+
+    def load(self, state):
+        """Copy a LearnerState in (as state() gives one, for this learner's sizes and method)."""
+        if not isinstance(state, LearnerState):
+            raise ValueError(f"Learner.load takes a LearnerState, got {_describe(state)}")
+        _check_finite("h", _check_array("h", state.h, self._h.shape, self._h.dtype, "(B, n)"))
+        self.influence.load(state.influence)
+        self._h = state.h.copy()
+
+
+def sequence_grad(params, xs, ys, method, rank=1, rng=None, *, signs=None):
+    """Loss and gradient of one batch of sequences, parameters held fixed, h_0 = 0.
+
+    xs, ys (T, B) ints. loss = sum_t of the batch-mean cross-entropy (nats). For "bptt" and
+    "rtrl", (dW, dW_out) is its exact gradient; for "ok", "kf", "kf-avg", "uoro" it is the sum of
+    the step-t online estimates. The random signs come from rng, or from signs (T, *sign_shape)
+    when given, which lets tests enumerate every sign sequence.
+    """
+    _check_method(method, ("bptt",) + METHODS)
+    W, W_out = _check_params(params)
+    if method == "bptt":
+        losses, dW, dW_out, _ = bptt(params, xs, ys)
+        return losses.sum(), dW, dW_out
+    V, n, O = sizes(params)
+    xs, ys = _check_sequences(xs, ys, V, O)
+    T, B = xs.shape
+    learner = Learner(params, B, method, rank, rng)
+    shape = learner.influence.sign_shape
+    if shape is not None and signs is None and rng is None:
+        raise ValueError(f"method {method!r} is stochastic: pass rng (a numpy Generator) or signs")
+    if shape is not None and signs is not None:
+        signs = _check_signs(signs, (T,) + shape)
+    loss, dW, dW_out = 0.0, np.zeros_like(W), np.zeros_like(W_out)
+    for t in range(T):
+        losses, dW_t, dW_out_t = learner.step(params, xs[t], ys[t],
+                                              signs=None if signs is None else signs[t])
+        loss += losses.mean()
+        dW += dW_t
+        dW_out += dW_out_t
+    return loss, dW, dW_out
+
+
+# --- 8. Training: W-gradient clipping and Adam ----------------------------------------------------
+
+
+class AdamState(NamedTuple):
+    m: Params  # first-moment estimates
+    v: Params  # second-moment estimates
+    t: int  # steps taken
+
+
+def adam_init(params):
+    return AdamState(Params(*map(np.zeros_like, params)), Params(*map(np.zeros_like, params)), 0)
+
+
+def apply_gradients(params, adam, dW, dW_out, lr, max_norm, beta1=0.9, beta2=0.999, eps=1e-8):
+    """Clip dW to norm max_norm (W_out unclipped, as the paper's code) and take one Adam step,
+    with eps one number or a pair (for W, for W_out). Returns (params, adam, norm of dW before
+    clipping); the inputs are left untouched. A gradient that is not finite raises
+    FloatingPointError rather than reaching the weights."""
+    for name, g in (("dW", dW), ("dW_out", dW_out)):
+        if not np.all(np.isfinite(g)):
+            raise FloatingPointError(f"{name} is not finite (NaN or inf): the run diverged; "
+                                     "lower the learning rate or train in float64")
+    norm = float(np.sqrt((dW.astype(np.float64) ** 2).sum()))
+    if norm > max_norm:
+        dW = dW * (max_norm / norm)  # norm > max_norm > 0 here, so the division is safe
+    t = adam.t + 1
+    new_params, new_m, new_v = [], [], []
+    for p, g, m, v, e in zip(params, (dW, dW_out), adam.m, adam.v, np.broadcast_to(eps, 2)):
+        m = beta1 * m + (1 - beta1) * g
+        v = beta2 * v + (1 - beta2) * g * g
+        step = (m / (1 - beta1 ** t)) / (np.sqrt(v / (1 - beta2 ** t)) + e)  # Kingma and Ba
+        new_params.append((p - lr * step).astype(p.dtype))
+        new_m.append(m)
+        new_v.append(v)
+    return Params(*new_params), AdamState(Params(*new_m), Params(*new_v), t), norm
+
+
+def bits(nats):
+    """Nats to bits."""
+    return nats / np.log(2.0)
+
+
+# --- 9. How it is made fast -----------------------------------------------------------------------
+# --- 9a. Numba kernels: loops that numpy would run with temporaries, or that BLAS serves poorly ---
+# The OK terms are long (d = N P on the A side) and few (k = r + 1), a shape BLAS serves poorly,
+# so _gram and _combine_rows walk each stream's terms in column blocks of _BLOCK columns, copied
+# into a small buffer that stays in cache while it is used k times over, and compute 4 x 4 output
+# entries per sweep. The Gram's buffer is float64, so every product and sum is; _combine_rows
+# runs in the terms' dtype (float32 in training: twice the vector width, and the rounding is the
+# data's own), with squared norms summed in float64. fastmath: only "reassoc" (lets LLVM split a
+# sum into vector lanes) and "contract" (fused multiply-add); without "nnan"/"ninf", NaN and inf
+# still propagate as IEEE says. nogil: _by_streams (§9b) runs them in its threads.
+_BLOCK = 512
+_FASTMATH = {"reassoc", "contract"}
+
+
+@njit(cache=True)
+def _highway_gates(z, h_prev):
+    """The cell's elementwise part: z (B, 2n), h_prev (B, n) -> h, f, alpha, beta (B, n), i.e.
+        s, f = sigmoid(z[:, :n]), sigmoid(z[:, n:]);  c = 2 s - 1;  h = f * h_prev + (1 - f) * c
+        alpha = (1 - f) * 2 s (1 - s);  beta = (h_prev - c) * f (1 - f)
+    in one pass, without numpy's temporaries."""
     B, n = h_prev.shape
     h = np.empty_like(h_prev)
     f = np.empty_like(h_prev)
@@ -124,37 +815,11 @@ def _gates(z, h_prev):
     return h, f, alpha, beta
 
 
-def cell_step(W, x, h_prev):
-    """One step of the cell (§1): a_t = [onehot(x_t), h_{t-1}, 1], z_t = a_t W, h_t.
-
-    W (m, 2n), x (B,) ints, h_prev (B, n) -> h (B, n), a (B, m), f, alpha, beta (B, n).
-    """
-    B, n = h_prev.shape
-    V = W.shape[0] - n - 1
-    a = np.zeros((B, V + n + 1), dtype=W.dtype)
-    a[np.arange(B), x] = 1.0
-    a[:, V:V + n] = h_prev
-    a[:, -1] = 1.0
-    z = a @ W  # (B, 2n)
-    h, f, alpha, beta = _gates(z, np.ascontiguousarray(h_prev))
-    return h, a, f, alpha, beta
-
-
-def jacobians(W, f, alpha, beta):
-    """H_t = dh_t/dh_{t-1} (B, n, n) and D_t = dh_t/dz_t (B, n, 2n) of §1: H = diag(f) +
-    diag(alpha) W_hc^T + diag(beta) W_hf^T, D = [diag(alpha), diag(beta)]."""
-    (B, n), V = f.shape, W.shape[0] - f.shape[1] - 1
-    W_hc_T, W_hf_T = (np.ascontiguousarray(W[V:V + n, j:j + n].T) for j in (0, n))  # hidden rows
-    H, D = np.empty((B, n, n), W.dtype), np.zeros((B, n, 2 * n), W.dtype)
-    _by_streams(lambda s: _jacobians(W_hc_T, W_hf_T, f[s], alpha[s], beta[s], H[s], D[s]), B)
-    return H, D
-
-
 @njit(cache=True, nogil=True)
-def _jacobians(W_hc_T, W_hf_T, f, alpha, beta, H, D):
-    """jacobians' loops, into H and D (D zero): H[b, i] = alpha[b, i] W_hc^T[i] + beta[b, i]
-    W_hf^T[i] + f[b, i] e_i and D[b, i] = alpha[b, i] e_i + beta[b, i] e_{n+i}, written once each.
-    At the PTB configuration numpy's temporaries of H's size took 10-20 ms; this takes 2-4 ms."""
+def _fill_jacobians(W_hc_T, W_hf_T, f, alpha, beta, H, D):
+    """H = alpha[:, :, None] * W_hc_T + beta[:, :, None] * W_hf_T + f[:, :, None] * eye(n) and
+    D[:, i, i], D[:, i, n + i] = alpha[:, i], beta[:, i] (D zero elsewhere, as given), each
+    entry written once, without numpy's temporaries of H's size (docs/speed.md)."""
     B, n = f.shape
     for b in range(B):
         for i in range(n):
@@ -166,231 +831,10 @@ def _jacobians(W_hc_T, W_hf_T, f, alpha, beta, H, D):
             D[b, i, n + i] = c
 
 
-def readout(W_out, h, y):
-    """Softmax read-out y_t = softmax([h_t, 1] W_out) and its cross-entropy (§1).
-
-    W_out (n + 1, O), h (B, n), y (B,) ints -> losses (B,) in nats, and dlogits (B, O) =
-    softmax - onehot(y), the gradient of each stream's own loss with respect to its logits.
-    """
-    B = h.shape[0]
-    logits = h @ W_out[:-1] + W_out[-1]  # (B, O)
-    logits = logits - logits.max(axis=1, keepdims=True)  # log-sum-exp shift: exp stays <= 1
-    log_norm = np.log(np.exp(logits).sum(axis=1))  # (B,)
-    losses = log_norm - logits[np.arange(B), y]
-    dlogits = np.exp(logits - log_norm[:, None])
-    dlogits[np.arange(B), y] -= 1.0
-    return losses, dlogits
-
-
-def _output_grads(W_out, h, dlogits):
-    """Gradients of the batch-mean loss: q = dL/dh (B, n) and the exact dL/dW_out (n + 1, O)."""
-    B = h.shape[0]
-    dlogits = dlogits / B
-    q = dlogits @ W_out[:-1].T  # (B, n)
-    dW_out = np.vstack([h.T @ dlogits, dlogits.sum(axis=0)])  # [h, 1]^T dlogits
-    return q, dW_out
-
-
-# --- 2. Exact RTRL and BPTT -----------------------------------------------------------------------
-
-
-class RTRLState(NamedTuple):
-    G: np.ndarray  # (B, n, m, 2n) influence dh_t/dW
-
-
-def _rtrl_update(state, a, H, D):
-    """Exact RTRL: G_t = H_t G_{t-1} + F_t with F_t[i, l, j] = a_t[l] D_t[i, j] (§2)."""
-    G = state.G
-    B, n, m, two_n = G.shape
-    HG = _products(H, G.reshape(B, n, m * two_n)).reshape(G.shape)  # (B, n, m, 2n)
-    return RTRLState(HG + np.einsum("bl,bij->bilj", a, D))
-
-
-def bptt(params, xs, ys, h0=None, resets=None):
-    """Exact backpropagation through time over xs, ys (T, B), from h0 (B, n) or zeros.
-
-    resets (T, B) bool, optional: stream b starts afresh (h = 0) at step t, so no gradient flows
-    into earlier steps. Returns (losses, dW, dW_out, h_T): losses (T,) the batch-mean cross-entropy
-    of each step, (dW, dW_out) the gradient of their sum. Called once per window with h0 = the last
-    window's h_T, this is TBPTT-k (§5; see tbptt_update).
-    """
-    W, W_out = params
-    V, n, O = sizes(params)
-    xs, ys = _check_sequences(xs, ys, V, O)
-    T, B = xs.shape
-    h = np.zeros((B, n), W.dtype) if h0 is None else _check_state("h0", h0, (B, n), W.dtype)
-    _check_finite_params(params)
-    _check_finite("h0", h)
-    if resets is not None:
-        resets = np.asarray(resets, dtype=bool)
-        if resets.shape != (T, B):
-            raise ValueError(f"resets must have shape {(T, B)} like xs, got {resets.shape}")
-    step_losses, dW_out = np.empty(T), np.zeros_like(W_out)
-    tape, qs = [], np.empty((T, B, n), W.dtype)
-    for t in range(T):  # forward, keeping what the backward pass needs
-        if resets is not None:
-            h = np.where(resets[t][:, None], 0.0, h).astype(W.dtype)
-        h, a, f, alpha, beta = cell_step(W, xs[t], h)
-        losses, dlogits = readout(W_out, h, ys[t])
-        qs[t], dW_out_t = _output_grads(W_out, h, dlogits)
-        step_losses[t] = losses.mean()
-        dW_out += dW_out_t
-        tape.append((a, f, alpha, beta))
-    dW, dh = np.zeros_like(W), np.zeros((B, n), W.dtype)
-    W_h = W[V:V + n]  # (n, 2n): how h_{t-1} enters z_t
-    for t in reversed(range(T)):
-        a, f, alpha, beta = tape[t]
-        dh = dh + qs[t]  # dL/dh_t: from the read-out at t and from step t+1
-        dz = np.hstack([dh * alpha, dh * beta])  # (B, 2n) = dh D_t
-        dW += a.T @ dz
-        dh = dh * f + dz @ W_h.T  # dL/dh_{t-1} = dL/dh_t H_t
-        if resets is not None:
-            dh[resets[t]] = 0.0  # those streams read zeros, not h_{t-1}
-    return step_losses, dW, dW_out, h
-
-
-# --- 3. One step of OK (the paper's Algorithm 1) --------------------------------------------------
-
-
-class KronState(NamedTuple):
-    us: np.ndarray  # (B, r, m)
-    As: np.ndarray  # (B, r, n, 2n)
-
-
-def _ok_update(state, a, H, D, signs):
-    """One OK step for all streams (§3): add a_t (x) D_t to H_t G_{t-1}, reduce r+1 -> r."""
-    us, As = state
-    B, r = us.shape[:2]
-    U_terms, A_terms = _next_slot(us), _next_slot(As)  # (B, r+1, m), (B, r+1, n, 2n)
-
-    def ok_step(s):  # the streams s, in one thread (§6)
-        # 1. The r+1 terms (u_k, H A_k) and (a_t, D_t); their sum is exactly H_t G_{t-1} + F_t.
-        U_terms[s, :r] = us[s]
-        U_terms[s, r] = a[s]
-        np.matmul(H[s, None], As[s], out=A_terms[s, :r])  # the r products H A_k: the floor
-        A_terms[s, r] = D[s]
-        _ok_reduce_batch(U_terms[s], A_terms[s], signs[s])  # 2-5, in place
-
-    _by_streams(ok_step, B)
-    return KronState(U_terms[:, :r], A_terms[:, :r])
-
-
-def _next_slot(factors):
-    """Where the next step's r+1 terms go: the other half of the state's two-slot buffer.
-
-    init_learner puts OK's factors (B, r, ...) in slot 0 of a (2, B, r+1, ...) buffer; each step
-    computes its terms, then its new factors, in place in the other slot (fresh arrays of tens of
-    MB cost a page fault per 4 kB on first write: at the paper's sizes, as long as the products).
-    The state from two steps back is overwritten: learner_step consumes the state it is given.
-    """
-    B, r = factors.shape[:2]
-    slots = factors.base  # the buffer a view of init_learner's or of this function lives in
-    shape = (2, B, r + 1) + factors.shape[2:]
-    if slots is None or slots.shape != shape or slots.dtype != factors.dtype:
-        return np.empty(shape, factors.dtype)[0]  # a state made elsewhere: start a new buffer
-    return slots[1] if np.may_share_memory(factors, slots[0]) else slots[0]
-
-
-def _ok_reduce_batch(us, As, signs):
-    """Steps 2-5 of §3 for B streams: us (B, r+1, m), As (B, r+1, n, k) -> r terms each.
-
-    In place: the new factors are us[:, :r] and As[:, :r], views that are returned.
-    """
-    B, r_plus_1, m = us.shape
-    r = r_plus_1 - 1
-    A_rows = As.reshape(B, r_plus_1, -1)  # (B, r+1, n*k): each term flattened to a row, a view
-    # 2. Factor each side (§3a): terms^T = Q R, Q = Y^T diag(1/s), R = diag(s) E^T; terms <- Y.
-    E_u, s_u = _gram_rotate(us)  # (B, r+1, r+1), (B, r+1), float64
-    E_A, s_A = _gram_rotate(A_rows)
-    # 3. sum_k u_k (x) A_k = Q_u C Q_A^T with the small core C = R_u R_A^T; C = U diag(sigma) V^T.
-    C = (s_u[:, :, None] * E_u.transpose(0, 2, 1)) @ (E_A * s_A[:, None, :])  # (B, r+1, r+1)
-    U, sigma, Vt = np.linalg.svd(C)  # sigma (B, r+1), descending
-    # sigma_i <= (r+1) eps sigma_1 is the SVD's rounding noise (a rank-deficient sum: the steps
-    # after a reset, a short side): zero it, so Opt gives it no factors. Kept, such terms shrink
-    # under H step after step into subnormal floats, which made every product ~3x slower.
-    sigma[sigma <= r_plus_1 * np.finfo(np.float64).eps * sigma[:, :1]] = 0.0
-    inv_s_u, inv_s_A = _inverse_norms(s_u), _inverse_norms(s_A)  # Q = Y^T diag(1/s) on each side
-    _fix_svd_signs(us, inv_s_u, U, Vt)  # one sign per pair (U_i, V_i), whatever LAPACK chose
-    # 4. Opt: X X^T replaces diag(sigma), unbiased, rank r, with the least variance (§3.4).
-    X = _opt_factors(sigma, signs.astype(sigma.dtype))  # (B, r+1, r)
-    # 5. Map back: u'_j = Q_u U x_j = Y_u^T (diag(1/s_u) U x_j), A'_j = Q_A V x_j likewise, into
-    # the first r rows of Y by the rotation's kernel, with float64 coefficients (Q never formed).
-    # Since x_j serves both sides, ||u'_j|| = ||A'_j|| = ||x_j|| already (Q orthonormal): the
-    # optional rescale of §3.5 is built in.
-    _transform_rows(us, inv_s_u[:, :, None] * (U @ X))  # us[:, :r] <- u'_j
-    _transform_rows(A_rows, inv_s_A[:, :, None] * (Vt.transpose(0, 2, 1) @ X))  # As[:, :r] <- A'_j
-    return us[:, :r], As[:, :r]
-
-
-def _inverse_norms(s):
-    """1 / s, the scale of Q's columns in Q = Y^T diag(1/s) (§3a), and 0 where s is 0 (an exact
-    zero row of Y, or one that underflowed below the smallest normal float): a zero column of Q."""
-    return np.divide(1.0, s, out=np.zeros_like(s), where=s > np.finfo(np.float64).tiny)
-
-
-def _fix_svd_signs(Y_u, inv_s_u, U, Vt):
-    """The sign convention of §3.3, in place: flip each pair (U[:, :, i], Vt[:, i, :]) so that
-    the largest-magnitude entry of Q_u U_i, the u-side singular vector of the whole sum, is
-    positive (the lowest index on exact ties; a zero vector is left as it is).
-
-    Y_u (B, k, m) from _gram_rotate, inv_s_u (B, k) its _inverse_norms; U, Vt (B, k, k) from the
-    SVD of C. Singular vectors come with arbitrary signs; a flipped pair gives the same signs
-    another realisation (the same distribution). For a simple sigma_i, Q_u U_i is unique up to
-    sign whatever factorisation made Q_u; U_i alone is not. The u side is read: it is short (m,
-    against 2n^2). Q_u U_i = 0 only where sigma_i = 0, a direction Opt gives no weight to.
-    """
-    coef = np.ascontiguousarray((inv_s_u[:, :, None] * U).transpose(0, 2, 1))  # U^T diag(1/s)
-    QU_t = coef @ Y_u.astype(np.float64)  # (B, k, m): row i is Q_u U_i = Y_u^T diag(1/s) U_i
-    top = np.abs(QU_t).argmax(axis=2)  # (B, k): first index of the largest magnitude
-    lead = np.take_along_axis(QU_t, top[:, :, None], axis=2)[:, :, 0]  # (B, k)
-    flip = np.where(lead < 0.0, -1.0, 1.0)
-    U *= flip[:, None, :]
-    Vt *= flip[:, :, None]
-
-
-def _gram_rotate(terms):
-    """Steps 1-4 of §3a, terms[b]^T = Q R, in place (step 2 of the OK step, module docstring).
-
-    terms (B, k, d), float32 or float64, is overwritten by Y. Returns E (B, k, k) and s (B, k),
-    float64: Q = Y^T diag(1/s) (orthonormal columns, zero where s = 0) and R = diag(s) E^T. s is
-    measured on Y, not taken as sqrt(lambda): the Gram's rounding (eps lambda_max) swamps every
-    direction below sqrt(eps) of the largest; Y resolves it to eps. Nor can the Gram tell such a
-    direction from a null one, so a side shorter than its terms (d < k, §3.2), which has k - d
-    null directions, is factored by Householder QR.
-    """
-    B, k, d = terms.shape
-    gram = _gram(terms)  # 1. (B, k, k), accumulated in float64
-    if not np.isfinite(gram).all():  # overflow in H A (a diverging run) or NaN in the terms
-        raise FloatingPointError("the OK state is not finite (NaN or inf): the run diverged; "
-                                 "lower the learning rate or train in float64")
-    if d < k:  # tiny, its Gram used for the check only: Q (d, d), R (d, k), zero-padded
-        Q, R = np.linalg.qr(terms.astype(np.float64).transpose(0, 2, 1))
-        terms[:, :d], terms[:, d:] = Q.transpose(0, 2, 1), 0.0  # Y = [Q^T; 0]
-        E = np.concatenate([R, np.zeros((B, k - d, k))], axis=1).transpose(0, 2, 1)  # [R; 0]^T
-        return E, np.repeat([np.arange(k) < d], B, axis=0).astype(np.float64)  # s = [1; 0]
-    _, E = np.linalg.eigh(gram)  # 2. lambda (ascending) is not used: see step 4
-    return E, np.sqrt(_transform_rows(terms, E))  # 3-4. terms <- Y, and s = ||Y_i||
-
-
-# --- 3a. The Gram-and-rotate factorisation: Numba kernels -----------------------------------------
-# The terms are long (d = 2 n^2 on the A side) and few (k = r + 1), a shape that BLAS serves
-# poorly, so these kernels walk each stream's terms in column blocks of _BLOCK columns, copied into
-# a small buffer that stays in cache while it is used k times over. The Gram's buffer is float64,
-# so every product and sum is (§3a step 1 needs it); the rotation and map-back run in the terms'
-# dtype (float32 in training: twice the vector width, and the rounding is the data's own), with
-# the squared norms summed in float64. fastmath: only "reassoc" (lets LLVM split a sum into vector
-# lanes) and "contract" (fused multiply-add); without "nnan"/"ninf", NaN and inf still propagate
-# as IEEE says. nogil: _by_streams (§6) runs them on groups of streams in its threads.
-_BLOCK = 512
-_FASTMATH = {"reassoc", "contract"}
-
-
 @njit(cache=True, nogil=True, fastmath=_FASTMATH)
 def _gram(terms):
-    """§3a step 1: gram[b] = terms[b] terms[b]^T, accumulated in float64.
-
-    terms (B, k, d) -> (B, k, k). Blocks of 4 x 4 dot products share their loads (_dot_4x4).
-    """
+    """terms (B, k, d) -> gram (B, k, k) = np.einsum("bkd,bld->bkl", terms, terms) in float64,
+    each product and sum in float64 whatever the terms' dtype."""
     B, k, d = terms.shape
     k4 = (k + 3) // 4 * 4  # rows padded to a multiple of 4 with zeros
     gram = np.empty((B, k, k))
@@ -410,13 +854,12 @@ def _gram(terms):
 
 
 @njit(cache=True, nogil=True, fastmath=_FASTMATH)
-def _transform_rows(terms, M):
-    """terms[b, :p] <- M[b]^T terms[b], in place; returns the new rows' squared norms (B, p).
+def _combine_rows(terms, M):
+    """In place, terms[:, :p] = np.einsum("bkp,bkd->bpd", M, terms), in the terms' dtype, and
+    returns the new rows' squared norms (B, p), summed in float64 from the rows as stored.
 
-    terms (B, k, d), M (B, k, p) float64 with p <= k. §3a steps 3-4 with M = E (p = k): the rotation
-    Y = E^T terms and ||Y_i||^2; §3.5 with M the map-back coefficients (p = r). Each column block of
-    the terms is copied before it is overwritten, and its new rows are built 4 at a time from 4
-    terms per sweep, in the terms' dtype; the squares are summed in float64 from the rows as stored.
+    terms (B, k, d), M (B, k, p) float64 with p <= k. Each column block of the terms is copied
+    before it is overwritten, and its new rows are built 4 at a time from 4 terms per sweep.
     """
     B, k, d = terms.shape
     p = M.shape[2]
@@ -463,7 +906,7 @@ def _dot_4x4(rows, i, j, width, acc):
     """acc[i:i+4, j:j+4] += rows[i:i+4, :width] @ rows[j:j+4, :width].T.
 
     Written out as 16 scalar sums on purpose: LLVM turns each into a vector register, and each
-    loaded value serves 4 products (measured 5x faster than one dot product at a time).
+    loaded value serves 4 products.
     """
     x0, x1, x2, x3 = rows[i], rows[i + 1], rows[i + 2], rows[i + 3]
     y0, y1, y2, y3 = rows[j], rows[j + 1], rows[j + 2], rows[j + 3]
@@ -503,177 +946,13 @@ def _combine_4x4(rows, M, l, i, width, y):
         y3[c] += m03 * p0 + m13 * p1 + m23 * p2 + m33 * p3
 
 
-def ok_reduce(us, As, signs):
-    """One OK reduction of one stream (§3, steps 2-5): r+1 Kronecker terms -> r terms.
-
-    us (r+1, m), As (r+1, n, k), signs (r+1,) of +-1 -> us_new (r, m), As_new (r, n, k) with
-    E[sum_j us_new[j] (x) As_new[j]] = sum_k us[k] (x) As[k] and variance min_variance(sigma, r).
-    Mixed coordinate i (descending sigma) takes signs[i]; signs of kept coordinates are unused.
-    """
-    us, As = np.asarray(us), np.asarray(As)
-    if us.ndim != 2 or us.shape[0] < 2:
-        raise ValueError(f"us must have shape (r+1, m) with r >= 1, got {us.shape}")
-    if As.ndim != 3 or As.shape[0] != us.shape[0]:
-        raise ValueError(f"As must have shape ({us.shape[0]}, n, k) to match us, got {As.shape}")
-    signs = _check_signs(signs, (us.shape[0],))
-    _check_finite("us", us)
-    _check_finite("As", As)
-    dtype = np.result_type(us.dtype, As.dtype, np.float32)
-    us_new, As_new = _ok_reduce_batch(us[None].astype(dtype), As[None].astype(dtype), signs[None])
-    return us_new[0], As_new[0]
-
-
-# --- 4. Opt: the optimal unbiased rank-r replacement of diag(sigma) (step 4 of §3) ----------------
-
-
-@njit(cache=True)
-def _opt_split(sigma, r):
-    """p, the number of singular values Opt keeps exactly, and S, the sum of the others.
-
-    p is the smallest index in 0..r-1 with (r - p) sigma[p] <= sum(sigma[p:]) (§3.4, 0-based);
-    p = r - 1 always qualifies, so the search stops there even if rounding says otherwise.
-    """
-    for p in range(r - 1):
-        S = sigma[p:].sum()
-        if (r - p) * sigma[p] <= S:
-            return p, S
-    return r - 1, sigma[r - 1:].sum()
-
-
-@njit(cache=True)
-def _opt_factors(sigma, signs):
-    """Opt (§3.4): X with E[X X^T] = diag(sigma) and the least variance, V_min.
-
-    sigma (B, r+1) descending, signs (B, r+1) of +-1 -> X (B, r+1, r). Column j of X is x_j = y_j.
-    Kept: x_i = sqrt(sigma_i) e_i for i < p. Mixed: with c = S / q, q = r - p, and the unit
-    vector v_i = signs_i sqrt(1 - sigma_i / c) over the q+1 mixed coordinates, the q columns
-    sqrt(c) w_j span the complement of v, so sum_j x_j x_j^T = c (I - v v^T), whose mean over the
-    signs is diag(sigma). The construction is symmetric in both sides; the paper's released code
-    scales the two sides differently and stays above V_min.
-    """
-    B, k = sigma.shape
-    r = k - 1
-    X = np.zeros((B, k, r), dtype=sigma.dtype)
-    for b in range(B):
-        p, S = _opt_split(sigma[b], r)
-        for i in range(p):
-            X[b, i, i] = np.sqrt(sigma[b, i])
-        if S <= 0.0:
-            continue  # nothing left to mix: the mixed block is zero
-        q = r - p
-        c = S / q
-        v = np.empty(q + 1, dtype=sigma.dtype)
-        for i in range(q + 1):
-            d = max(1.0 - sigma[b, p + i] / c, 0.0)  # >= 0 in exact arithmetic; clip rounding
-            v[i] = signs[b, p + i] * np.sqrt(d)
-        v /= np.sqrt((v * v).sum())  # sum(d) = 1 exactly in theory; renormalise the rounding away
-        # Householder reflection P = I - 2 w w^T / (w^T w) with w = v + sign(v_0) e_0 maps v to a
-        # multiple of e_0, so P's columns 1..q are an orthonormal basis of v's complement. The
-        # sign choice avoids cancellation, and w^T w = 2 (1 + |v_0|) >= 2: no division by zero.
-        w = v.copy()
-        w[0] += 1.0 if v[0] >= 0.0 else -1.0
-        scale = 2.0 / (w * w).sum()
-        root_c = np.sqrt(c)
-        for j in range(q):
-            for i in range(q + 1):
-                P_ij = (1.0 if i == j + 1 else 0.0) - scale * w[i] * w[j + 1]
-                X[b, p + i, p + j] = root_c * P_ij
-    return X
-
-
-def min_variance(sigma, r):
-    """V_min(sigma, r) = S^2 / (r - p) - sum_{i >= p} sigma_i^2 (§3.4, the paper's optimality theorem).
-
-    The least E||C' - diag(sigma)||_F^2 over random rank-<=r matrices C' with mean diag(sigma);
-    sigma (r+1,) non-negative and descending. For r = 1 it is 2 sigma_1 sigma_2.
-    """
-    _check_positive_int("r", r)
-    sigma = np.asarray(sigma, dtype=np.float64)
-    if sigma.shape != (r + 1,):
-        raise ValueError(f"sigma must have shape ({r + 1},) for r = {r}, got {sigma.shape}")
-    if np.any(sigma < 0) or np.any(np.diff(sigma) > 0) or not np.all(np.isfinite(sigma)):
-        raise ValueError(f"sigma must be finite, non-negative and descending, got {sigma}")
-    p, S = _opt_split(sigma, r)
-    return float(S * S / (r - p) - (sigma[p:] ** 2).sum())
-
-
-# --- 5. The baselines: KF-RTRL, r-KF-RTRL-AVG, UORO; TBPTT is bptt() per window -------------------
-
-
-def _kf_update(state, a, H, D, signs):
-    """KF-RTRL for r independent rank-1 estimates (§5): u' = c0 rho0 u + c1 rho1 a_t,
-    A' = c0 H A / rho0 + c1 D_t / rho1. signs (B, r, 2) = (c0, c1). kf: r = 1; kf-avg averages r.
-    """
-    HA = _products(H[:, None], state.As)  # (B, r, n, 2n)
-    B, r = state.us.shape[:2]
-    return KronState(*_kf_mix(state.us, HA, np.broadcast_to(a[:, None], (B, r, a.shape[1])),
-                              np.broadcast_to(D[:, None], HA.shape), signs))
-
-
-def _kf_mix(u0, A0, u1, A1, signs):
-    """The KF reduction of u0 (x) A0 + u1 (x) A1 to one unbiased term, element by element.
-
-    u (..., m), A (..., n, k), signs (..., 2). rho_i = sqrt(||A_i|| / ||u_i||) balances the two
-    sides (Mujika et al. 2018), which minimises the variance for the signs-mixing scheme.
-    """
-    rho0 = np.sqrt(_safe_ratio(_norm(A0, 2), _norm(u0, 1)))[..., None]  # (..., 1)
-    rho1 = np.sqrt(_safe_ratio(_norm(A1, 2), _norm(u1, 1)))[..., None]
-    c0, c1 = signs[..., 0:1].astype(u0.dtype), signs[..., 1:2].astype(u0.dtype)
-    u_new = c0 * rho0 * u0 + c1 * rho1 * u1
-    A_new = (c0 / rho0)[..., None] * A0 + (c1 / rho1)[..., None] * A1
-    return u_new, A_new
-
-
-def kf_reduce(us, As, signs):
-    """KF-RTRL's reduction of one stream's 2 terms to 1: us (2, m), As (2, n, k), signs (2,)."""
-    us, As = np.asarray(us), np.asarray(As)
-    if us.ndim != 2 or us.shape[0] != 2 or As.ndim != 3 or As.shape[0] != 2:
-        raise ValueError(f"kf_reduce takes us (2, m), As (2, n, k), got {us.shape}, {As.shape}")
-    signs = _check_signs(signs, (2,))
-    _check_finite("us", us)
-    _check_finite("As", As)
-    u_new, A_new = _kf_mix(us[0], As[0], us[1], As[1], signs)
-    return u_new[None], A_new[None]
-
-
-class UOROState(NamedTuple):
-    s: np.ndarray  # (B, n)
-    theta: np.ndarray  # (B, m, 2n)
-
-
-def _uoro_update(state, a, H, D, nu):
-    """UORO (§5): s' = rho0 H s + rho1 nu, theta' = theta / rho0 + (nu^T F_t) / rho1.
-
-    nu (B, n) of +-1; nu^T F_t = outer(a_t, D_t^T nu) costs O(n m), never forming F_t.
-    """
-    s, theta = state
-    nu = nu.astype(s.dtype)
-    Hs = np.einsum("bij,bj->bi", H, s)  # (B, n)
-    nuF = a[:, :, None] * np.einsum("bi,bij->bj", nu, D)[:, None, :]  # (B, m, 2n)
-    rho0 = np.sqrt((_norm(theta, 2) + UORO_EPS) / (_norm(Hs, 1) + UORO_EPS))[:, None]  # (B, 1)
-    rho1 = np.sqrt((_norm(nuF, 2) + UORO_EPS) / (_norm(nu, 1) + UORO_EPS))[:, None]
-    return UOROState(rho0 * Hs + rho1 * nu, theta / rho0[..., None] + nuF / rho1[..., None])
-
-
-def _norm(x, n_axes):
-    """Euclidean (Frobenius) norm over the last n_axes axes."""
-    return np.sqrt((x * x).sum(axis=tuple(range(-n_axes, 0))))
-
-
-def _safe_ratio(num, den):
-    """num / den where both are > 0, else 1: a zero side makes its Kronecker term zero, and any
-    positive rescaling of a zero term is exact, so 1 is as good as any value and needs no division."""
-    ok = (num > 0) & (den > 0)
-    return np.divide(num, den, out=np.ones_like(num), where=ok)
-
-
-# --- 6. Threads: every stream's work in one thread, BLAS held to one thread ---------------------
-# Streams are independent, so each per-stream part of a learner step (H_t and D_t, the products
-# H_t X, OK's reduction) runs on contiguous groups of streams, one group per thread, the caller's
+# --- 9b. Threads: every stream's work in one thread, BLAS held to one thread ----------------------
+# Streams are independent, so each per-stream part of a step (H_t and D_t, the products H_t X,
+# OK's reduction) runs on contiguous groups of streams, one group per thread, the caller's
 # included. Inside a step BLAS is held to one thread (threadpoolctl) and the Numba kernels are
-# serial: no two pools share the cores (OpenBLAS's idle threads spin ~0.1 s after each product,
-# which made the OK step up to 2x slower beside parallel kernels). Each stream is computed by one
-# thread in a fixed order: the results do not depend on the number of threads.
+# serial: no two pools share the cores (OpenBLAS's idle threads spin after each product, on the
+# cores the kernels need; docs/speed.md). Each stream is computed by one thread in a fixed
+# order: the results do not depend on the number of threads.
 
 _threads = SimpleNamespace(pool=None, blas=None, count=len(os.sched_getaffinity(0))
                            if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
@@ -682,8 +961,8 @@ if hasattr(os, "register_at_fork"):  # a forked child has none of the pool's thr
 
 
 def set_threads(count):
-    """Use count threads in every learner step (default: all cores this process may use). Runs
-    side by side on one machine should share the cores out: two runs on 2 cores, 1 thread each."""
+    """Use count threads in every step (default: all cores this process may use). Runs side by
+    side on one machine should share the cores out: two runs on 2 cores, 1 thread each."""
     _check_positive_int("count", count)
     if _threads.pool is not None:
         _threads.pool.shutdown()
@@ -702,12 +981,12 @@ def _one_blas_thread():
 
 
 def _by_streams(work, B):
-    """work(s) for contiguous slices s that cover range(B), one per thread, in parallel."""
+    """work(g) for contiguous slices g of the streams that cover range(B), one per thread."""
     groups = min(_threads.count, B)
     slices = [slice(B * i // groups, B * (i + 1) // groups) for i in range(groups)]
     if groups > 1 and _threads.pool is None:
         _threads.pool = ThreadPoolExecutor(_threads.count - 1, thread_name_prefix="ok_rtrl")
-    futures = [_threads.pool.submit(work, s) for s in slices[1:]]
+    futures = [_threads.pool.submit(work, g) for g in slices[1:]]
     try:
         work(slices[0])
     finally:
@@ -720,249 +999,134 @@ def _products(H, X):
     """H[b] @ X[b] for every stream b (H broadcast over X's middle axes), by _by_streams."""
     out = np.empty(np.broadcast_shapes(H.shape[:-2], X.shape[:-2]) + (H.shape[-2], X.shape[-1]),
                    np.result_type(H, X))
-    _by_streams(lambda s: np.matmul(H[s], X[s], out=out[s]), len(out))
+    _by_streams(lambda g: np.matmul(H[g], X[g], out=out[g]), len(out))
     return out
 
 
-# --- The online learner interface (used by sequence_grad and by both runners) ------------------
+# --- 9c. OK's memory: two slots that each step reuses ---------------------------------------------
 
 
-def init_learner(method, params, B, rank=1):
-    """Zero learner state for B streams: a NamedTuple of arrays, each with leading axis B.
+class _TwoSlots:
+    """Two buffers of r+1 terms for each side of OK's Kronecker sum, (2, B, r+1, *shape) each.
 
-    rank is OK's rank r, or kf-avg's number of averaged KF estimates; rtrl, kf and uoro ignore it.
+    The factors are the first r terms of the current slot; a step writes its r+1 terms into the
+    free slot, reduces them there in place, and the slots swap. Fresh arrays of the terms' size
+    (tens of MB) would cost a page fault per 4 kB on first write, at the paper's sizes nearly
+    as much as the products H A themselves (docs/speed.md).
     """
-    _check_method(method, METHODS)
-    _check_positive_int("rank", rank)
-    _check_positive_int("B", B)
-    V, n, _ = sizes(params)
-    m, dtype = V + n + 1, params.W.dtype
-    if method == "rtrl":
-        return RTRLState(np.zeros((B, n, m, 2 * n), dtype))
-    if method == "uoro":
-        return UOROState(np.zeros((B, n), dtype), np.zeros((B, m, 2 * n), dtype))
-    r = 1 if method == "kf" else rank
-    if method == "ok":  # factors in slot 0 of a two-slot buffer with room for r+1 terms (_next_slot)
-        return KronState(np.zeros((2, B, r + 1, m), dtype)[0, :, :r],
-                         np.zeros((2, B, r + 1, n, 2 * n), dtype)[0, :, :r])
-    return KronState(np.zeros((B, r, m), dtype), np.zeros((B, r, n, 2 * n), dtype))
+
+    def __init__(self, B, r, shapes, dtype):
+        self._buffers = [np.zeros((2, B, r + 1) + shape, dtype) for shape in shapes]
+        self._current, self._r = 0, r
+
+    def factors(self):
+        return [buffer[self._current, :, :self._r] for buffer in self._buffers]
+
+    def free_slot(self):
+        return [buffer[1 - self._current] for buffer in self._buffers]
+
+    def swap(self):
+        self._current = 1 - self._current
 
 
-def sign_shape(method, B, rank, n):
-    """Shape of one step's random signs: ok (B, r+1), kf (B, 1, 2), kf-avg (B, r, 2), uoro (B, n)."""
-    return {"rtrl": None, "ok": (B, rank + 1), "kf": (B, 1, 2),
-            "kf-avg": (B, rank, 2), "uoro": (B, n)}[method]
+# --- 10. Argument checks (public functions check; the code above them trusts its inputs) ----------
 
 
-def draw_signs(rng, method, B, rank, n):
-    """One step's independent uniform +-1 signs for method, from the Generator rng (None for rtrl)."""
-    _check_method(method, METHODS)
-    shape = sign_shape(method, B, rank, n)
-    return None if shape is None else (2 * rng.integers(0, 2, size=shape) - 1).astype(np.int8)
-
-
-_STATE_TYPES = {"rtrl": RTRLState, "ok": KronState, "kf": KronState, "kf-avg": KronState,
-                "uoro": UOROState}
-_UPDATES = {"ok": _ok_update, "kf": _kf_update, "kf-avg": _kf_update, "uoro": _uoro_update}
-
-
-def learner_step(params, state, h, x, y, method, signs=None, reset=None):
-    """One online step: cell, learner update, gradient estimate of this step's loss (§2-5).
-
-    h (B, n), x, y (B,) ints, signs as draw_signs gives, reset (B,) bool or None: those streams
-    start a new sequence, so their h and learner state are zeroed first. Returns (losses (B,),
-    dW, dW_out, h, state); dW, dW_out estimate the gradient of the batch-mean loss of this step,
-    dW_out exactly, dW as sum_k outer(u_k, q A_k) (§3.6) or its analogue.
-
-    The state is consumed: its arrays may be reused for later states (OK computes each step in
-    the memory of the state two steps back, see _next_slot). To keep a state, copy it first:
-    type(state)(*map(np.copy, state)).
-    """
-    W, W_out = params
-    V, n, O = sizes(params)
-    B = h.shape[0]
-    _check_method(method, METHODS)
-    x, y = _check_sequences(np.asarray(x)[None], np.asarray(y)[None], V, O)
-    _check_finite_params(params)  # then H_t and a_t, the update's inputs, are finite too
-    _check_finite("h", h)
-    if reset is not None and np.any(reset):
-        reset = np.asarray(reset, dtype=bool)
-        h = np.where(reset[:, None], 0.0, h).astype(h.dtype)
-        for field in state:  # in place: the state is consumed (see the docstring)
-            field[reset] = 0.0
-    if not isinstance(state, _STATE_TYPES[method]):
-        raise ValueError(f"method {method!r} needs a {_STATE_TYPES[method].__name__} from "
-                         f"init_learner, got a {type(state).__name__}")
-    with _one_blas_thread():  # the step's own threads do its per-stream work (§6)
-        h, a, f, alpha, beta = cell_step(W, x[0], h)
-        H, D = jacobians(W, f, alpha, beta)
-        if method == "rtrl":
-            state = _rtrl_update(state, a, H, D)
-        else:
-            rank = state.us.shape[1] if isinstance(state, KronState) else 1
-            signs = _check_signs(signs, sign_shape(method, B, rank, n))
-            state = _UPDATES[method](state, a, H, D, signs)
-        losses, dlogits = readout(W_out, h, y[0])
-        q, dW_out = _output_grads(W_out, h, dlogits)
-        return losses, _influence_grad(method, state, q), dW_out, h, state
-
-
-def _influence_grad(method, state, q):
-    """dL/dW = sum_i q[i] G[i] summed over streams, from the learner's (approximate) G (§2)."""
-    if method == "rtrl":
-        return np.einsum("bi,bilj->lj", q, state.G)
-    if method == "uoro":  # G ~ s (x) theta: q G = (q . s) theta
-        return np.einsum("b,blj->lj", (q * state.s).sum(axis=1), state.theta)
-    us, As = state
-    B, r, m = us.shape
-    qA = _products(q[:, None, None, :], As)[:, :, 0]  # (B, r, 2n): q A_k, one product per term
-    dW = us.reshape(B * r, m).T @ qA.reshape(B * r, -1)  # sum_b sum_k outer(u_k, q A_k): (m, 2n)
-    return dW / r if method == "kf-avg" else dW  # kf-avg: the mean of r estimates
-
-
-def evaluate(params, xs, ys, h0=None):
-    """Forward pass only: per-symbol losses (T, B) in nats and the final state h_T (B, n)."""
-    W, W_out = params
-    V, n, O = sizes(params)
-    xs, ys = _check_sequences(xs, ys, V, O)
-    T, B = xs.shape
-    h = np.zeros((B, n), W.dtype) if h0 is None else _check_state("h0", h0, (B, n), W.dtype)
-    _check_finite_params(params)
-    _check_finite("h0", h)
-    losses = np.empty((T, B), dtype=np.float64)
-    for t in range(T):
-        h = cell_step(W, xs[t], h)[0]
-        losses[t] = readout(W_out, h, ys[t])[0]
-    return losses, h
-
-
-# --- Whole-sequence gradients ------------------------------------------------------------------
-
-
-def sequence_grad(params, xs, ys, method, rank=1, rng=None, *, signs=None):
-    """Loss and gradient of one batch of sequences, parameters held fixed, h_0 = 0.
-
-    xs, ys (T, B) ints. loss = sum_t of the batch-mean cross-entropy (nats). For "bptt" and
-    "rtrl", (dW, dW_out) is its exact gradient; for "ok", "kf", "kf-avg", "uoro" it is the sum of
-    the step-t online estimates. The random signs come from rng, or from signs (T, *sign_shape)
-    when given, which lets tests enumerate every sign sequence.
-    """
-    _check_method(method, ("bptt",) + METHODS)
-    _check_finite_params(params)
-    if method == "bptt":
-        losses, dW, dW_out, _ = bptt(params, xs, ys)
-        return losses.sum(), dW, dW_out
-    _check_positive_int("rank", rank)
-    V, n, O = sizes(params)
-    xs, ys = _check_sequences(xs, ys, V, O)
-    T, B = xs.shape
-    if method != "rtrl" and signs is None and rng is None:
-        raise ValueError(f"method {method!r} is stochastic: pass rng (a numpy Generator) or signs")
-    if signs is not None and method != "rtrl":
-        signs = _check_signs(signs, (T,) + sign_shape(method, B, rank, n))
-    state = init_learner(method, params, B, rank)
-    h = np.zeros((B, n), params.W.dtype)
-    loss, dW, dW_out = 0.0, np.zeros_like(params.W), np.zeros_like(params.W_out)
-    for t in range(T):
-        step_signs = signs[t] if signs is not None else draw_signs(rng, method, B, rank, n)
-        losses, dW_t, dW_out_t, h, state = learner_step(params, state, h, xs[t], ys[t], method,
-                                                        step_signs)
-        loss += losses.mean()
-        dW += dW_t
-        dW_out += dW_out_t
-    return loss, dW, dW_out
-
-
-# --- Training: W-gradient clipping, Adam, and one update of each kind -----------------------------
-
-
-class AdamState(NamedTuple):
-    m: Params  # first-moment estimates
-    v: Params  # second-moment estimates
-    t: int  # steps taken
-
-
-def adam_init(params):
-    return AdamState(Params(*map(np.zeros_like, params)), Params(*map(np.zeros_like, params)), 0)
-
-
-def apply_gradients(params, adam, dW, dW_out, lr, max_norm, beta1=0.9, beta2=0.999, eps=1e-8):
-    """Clip dW to norm max_norm (W_out unclipped, as the paper's code) and take one Adam step,
-    with eps one number or a pair (for W, for W_out). Returns (params, adam, norm of dW before
-    clipping); the inputs are left untouched. A gradient that is not finite raises
-    FloatingPointError rather than reaching the weights."""
-    for name, g in (("dW", dW), ("dW_out", dW_out)):
-        if not np.all(np.isfinite(g)):
-            raise FloatingPointError(f"{name} is not finite (NaN or inf): the run diverged; "
-                                     "lower the learning rate or train in float64")
-    norm = float(np.sqrt((dW.astype(np.float64) ** 2).sum()))
-    if norm > max_norm:
-        dW = dW * (max_norm / norm)  # norm > max_norm > 0 here, so the division is safe
-    t = adam.t + 1
-    new_params, new_m, new_v = [], [], []
-    for p, g, m, v, e in zip(params, (dW, dW_out), adam.m, adam.v, np.broadcast_to(eps, 2)):
-        m = beta1 * m + (1 - beta1) * g
-        v = beta2 * v + (1 - beta2) * g * g
-        step = (m / (1 - beta1 ** t)) / (np.sqrt(v / (1 - beta2 ** t)) + e)  # Kingma and Ba
-        new_params.append((p - lr * step).astype(p.dtype))
-        new_m.append(m)
-        new_v.append(v)
-    return Params(*new_params), AdamState(Params(*new_m), Params(*new_v), t), norm
-
-
-def online_update(params, adam, state, h, x, y, method, signs, lr, max_norm, reset=None, eps=1e-8):
-    """One fully online training step, as in the paper's experiments: learner_step, then Adam.
-
-    Returns (losses (B,), params, adam, h, state). The runners clip at max_norm = B.
-    """
-    losses, dW, dW_out, h, state = learner_step(params, state, h, x, y, method, signs, reset)
-    params, adam, _ = apply_gradients(params, adam, dW, dW_out, lr, max_norm, eps=eps)
-    return losses, params, adam, h, state
-
-
-def tbptt_update(params, adam, h, xs, ys, resets, lr, max_norm, eps=1e-8):
-    """One TBPTT-K update (§5): BPTT over a window xs, ys (K, B) from the carried h.
-
-    The window's gradient is divided by K: one update sees the mean over time and batch, the
-    scale of one online step, so the clipping threshold means the same for every method (Adam
-    itself is nearly scale-free). Returns (losses (K,), params, adam, h_K).
-    """
-    losses, dW, dW_out, h = bptt(params, xs, ys, h0=h, resets=resets)
-    K = len(losses)
-    params, adam, _ = apply_gradients(params, adam, dW / K, dW_out / K, lr, max_norm, eps=eps)
-    return losses, params, adam, h
-
-
-def bits(nats):
-    """Nats to bits."""
-    return nats / np.log(2.0)
-
-
-# --- Argument checks (public functions check; the code above them trusts its inputs) -----------
+def _describe(value):
+    """What a value is, for an error message, without printing a whole array."""
+    if isinstance(value, np.ndarray):
+        return f"a {value.dtype} array of shape {value.shape}"
+    text = repr(value)
+    return f"a {type(value).__name__}" + (f" ({text})" if len(text) <= 40 else "")
 
 
 def _check_positive_int(name, value):
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        raise ValueError(f"{name} must be an integer >= 1, got {_describe(value)}")
+
+
+def _check_float_dtype(dtype):
+    dtype = np.dtype(dtype)
+    if dtype not in (np.float32, np.float64):
+        raise ValueError(f"dtype must be float32 or float64, got {dtype}")
+    return dtype
 
 
 def _check_method(method, allowed):
-    if method not in allowed:
-        raise ValueError(f"unknown method {method!r}: expected one of {', '.join(allowed)}")
+    if not isinstance(method, str) or method not in allowed:
+        raise ValueError(f"unknown method {_describe(method)}: expected one of "
+                         f"{', '.join(allowed)}")
+
+
+def _check_array(name, value, shape, dtype, what=None):
+    """value, if it is a numpy array of this shape and dtype; what names the shape's sizes."""
+    if not isinstance(value, np.ndarray):
+        raise ValueError(f"{name} must be a numpy array, got {_describe(value)}")
+    if value.shape != shape or value.dtype != dtype:
+        expected = f"{what} = {shape}" if what else f"{shape}"
+        raise ValueError(f"expected {name} of shape {expected} and dtype {np.dtype(dtype)}, got "
+                         f"shape {value.shape} and dtype {value.dtype}")
+    return value
+
+
+def _check_params(params, like=None):
+    """params as (W, W_out): float arrays of one dtype, W (m, 2n), W_out (n + 1, O), finite;
+    like=(m, n, dtype) also fixes those. Finite W and h make H_t, D_t and a_t finite: each entry
+    of H_t is at most max|W| (|alpha| + |beta| < 1) plus f, and W is cheaper to check than H."""
+    if not (isinstance(params, tuple) and len(params) == 2
+            and all(isinstance(p, np.ndarray) and p.ndim == 2 for p in params)):
+        raise ValueError(f"params must be a Params(W, W_out) of two 2-d arrays, got "
+                         f"{_describe(params)}")
+    W, W_out = params
+    m, n, dtype = like if like is not None else (W.shape[0], W.shape[1] // 2, W.dtype)
+    _check_array("params.W", W, (m, 2 * n), _check_float_dtype(dtype), "(m, 2n)")
+    _check_array("params.W_out", W_out, (n + 1, W_out.shape[1]), dtype, "(n + 1, O)")
+    _check_finite("params.W", W)
+    _check_finite("params.W_out", W_out)
+    return W, W_out
+
+
+def _check_h0(h0, B, n, dtype):
+    return _check_finite("h0", _check_array("h0", h0, (B, n), dtype, "(B, n)"))
+
+
+def _check_symbols(name, symbols, shape, size):
+    """symbols: integers in range(size), of the given shape."""
+    symbols = np.asarray(symbols)
+    if symbols.shape != shape or not np.issubdtype(symbols.dtype, np.integer):
+        raise ValueError(f"expected {name} of shape {shape} holding integer symbols, got "
+                         f"{_describe(symbols)}")
+    if symbols.min() < 0 or symbols.max() >= size:
+        raise ValueError(f"{name} holds symbols in [{symbols.min()}, {symbols.max()}], expected "
+                         f"0..{size - 1}")
+    return symbols
 
 
 def _check_sequences(xs, ys, V, O):
     """xs, ys (T, B) integer symbols in range(V) and range(O)."""
-    xs, ys = np.asarray(xs), np.asarray(ys)
-    if xs.ndim != 2 or xs.shape != ys.shape or xs.size == 0:
-        raise ValueError(f"xs and ys must be non-empty (T, B) arrays of one shape, "
-                         f"got {xs.shape} and {ys.shape}")
-    for name, s, size in (("xs", xs, V), ("ys", ys, O)):
-        if not np.issubdtype(s.dtype, np.integer):
-            raise ValueError(f"{name} must hold integer symbols, got dtype {s.dtype}")
-        if s.min() < 0 or s.max() >= size:
-            raise ValueError(f"{name} holds symbols in [{s.min()}, {s.max()}], expected 0..{size - 1}")
-    return xs, ys
+    xs = np.asarray(xs)
+    if xs.ndim != 2 or xs.size == 0:
+        raise ValueError(f"xs must be a non-empty (T, B) array, got {_describe(xs)}")
+    return _check_symbols("xs", xs, xs.shape, V), _check_symbols("ys", ys, xs.shape, O)
+
+
+def _check_mask(name, mask, *shape):
+    """mask of booleans (or 0/1) of the given shape, as a bool array."""
+    mask = np.asarray(mask)
+    if mask.shape != shape or not (mask.dtype == bool or np.isin(mask, (0, 1)).all()):
+        raise ValueError(f"expected {name} of shape {shape} holding booleans, got "
+                         f"{_describe(mask)}")
+    return mask.astype(bool)
+
+
+def _check_terms(us, As, signs, k=None):
+    """One stream's k Kronecker terms, us (k, m) and As (k, N, P), finite, with k signs (k >= 2)."""
+    us, As = np.asarray(us), np.asarray(As)
+    k = us.shape[0] if k is None and us.ndim == 2 else k
+    if us.ndim != 2 or As.ndim != 3 or not us.shape[0] == As.shape[0] == k or k < 2:
+        raise ValueError(f"expected us (k, m) and As (k, N, P), k = {k or 'r+1 >= 2'} terms, got "
+                         f"us {us.shape} and As {As.shape}")
+    return _check_finite("us", us), _check_finite("As", As), _check_signs(signs, (k,))
 
 
 def _check_signs(signs, shape):
@@ -982,18 +1146,4 @@ def _check_finite(name, array):
         bad = np.size(array) - np.count_nonzero(np.isfinite(array))
         raise ValueError(f"{name} holds {bad} NaN or inf value(s) among {np.size(array)}: "
                          "expected finite numbers")
-
-
-def _check_finite_params(params):
-    """W and W_out finite. In learner_step this is the per-step check: each entry of H_t is at
-    most max|W| (|alpha| + |beta| < 1) plus f, so H_t and a_t = [x_t, h_{t-1}, 1] are finite
-    whenever W and h are, and W (m x 2n) is cheaper to check than H (B x n x n)."""
-    _check_finite("params.W", params.W)
-    _check_finite("params.W_out", params.W_out)
-
-
-def _check_state(name, array, shape, dtype):
-    array = np.asarray(array)
-    if array.shape != shape:
-        raise ValueError(f"{name} must have shape {shape}, got {array.shape}")
-    return array.astype(dtype)
+    return array

@@ -11,19 +11,19 @@ JSON, the column names, a row every --log-every steps and, for PTB, a last '#' l
 BPC. Each log is recognised by its config (task, size, learning rate, method, rank, seed), not by
 its file name; logs of other sizes and the noise logs are left out. A run still going is drawn as
 far as it has got. The authors' numbers are results/paper-copy-n128-ok16-T.csv and
-results/paper-ptb-n256-ok8-valid.csv; their '#' lines say where they come from. Only drawing needs
-matplotlib.
+results/paper-ptb-n256-ok8-valid.csv; their '#' lines say where they come from. The logs are read
+by runfiles.py (standard library only), so the table needs neither numpy nor Numba; only drawing
+needs matplotlib.
 """
 import argparse
 import contextlib
 import glob
-import json
 import math
 import os
 import statistics
 import sys
 
-from runlib import PAST_DEFAULTS, UserError, matplotlib_pyplot, save_figure
+from runfiles import UserError, log_config, matplotlib_pyplot, read_log, save_figure
 
 PROG = "plot_results.py"
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -32,66 +32,45 @@ PAPER_LR = 10 ** -3.5
 # The two experiments at the paper's sizes: which of our logs belong (task, size; the learning
 # rate is the paper's 10^-3.5 in both; logs without a runner's config line, such as the
 # authors' files, are no runs of ours), the log's columns and the one drawn, the OK rank the paper
-# reports, the authors' file and column, the steps the table reports and how it writes a value.
+# reports, the authors' file and column, the steps the table reports and how it writes a value,
+# the figure, and whether the authors' runs are drawn as points rather than lines.
 COPY = {"task": "copy", "hidden": 128, "batch": 16, "rank": 16,
         "columns": ["step", "T", "avg_bits", "steps_per_s"], "value": "T", "convert": int,
         "paper": "paper-copy-n128-ok16-T.csv", "paper_value": "T",
         "table_steps": (25_000, 50_000, 100_000), "what": "T at", "fmt": "{:g}".format,
-        "figure": "copy-paper-size.png", "max_step": 100_000}
+        "figure": "copy-paper-size.png", "max_step": 100_000, "paper_points": False}
 PTB = {"task": "ptb", "hidden": 256, "batch": 32, "rank": 8,
        "columns": ["step", "train_bits", "valid_bpc", "chars_per_s"], "value": "valid_bpc",
        "convert": float, "paper": "paper-ptb-n256-ok8-valid.csv",
        "paper_value": "valid_bpc_standard_files",
        "table_steps": (10_000, 20_000), "what": "valid BPC at", "fmt": "{:.3f}".format,
-       "figure": "ptb-paper-size.png", "max_step": 20_000}
+       "figure": "ptb-paper-size.png", "max_step": 20_000,
+       "paper_points": True}  # validated every 10k steps: points, which a line would make a curve
 PTB_ZOOM = (2.70, 3.15)  # BPC range of the figure's right panel, where OK and the authors' runs lie
 
 METHOD_ORDER = ("ok", "kf", "kf-avg", "uoro", "rtrl", "tbptt")
 # One colour per baseline in both figures; OK at the paper's rank is C0, the authors' runs grey.
 COLOURS = {"OK rank 1": "C1", "KF-RTRL": "C2", "UORO": "C3", "TBPTT-5": "C4", "TBPTT-10": "C5",
            "TBPTT-20": "C6", "exact RTRL": "C7", "OK rank 8, TensorFlow's Adam": "C9"}
-LINESTYLES = ("-", "--", ":", "-.")  # seed after seed of one method
-AUTHORS = "0.55"  # their runs: thin grey lines
+LINESTYLES = ("-", "--", ":", "-.")  # seed after seed of one method ...
+MARKERS = ("o", "s", "^", "D")  # ... and, where points are marked, its marker
+LEGEND_HANDLE = 4.0  # font sizes: long enough to show a dashed line's gaps beside its marker
+AUTHORS = "0.55"  # their runs: grey, thin lines or points
 
 
 # --- Reading the logs ---------------------------------------------------------------------------
 
 
 def read_csv(path):
-    """A CSV with '#' comment lines anywhere -> (comments without their '# ', column names, rows
-    as lists of strings)."""
-    comments, columns, rows = [], None, []
-    try:
-        with open(path, newline="") as f:
-            for number, line in enumerate(f, 1):
-                line = line.rstrip("\r\n")
-                if line.startswith("#"):
-                    comments.append(line[1:].strip())
-                elif columns is None:
-                    columns = line.split(",")
-                elif line:
-                    rows.append(line.split(","))
-                    if len(rows[-1]) != len(columns):
-                        raise UserError(f"{path}, line {number}: {len(rows[-1])} fields, the "
-                                        f"header has {len(columns)}; is the file damaged?")
-    except OSError as e:
-        raise UserError(f"cannot read {path} ({e.strerror or e})") from None
-    if columns is None:
+    """A log of ours or the authors' (runfiles.read_log); a damaged one is a UserError."""
+    log = read_log(path)
+    if log.columns is None:
         raise UserError(f"{path}: no column names; is the file damaged?")
-    return comments, columns, rows
-
-
-def run_config(path, comments):
-    """The config a runner wrote in its log's first '#' line, or None for another kind of CSV."""
-    for runner in ("run_copy.py", "run_ptb.py"):
-        prefix = f"{runner} config: "
-        if comments and comments[0].startswith(prefix):
-            try:
-                return json.loads(comments[0][len(prefix):])
-            except json.JSONDecodeError:
-                raise UserError(f"{path}: its config line is not valid JSON; is the file "
-                                "damaged?") from None
-    return None
+    if log.damaged:
+        number, fields = log.damaged[0]
+        raise UserError(f"{path}, line {number}: {len(fields)} fields, the header has "
+                        f"{len(log.columns)}; is the file damaged?")
+    return log
 
 
 @contextlib.contextmanager
@@ -124,17 +103,17 @@ def our_runs(results, experiment):
     value} of T (copy) or of the validation BPC (PTB, rows with a validation only)."""
     runs = []
     for path in sorted(glob.glob(os.path.join(results, "*.csv"))):
-        comments, columns, rows = read_csv(path)
-        config = run_config(path, comments)
-        if (config is None or columns != experiment["columns"]
+        log = read_csv(path)
+        prog, config = log_config(path, log) or (None, None)
+        if (prog not in ("run_copy.py", "run_ptb.py") or log.columns != experiment["columns"]
                 or any(config.get(key) != experiment[key] for key in ("task", "hidden", "batch"))
                 or not math.isclose(config.get("lr", 0), PAPER_LR)):
             continue
-        at = columns.index(experiment["value"])
+        at = log.columns.index(experiment["value"])
         with numbers(path):
-            curve = {int(row[0]): experiment["convert"](row[at]) for row in rows if row[at]}
-        # a log from before an option existed ran with its old default (runlib.PAST_DEFAULTS)
-        runs.append(({**PAST_DEFAULTS, **config, "log": os.path.basename(path)}, curve))
+            curve = {int(row[0]): experiment["convert"](row[at]) for _, row in log.rows
+                     if row[at]}
+        runs.append(({**config, "log": os.path.basename(path)}, curve))
     return sorted(runs, key=lambda run: (not is_main(run[0], experiment),
                                          METHOD_ORDER.index(run[0]["method"]),
                                          run[0]["rank"] or 0, run[0]["trunc"] or 0,
@@ -155,12 +134,12 @@ def authors_runs(results, experiment):
     if not os.path.exists(path):
         raise UserError(f"{path} is missing: it comes with the repository (git checkout -- "
                         f"results/{experiment['paper']})")
-    _, columns, rows = read_csv(path)
-    if experiment["paper_value"] not in columns:
+    log = read_csv(path)
+    if experiment["paper_value"] not in log.columns:
         raise UserError(f"{path}: no column '{experiment['paper_value']}'; is the file damaged?")
-    at, runs = columns.index(experiment["paper_value"]), {}
+    at, runs = log.columns.index(experiment["paper_value"]), {}
     with numbers(path):
-        for row in rows:
+        for _, row in log.rows:
             runs.setdefault(row[0], {})[int(row[1])] = experiment["convert"](row[at])
     return list(runs.values())
 
@@ -216,31 +195,34 @@ def spread(values, fmt):
 # --- The figures --------------------------------------------------------------------------------
 
 
-def draw_runs(ax, results, experiment, drawstyle, marker):
+def draw_runs(ax, results, experiment, drawstyle, marked):
     """Ours and the authors' runs up to the figure's last step, in the legend's order: OK at the
-    paper's rank (C0, one line style per seed), the authors' runs (thin, grey, one entry), our
-    baselines (each in its colour)."""
+    paper's rank (C0, one line style per seed and, where points are marked, one marker), the
+    authors' runs (thin, grey, one entry; points where the experiment says so), our baselines
+    (each in its colour)."""
     last, theirs = experiment["max_step"], authors_runs(results, experiment)
 
     def draw(curve, **style):
         steps = sorted(s for s in curve if s <= last)
-        ax.plot(steps, [curve[s] for s in steps], drawstyle=drawstyle, marker=marker, ms=3,
-                **style)
+        ax.plot(steps, [curve[s] for s in steps], drawstyle=drawstyle, **style)
 
     ours, seeds_drawn = our_runs(results, experiment), {}
 
     def draw_ours(config, curve, **style):
-        """One of our runs, in the next line style for its method."""
+        """One of our runs, in the next line style (and marker) for its method."""
         name = method_label(config)
-        seeds_drawn[name] = seeds_drawn.get(name, 0) + 1
-        draw(curve, ls=LINESTYLES[(seeds_drawn[name] - 1) % len(LINESTYLES)], **style)
+        k = seeds_drawn[name] = seeds_drawn.get(name, -1) + 1
+        mark = {"marker": MARKERS[k % len(MARKERS)], "ms": 4} if marked else {}
+        draw(curve, ls=LINESTYLES[k % len(LINESTYLES)], **mark, **style)
 
     for config, curve in ours:
         if is_main(config, experiment):
             draw_ours(config, curve, color="C0", lw=2.0, zorder=3,
                       label=f"{method_label(config)} (ours), seed {config['seed']}")
+    authors = (dict(ls="none", marker="x", ms=7, mew=1.2) if experiment["paper_points"]
+               else dict(lw=0.9, marker="o" if marked else None, ms=3))
     for i, curve in enumerate(theirs):
-        draw(curve, color=AUTHORS, lw=0.9, zorder=1, label=None if i else
+        draw(curve, color=AUTHORS, zorder=1, **authors, label=None if i else
              f"OK rank {experiment['rank']}, authors' code, {len(theirs)} runs")
     for config, curve in ours:
         if not is_main(config, experiment):
@@ -259,16 +241,17 @@ def steps_axis(ax, low, high, every):
 def draw_copy(plt, results, path):
     """Curriculum T against training steps, 0-100k."""
     fig, ax = plt.subplots(figsize=(9, 5.5))
-    draw_runs(ax, results, COPY, "steps-post", None)
+    draw_runs(ax, results, COPY, "steps-post", marked=False)
     ax.set(ylim=(0, None), xlabel="training steps",
            ylabel="curriculum length T reached",
            title="Copy task, n 128, batch 16, lr 10^-3.5: curriculum T against steps")
     ax.yaxis.get_major_locator().set_params(integer=True)
     steps_axis(ax, 0, COPY["max_step"], 10_000)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left")
+    ax.legend(fontsize=8, loc="upper left", handlelength=LEGEND_HANDLE)
     fig.tight_layout()
     save_figure(plt, fig, path)
+    print(f"plot: {path}")
 
 
 def draw_ptb(plt, results, path):
@@ -276,7 +259,7 @@ def draw_ptb(plt, results, path):
     one legend below both."""
     fig, (full, zoom) = plt.subplots(1, 2, figsize=(12, 6))
     for ax in (full, zoom):
-        draw_runs(ax, results, PTB, "default", "o")
+        draw_runs(ax, results, PTB, "default", marked=True)
         ax.grid(alpha=0.3)
         ax.set(xlabel="training steps", ylabel="validation BPC (standard files)")
     last, zoom_from = PTB["max_step"], PTB["max_step"] * 9 // 20
@@ -286,11 +269,13 @@ def draw_ptb(plt, results, path):
                                   f"{zoom_from:,} steps")
     steps_axis(zoom, zoom_from, last, 2_000)
     handles, labels = full.get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), fontsize=9)
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), fontsize=9,
+               handlelength=LEGEND_HANDLE)
     fig.suptitle("Character-level PTB, n 256, batch 32, lr 10^-3.5: validation BPC against steps")
     rows = -(-len(labels) // 4)  # the legend's rows, below the panels
     fig.tight_layout(rect=(0, 0.04 + 0.035 * rows, 1, 1))
     save_figure(plt, fig, path)
+    print(f"plot: {path}")
 
 
 # --- Command line -------------------------------------------------------------------------------

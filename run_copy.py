@@ -14,21 +14,25 @@ Every step each of the B streams feeds one symbol, the learner updates its estim
 influence G, and Adam updates the weights (fully online). With --method tbptt the same streams
 are cut into windows of --trunc steps with one update per window. All randomness (weights,
 strings, the learners' signs) comes from one numpy Generator seeded by --seed, and a checkpoint
-holds its state, so a resumed run is identical to an uninterrupted one. What is not the task
-(the training step, checkpoints, the log, signals, the lock on a run's files) is runlib.py's.
+holds its state, so a resumed run is identical to an uninterrupted one. This module is the
+task as runlib.main reads it (runlib.py's docstring lists the names); the command line, the loop,
+checkpoints, the log, signals and the run's status are runlib.py's.
 """
-import argparse
 import math
 import os
 import sys
-import time
 
 import numpy as np
 
 import ok_rtrl as ok
+import runfiles
 import runlib
 
-PROG = "run_copy.py"
+TASK, PROG = "copy", "run_copy.py"
+TITLE = f"{PROG}: the copy task of Benzing et al. 2019 (arXiv 1902.03993), with its curriculum"
+DESCRIPTION = ("The copy task of Benzing et al. 2019 (arXiv 1902.03993) with its curriculum, "
+               "trained online with OK or a baseline. The defaults are the paper's "
+               "configuration.")
 
 # --- The copy task: symbols, sequences, curriculum (as the paper's released code has them) ------
 
@@ -117,7 +121,7 @@ def record_noise(run, config, noise_log):
             for k in range(len(runlib.NOISE_LEARNERS))]
     run["noise"].extend(rows)
     for (method, rank), (step, T, _, cosine, rel_error) in zip(runlib.NOISE_LEARNERS, rows):
-        runlib.write_line(noise_log, f"{step},{T},{method},{rank},{cosine:.6f},{rel_error:.6g}\n")
+        runfiles.write_line(noise_log, f"{step},{T},{method},{rank},{cosine:.6f},{rel_error:.6g}\n")
     print(f"noise at step {run['step']:,}: median cosine with exact RTRL: " + ", ".join(
         f"{method} {rank} {cosine:.3f}" for (method, rank), cosine in zip(runlib.NOISE_LEARNERS,
                                                                           cosines)), flush=True)
@@ -125,53 +129,20 @@ def record_noise(run, config, noise_log):
 
 # --- Command line: the paper's configuration ------------------------------------------------------
 
+DEFAULTS = {"rank": 16, "trunc": 100, "hidden": 128, "batch": 16, "steps": 2_000_000}
+WORDS = {"paper": "copy-task", "streams": "each running sequences back to back", "rows": "",
+         "curve": "curriculum T against steps; with --measure-noise also FILE-noise.png",
+         "keeps": ""}  # how the shared options' help says what is the copy task's
+COLUMNS = ("step", "T", "avg_bits", "steps_per_s")
+NOISE_COLUMNS = ("step", "T", "method", "rank", "median_cosine", "median_rel_error")
+# Options that define the experiment: a checkpoint resumes only under the same values. The others
+# (--steps, file names, intervals) only say how long to run and where to write.
+EXPERIMENT_KEYS = ("task", "method", "rank", "trunc", "hidden", "batch", "lr", "seed", "dtype",
+                   "adam")
 
-def build_parser():
-    p = argparse.ArgumentParser(
-        prog=PROG, description="The copy task of Benzing et al. 2019 (arXiv 1902.03993) with "
-        "its curriculum, trained online with OK or a baseline. The defaults are the paper's "
-        "configuration.")
-    p.add_argument("--method", choices=runlib.METHODS, default="ok",
-                   help="learning algorithm (default ok, the paper's): KF-RTRL (kf), kf-avg "
-                   "(r averaged KF-RTRL copies), UORO, exact RTRL (small --hidden only), or TBPTT "
-                   "(ok_rtrl.py, section 5)")
-    p.add_argument("--rank", type=runlib.int_at_least(1), metavar="R",
-                   help="OK's rank, or kf-avg's number of averaged KF-RTRL copies (default 16, "
-                   "the paper's copy-task rank); kf is rank 1")
-    p.add_argument("--trunc", type=runlib.int_at_least(1), metavar="K",
-                   help="TBPTT window, --method tbptt only (default 100, as run_ptb.py: the "
-                   "paper gives no copy-task horizon)")
-    p.add_argument("--hidden", type=runlib.int_at_least(1), default=128, metavar="N",
-                   help="hidden units (default 128, the paper's copy-task network)")
-    p.add_argument("--batch", type=runlib.int_at_least(1), default=16, metavar="B",
-                   help="streams, each running sequences back to back (default 16, the "
-                   "paper's)")
-    p.add_argument("--lr", type=runlib.positive_float, default=10 ** -3.5,
-                   help="Adam learning rate (default 10^-3.5 = 3.16e-4, the best of the paper's "
-                   "grid 10^-2.5 .. 10^-4)")
-    p.add_argument("--steps", type=runlib.int_at_least(0), default=2_000_000,
-                   help="total time steps, a resumed checkpoint's included; 1e5 or 100_000 "
-                   "work too (default 2,000,000: the paper's runs)")
-    p.add_argument("--seed", type=runlib.int_at_least(0), default=0,
-                   help="seed of the one numpy Generator behind all randomness (default 0)")
-    p.add_argument("--dtype", choices=("float32", "float64"), default="float32",
-                   help="floating point type (default float32, as the paper's TensorFlow code)")
-    runlib.add_shared_options(p)
-    p.add_argument("--log", type=runlib.output_path, metavar="FILE.csv",
-                   help="CSV log, one row every --log-every steps: step, T, avg_bits, "
-                   "steps_per_s; the config in a '#' header line")
-    p.add_argument("--log-every", type=runlib.int_at_least(1), default=1000, metavar="STEPS",
-                   help="steps between log rows and curve points (default 1000, as the paper's "
-                   "code printed)")
-    p.add_argument("--checkpoint", type=runlib.output_path, metavar="FILE.npz",
-                   help="resume from FILE if it exists; save to it periodically, at the end "
-                   "and on Ctrl-C or SIGTERM")
-    p.add_argument("--checkpoint-every", type=runlib.positive_float, default=300.0,
-                   metavar="SECONDS",
-                   help="seconds between periodic checkpoints (default 300)")
-    p.add_argument("--plot", type=runlib.output_path, metavar="FILE.png",
-                   help="learning curve, curriculum T against steps (needs matplotlib); with "
-                   "--measure-noise also FILE-noise.png")
+
+def add_options(p):
+    """The gradient-noise measurement, the copy task's own options."""
     p.add_argument("--measure-noise", type=runlib.int_at_least(1), metavar="STEPS",
                    help="every STEPS training steps, measure how close the gradients of OK "
                    "(ranks 1-16), KF-RTRL, kf-avg and UORO are to exact RTRL's (n <= 64 or so: "
@@ -184,35 +155,40 @@ def build_parser():
     p.add_argument("--noise-log", type=runlib.output_path, default="copy_noise.csv",
                    metavar="FILE.csv",
                    help="CSV of the noise measurements (default copy_noise.csv)")
-    return p
 
 
-# Options that define the experiment: a checkpoint resumes only under the same values. The others
-# (--steps, file names, intervals) only say how long to run and where to write.
-EXPERIMENT_KEYS = ("task", "method", "rank", "trunc", "hidden", "batch", "lr", "seed", "dtype",
-                   "adam")
+def config(args):
+    """The copy task's own configuration keys: no experiment keys or data beyond the shared
+    ones, and the noise measurement."""
+    return {}, {}, {"measure_noise": args.measure_noise, "noise_steps": args.noise_steps,
+                    "noise_length": args.noise_length,
+                    "noise_log": args.noise_log if args.measure_noise else None}
 
 
-def resolve_config(parser, args):
-    """The run's configuration as a JSON-able dict, with rank and trunc resolved per method."""
-    rank, trunc = runlib.resolve_rank_and_trunc(parser, args, default_rank=16, default_trunc=100)
-    return {"task": "copy", "method": args.method, "rank": rank, "trunc": trunc,
-            "hidden": args.hidden, "batch": args.batch, "lr": args.lr, "seed": args.seed,
-            "dtype": args.dtype, "adam": args.adam, "threads": args.threads, "steps": args.steps,
-            "log": args.log, "log_every": args.log_every, "checkpoint": args.checkpoint,
-            "checkpoint_every": args.checkpoint_every, "plot": args.plot,
-            "measure_noise": args.measure_noise, "noise_steps": args.noise_steps,
-            "noise_length": args.noise_length,
-            "noise_log": args.noise_log if args.measure_noise else None}
+def plot_files(config):
+    """--plot, and its -noise.png twin with --measure-noise."""
+    if config["plot"] and config["measure_noise"]:
+        return [config["plot"], os.path.splitext(config["plot"])[0] + "-noise.png"]
+    return [config["plot"]]
+
+
+def outputs(config):
+    return ([("--noise-log", config["noise_log"], NOISE_COLUMNS)]
+            + [("--plot", path, None) for path in plot_files(config)])
 
 
 # --- The run: streams and curriculum beside runlib's weights, learner and checkpoint -------------
 
 
-def new_run(config, rng):
+def prepare(config):
+    """The copy task reads no data: its sequences are drawn as it goes."""
+    return N_SYMBOLS, None
+
+
+def new_run(config, rng, V):
     """Fresh weights (drawn first from rng), Adam, learner state, streams and curriculum."""
     B, empty = config["batch"], np.zeros(0, np.int64)
-    return dict(runlib.new_run(config, rng, N_SYMBOLS),
+    return dict(runlib.new_run(config, rng, V),
                 T=1, avg=EMA_START,  # the curriculum T_ starts at 1
                 inputs=[empty] * B, targets=[empty] * B,  # every stream starts a sequence
                 pos=np.zeros(B, np.int64), history=[], noise=[])
@@ -244,97 +220,59 @@ def restore_run(arrays, run, rng, path):
     run["noise"] = [tuple(row) for row in arrays["noise"].tolist()]
 
 
-# --- Main loop ---------------------------------------------------------------------------------
+# --- One step, its log row and progress line, what the run has reached ---------------------------
 
 
-def train(config, run, rng, log, noise_log, stop):
-    """Run steps until --steps, or until stop["signal"] is set (Ctrl-C, SIGTERM)."""
-    steps, started, step0 = config["steps"], time.monotonic(), run["step"]
-    busy = 0.0  # seconds inside training steps: the log's rate leaves out measurements and saves
-    row_mark, print_mark, last_save = [busy, step0], [started, step0], started
-    while run["step"] < steps and not stop["signal"]:
-        begun = time.monotonic()
-        x, y, reset = next_symbols(run, rng)
-        for nats in runlib.train_step(run, config, rng, x, y, reset):  # TBPTT: 0 or K losses
-            update_average(run, nats)
-        run["step"] += 1
-        step, now = run["step"], time.monotonic()
-        busy += now - begun
-        if step % config["log_every"] == 0:
-            run["history"].append((step, run["T"], run["avg"]))
-            rate = runlib.rate_since(row_mark, step, busy)
-            if log is not None:
-                runlib.write_line(log, f"{step},{run['T']},{run['avg']:.6f},{rate:.2f}\n")
-        if config["measure_noise"] and step % config["measure_noise"] == 0:
-            record_noise(run, config, noise_log)
-            pause = time.monotonic() - now
-            print_mark[0] += pause  # the progress line's rate counts training time only
-            now += pause
-        if now - print_mark[0] >= runlib.PROGRESS_SECONDS or step == steps:
-            rate = runlib.rate_since(print_mark, step, now)
-            print(f"step {step:,}/{steps:,}  T {run['T']}  avg {run['avg']:.3f} bits  "
-                  f"{rate:.1f} steps/s  ETA {runlib.duration((steps - step) / max(rate, 1e-9))}",
-                  flush=True)
-        if config["checkpoint"] and now - last_save >= config["checkpoint_every"]:
-            runlib.save_or_warn(config["checkpoint"], checkpoint_arrays(config, rng, run), step)
-            last_save = time.monotonic()
-    if run["step"] > step0:
-        print(f"{run['step'] - step0:,} steps in {runlib.duration(time.monotonic() - started)}")
+def step(run, config, rng, data):
+    """Every stream's next symbol, one training step, the curriculum's average (TBPTT: updated
+    by each of the 0 or K losses of its window)."""
+    x, y, reset = next_symbols(run, rng)
+    for nats in runlib.train_step(run, config, x, y, reset):
+        update_average(run, nats)
+
+
+def measure(run, config, data, logs):
+    """The gradient noise every --measure-noise steps; it asks for no log row of its own."""
+    if config["measure_noise"] and run["step"] % config["measure_noise"] == 0:
+        record_noise(run, config, logs.get("--noise-log"))
+
+
+def log_row(run, config, measured, rate):
+    """A point of the curriculum's curve and the CSV row: step, T, avg_bits, steps_per_s."""
+    run["history"].append((run["step"], run["T"], run["avg"]))
+    return f"{run['step']},{run['T']},{run['avg']:.6f},{rate:.2f}\n"
+
+
+def progress(run, config, rate):
+    return f"T {run['T']}  avg {run['avg']:.3f} bits  {rate:.1f} steps/s"
+
+
+def finish(run, config, data, logs):
+    """The copy task's result is the curriculum's T at the last step: nothing to add."""
+
+
+def result(run):
+    return {"T": run["T"], "avg_bits": run["avg"]}
+
+
+def describe(run):
+    return f"curriculum T {run['T']} (avg {run['avg']:.3f} bits)"
+
+
+def plot(config, run):
+    """The curriculum's T against steps; with --measure-noise, each learner's cosine too."""
+    steps, Ts = zip(*[(0, 1)] + [(s, T) for s, T, _ in run["history"]])  # T_ starts at 1
+    runlib.write_plot(config["plot"], steps, Ts, "step", "curriculum T",
+                      f"copy task, {config['method']}, n {config['hidden']}",
+                      drawstyle="steps-post", integer_y=True)
+    if run["noise"]:
+        rows = np.array(run["noise"])  # (measurements x learners, 5): record_noise's rows
+        K = len(runlib.NOISE_LEARNERS)
+        runlib.write_noise_plot(plot_files(config)[1], rows[::K, 0], rows[:, 3].reshape(-1, K))
 
 
 def main(argv=None) -> int:
-    return runlib.cli_main(PROG, argv, build_parser, resolve_config, run_experiment)
-
-
-def run_experiment(config):
-    """The whole run: its files held, resumed or started, trained, saved, plotted."""
-    runlib.print_config(f"{PROG}: the copy task of Benzing et al. 2019 (arXiv 1902.03993), with "
-                        "its curriculum", config)
-    ok.set_threads(config["threads"])
-    plot_files = ([config["plot"], os.path.splitext(config["plot"])[0] + "-noise.png"]
-                  if config["plot"] and config["measure_noise"] else [config["plot"]])
-    with runlib.claim_outputs([("--checkpoint", config["checkpoint"]), ("--log", config["log"]),
-                               ("--noise-log", config["noise_log"])]
-                              + [("--plot", path) for path in plot_files]):
-        memory = runlib.check_memory(config, N_SYMBOLS)
-        print(f"memory: about {runlib.mib(memory)} for the learner and weights")
-        rng = np.random.default_rng(config["seed"])
-        run = new_run(config, rng)
-
-        def restore(arrays):
-            restore_run(arrays, run, rng, config["checkpoint"])
-            print(f"resuming from {config['checkpoint']} at step {run['step']:,} (T {run['T']})")
-            return run["step"]
-        resume_step = runlib.resume_or_start(config, EXPERIMENT_KEYS, restore)
-        header = runlib.log_header(PROG, config)
-        log = noise_log = None
-        if config["log"]:
-            log = runlib.open_log(config["log"], header, ("step", "T", "avg_bits", "steps_per_s"),
-                                  resume_step)
-        if config["measure_noise"]:
-            noise_log = runlib.open_log(config["noise_log"], header, (
-                "step", "T", "method", "rank", "median_cosine", "median_rel_error"), resume_step)
-        with runlib.stop_on_signals() as stop:
-            try:
-                train(config, run, rng, log, noise_log, stop)
-            finally:
-                for f in (log, noise_log):
-                    if f is not None:
-                        runlib.close_log(f)
-            if config["checkpoint"]:
-                runlib.final_save(config["checkpoint"], checkpoint_arrays(config, rng, run),
-                                  run["step"])
-        if config["plot"]:
-            steps_, Ts = zip(*[(0, 1)] + [(s, T) for s, T, _ in run["history"]])  # T_ starts at 1
-            runlib.write_plot(config["plot"], steps_, Ts, "step", "curriculum T",
-                              f"copy task, {config['method']}, n {config['hidden']}",
-                              drawstyle="steps-post", integer_y=True)
-            if run["noise"]:
-                rows = np.array(run["noise"])  # (measurements x learners, 5): record_noise's rows
-                K = len(runlib.NOISE_LEARNERS)
-                runlib.write_noise_plot(plot_files[1], rows[::K, 0], rows[:, 3].reshape(-1, K))
-    print(f"curriculum T {run['T']} at step {run['step']:,} (avg {run['avg']:.3f} bits)")
-    return 128 + stop["signal"] if stop["signal"] else 0
+    return runlib.main(sys.modules[__name__], argv)
 
 
 if __name__ == "__main__":

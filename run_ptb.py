@@ -15,11 +15,10 @@ symbols; about 1.77 on the standard files used here, see the README's "Where we 
 Data: the Mikolov split ptb.char.{train,valid,test}.txt (50 symbols: 49 in the text plus one
 end-of-line symbol per line; 5,017,482 / 393,042 / 442,423 tokens). Looked up in --data-dir, else
 in $OK_RTRL_DATA, else in a per-user cache folder, where it is downloaded on first use from
-Mikolov's "simple-examples" archive and checked against the published sha256 sums. What is not
-the task (the training step, checkpoints, the log, signals, the lock on a run's files) is
-runlib.py's.
+Mikolov's "simple-examples" archive and checked against the published sha256 sums. This module
+is the task as runlib.main reads it (runlib.py's docstring lists the names); the command line,
+the loop, checkpoints, the log, signals and the run's status are runlib.py's.
 """
-import argparse
 import hashlib
 import http.client
 import math
@@ -34,10 +33,15 @@ import urllib.request
 import numpy as np
 
 import ok_rtrl as ok
+import runfiles
 import runlib
 from runlib import UserError
 
-PROG = "run_ptb.py"
+TASK, PROG = "ptb", "run_ptb.py"
+TITLE = f"{PROG}: character-level Penn Treebank as in Benzing et al. 2019 (arXiv 1902.03993)"
+DESCRIPTION = ("Character-level Penn Treebank as in Benzing et al. 2019 (arXiv 1902.03993), "
+               "trained online with OK or a baseline. The defaults are the paper's "
+               "configuration.")
 
 # --- The data: files, download, symbols -------------------------------------------------------
 
@@ -225,9 +229,8 @@ def stream_positions(step, B, N):
 def stream_resets(positions, reset_every):
     """Which streams start afresh before this step (B,): those whose position in the text is a
     multiple of reset_every, as in the paper's code. Their offsets differ, so the streams reset
-    at different steps, each every reset_every characters. Resetting all streams at the same
-    steps instead (this repository before 2026-11-30) learns measurably slower: validation BPC
-    +0.08 at 5k and +0.05 at 10k steps (n 128, B 32, OK rank 8; README, "Where we differ")."""
+    at different steps, each every reset_every characters; resetting all of them at the same
+    steps learns measurably slower (README, "Where we differ")."""
     return positions % reset_every == 0
 
 
@@ -257,32 +260,20 @@ def bits_per_character(params, ids, eos_id, warmup, rows=EVAL_ROWS):
 
 # --- Command line --------------------------------------------------------------------------------
 
+DEFAULTS = {"rank": 8, "trunc": 100, "hidden": 256, "batch": 32, "steps": 1_000_000}
+WORDS = {"paper": "PTB", "streams": "at evenly spaced offsets of the training text",
+         "rows": " and after each validation; the test BPC in a last '#' line",
+         "curve": "validation BPC against steps", "keeps": ", and the best-validation weights"}
+COLUMNS = ("step", "train_bits", "valid_bpc", "chars_per_s")
+RESETS = "by stream position"  # stream_resets; checkpoints without this key reset all at once
+# Options that define the experiment: a checkpoint resumes only under the same values (and the
+# same data). The others (--steps, files, intervals) only say how long to run and where to write.
+EXPERIMENT_KEYS = ("task", "method", "rank", "trunc", "hidden", "batch", "lr", "seed", "dtype",
+                   "adam", "eval_every", "reset_every", "resets", "data_sha256")
 
-def build_parser():
-    p = argparse.ArgumentParser(
-        prog=PROG, description="Character-level Penn Treebank as in Benzing et al. 2019 (arXiv "
-        "1902.03993), trained online with OK or a baseline. The defaults are the paper's "
-        "configuration.")
-    p.add_argument("--method", choices=runlib.METHODS, default="ok",
-                   help="learning algorithm (default ok, the paper's): KF-RTRL (kf), kf-avg "
-                   "(r averaged KF-RTRL copies), UORO, exact RTRL (small --hidden only), or TBPTT "
-                   "(ok_rtrl.py, section 5)")
-    p.add_argument("--rank", type=runlib.int_at_least(1), metavar="R",
-                   help="OK's rank, or kf-avg's number of averaged KF-RTRL copies (default 8, "
-                   "the paper's PTB rank); kf is rank 1")
-    p.add_argument("--trunc", type=runlib.int_at_least(1), metavar="K",
-                   help="TBPTT window, --method tbptt only (default 100, the paper's reset "
-                   "interval)")
-    p.add_argument("--hidden", type=runlib.int_at_least(1), default=256, metavar="N",
-                   help="hidden units (default 256, the paper's PTB network)")
-    p.add_argument("--batch", type=runlib.int_at_least(1), default=32, metavar="B",
-                   help="streams at evenly spaced offsets of the training text (default 32, "
-                   "the paper's)")
-    p.add_argument("--lr", type=runlib.positive_float, default=10 ** -3.5,
-                   help="Adam learning rate (default 10^-3.5 = 3.16e-4, the paper's)")
-    p.add_argument("--steps", type=runlib.int_at_least(0), default=1_000_000,
-                   help="total steps of B symbols each, a resumed checkpoint's included "
-                   "(default 1,000,000, the paper's run; 1e6 or 1_000_000 work too)")
+
+def add_options(p):
+    """Validation, resets and the data, PTB's own options."""
     p.add_argument("--eval-every", type=runlib.int_at_least(1), default=10_000, metavar="STEPS",
                    help="steps between validations on the whole validation text, and one at "
                    "the last step (default 10,000, the paper's)")
@@ -290,53 +281,39 @@ def build_parser():
                    help="characters between resets of a stream's h and learner state: each stream "
                    "is reset where its position in the text is a multiple of STEPS (default "
                    "100, the paper's)")
-    p.add_argument("--seed", type=runlib.int_at_least(0), default=0,
-                   help="seed of the one numpy Generator behind all randomness (default 0)")
-    p.add_argument("--dtype", choices=("float32", "float64"), default="float32",
-                   help="floating point type (default float32, as the paper's TensorFlow code)")
-    runlib.add_shared_options(p)
     p.add_argument("--data-dir", metavar="DIR",
                    help="folder with train.txt, valid.txt, test.txt or ptb.char.*.txt (default: "
                    "$OK_RTRL_DATA, else ~/.cache/ok-rtrl/ptb-char, filled by a checked download)")
-    p.add_argument("--log", type=runlib.output_path, metavar="FILE.csv",
-                   help="CSV log: step, train_bits (mean since the last row), valid_bpc, "
-                   "chars_per_s; the config in a '#' header line, the test BPC in a last one")
-    p.add_argument("--log-every", type=runlib.int_at_least(1), default=1000, metavar="STEPS",
-                   help="steps between log rows (default 1000)")
-    p.add_argument("--checkpoint", type=runlib.output_path, metavar="FILE.npz",
-                   help="resume from FILE if it exists; save to it periodically, after each "
-                   "validation, at the end and on Ctrl-C or SIGTERM; it holds the current run "
-                   "(weights, Adam, learner state, data position) and the best-validation "
-                   "weights")
-    p.add_argument("--checkpoint-every", type=runlib.positive_float, default=300.0,
-                   metavar="SECONDS",
-                   help="seconds between periodic checkpoints (default 300)")
-    p.add_argument("--plot", type=runlib.output_path, metavar="FILE.png",
-                   help="validation BPC against steps (needs matplotlib)")
-    return p
 
 
-RESETS = "by stream position"  # stream_resets; checkpoints without this key reset all at once
+def config(args):
+    """PTB's own configuration keys: validation and resets define the experiment; the data's
+    folder is this machine's (the data are known by their sha256, data_sha256, added by
+    prepare)."""
+    return ({"eval_every": args.eval_every, "reset_every": args.reset_every, "resets": RESETS},
+            {"data_dir": args.data_dir}, {})
 
-# Options that define the experiment: a checkpoint resumes only under the same values (and the
-# same data). The others (--steps, files, intervals) only say how long to run and where to write.
-EXPERIMENT_KEYS = ("task", "method", "rank", "trunc", "hidden", "batch", "lr", "seed", "dtype",
-                   "adam", "eval_every", "reset_every", "resets", "data_sha256")
 
-
-def resolve_config(parser, args):
-    """The run's configuration as a JSON-able dict, with rank and trunc resolved per method."""
-    rank, trunc = runlib.resolve_rank_and_trunc(parser, args, default_rank=8, default_trunc=100)
-    return {"task": "ptb", "method": args.method, "rank": rank, "trunc": trunc,
-            "hidden": args.hidden, "batch": args.batch, "lr": args.lr, "seed": args.seed,
-            "dtype": args.dtype, "adam": args.adam, "threads": args.threads,
-            "eval_every": args.eval_every, "reset_every": args.reset_every, "resets": RESETS,
-            "steps": args.steps, "data_dir": args.data_dir, "log": args.log,
-            "log_every": args.log_every, "checkpoint": args.checkpoint,
-            "checkpoint_every": args.checkpoint_every, "plot": args.plot}
+def outputs(config):
+    return [("--plot", config["plot"], None)]
 
 
 # --- The run: best weights and curves beside runlib's weights, learner and checkpoint -----------
+
+
+def prepare(config):
+    """The three files read and checked, their sha256 in the config -> (V, data): the vocabulary
+    size, and data = {split: ids, 'eos': the end-of-line symbol's id}."""
+    paths = locate_ptb(config["data_dir"])
+    ids, vocab, sha = load_ptb(paths)
+    config["data_sha256"] = sha
+    print(f"data: {os.path.dirname(os.path.abspath(paths['train']))}: "
+          + ", ".join(f"{split} {len(ids[split]):,}" for split in SPLITS)
+          + f" symbols; vocabulary {len(vocab)} (train, end of line included)")
+    if sha != PTB_SHA256:
+        print("note: these are not the published PTB files (their sha256 differs): the BPC "
+              "is not comparable with the paper's")
+    return len(vocab), dict(ids, eos=vocab.index(EOS))
 
 
 def new_run(config, rng, V):
@@ -344,7 +321,8 @@ def new_run(config, rng, V):
     run = runlib.new_run(config, rng, V)
     run.update(row_nats=0.0, row_steps=0,  # training loss summed since the last log row
                best=run["params"], best_step=-1, best_bpc=math.inf, last_eval=-1,
-               train_curve=[], valid_curve=[])  # (step, bits) points
+               train_curve=[], valid_curve=[],  # (step, bits) points
+               shown=[0.0, 0])  # training loss and steps since the last progress line
     return run
 
 
@@ -365,7 +343,27 @@ def restore_run(arrays, run, rng, path):
     run["valid_curve"] = [tuple(row) for row in arrays["valid_curve"].tolist()]
 
 
-# --- Main loop ---------------------------------------------------------------------------------
+# --- One step, validation, the log row and progress line, the test BPC --------------------------
+
+
+def step(run, config, rng, data):
+    """Every stream's next symbol of the training text, one training step (TBPTT: 0 or K
+    losses), the losses summed for the log row and the progress line."""
+    text = data["train"]
+    p = stream_positions(run["step"], config["batch"], len(text))
+    reset = stream_resets(p, config["reset_every"])
+    nats = runlib.train_step(run, config, text[p], text[p + 1], reset)
+    run["row_nats"] += float(nats.sum())
+    run["row_steps"] += len(nats)
+    run["shown"] = [run["shown"][0] + float(nats.sum()), run["shown"][1] + len(nats)]
+
+
+def measure(run, config, data, logs):
+    """The validation BPC every --eval-every steps and at the last one (it asks for a log row
+    and a save), else None."""
+    if run["step"] % config["eval_every"] == 0 or run["step"] == config["steps"]:
+        return validate(run, data, config)
+    return None
 
 
 def validate(run, data, config):
@@ -381,121 +379,65 @@ def validate(run, data, config):
     return bpc
 
 
-def log_row(run, log, bpc, chars_per_s):
-    """A point of the training curve (mean train bits since the last row) and a CSV row."""
+def log_row(run, config, bpc, rate):
+    """A point of the training curve (mean train bits since the last row) and the CSV row:
+    step, train_bits, valid_bpc (empty between validations), chars_per_s."""
     train_bits = (float(ok.bits(run["row_nats"] / run["row_steps"])) if run["row_steps"]
                   else math.nan)  # nan: no TBPTT window ended since the last row
     run["train_curve"].append((run["step"], train_bits))
     run["row_nats"], run["row_steps"] = 0.0, 0
-    if log is not None:
-        valid = "" if bpc is None else f"{bpc:.6f}"
-        runlib.write_line(log, f"{run['step']},{train_bits:.6f},{valid},{chars_per_s:.1f}\n")
+    valid = "" if bpc is None else f"{bpc:.6f}"
+    return f"{run['step']},{train_bits:.6f},{valid},{config['batch'] * rate:.1f}\n"
 
 
-def train(config, run, rng, data, log, stop):
-    """Run steps until --steps, or until stop["signal"] is set (Ctrl-C, SIGTERM)."""
-    steps, B, text = config["steps"], config["batch"], data["train"]
-    started, step0 = time.monotonic(), run["step"]
-    busy = 0.0  # seconds inside training steps: the log's rate leaves out validations and saves
-    row_mark, print_mark, last_save = [busy, step0], [started, step0], started
-    shown = [0.0, 0]  # training loss (nats) and steps since the last progress line
-    while run["step"] < steps and not stop["signal"]:
-        begun = time.monotonic()
-        p = stream_positions(run["step"], B, len(text))
-        reset = stream_resets(p, config["reset_every"])
-        nats = runlib.train_step(run, config, rng, text[p], text[p + 1], reset)  # TBPTT: 0 or K
-        busy += time.monotonic() - begun
-        run["step"] += 1
-        run["row_nats"] += float(nats.sum())
-        run["row_steps"] += len(nats)
-        shown = [shown[0] + float(nats.sum()), shown[1] + len(nats)]
-        step, bpc = run["step"], None
-        if step % config["eval_every"] == 0 or step == steps:
-            bpc = validate(run, data, config)
-        now = time.monotonic()
-        if step % config["log_every"] == 0 or bpc is not None:
-            log_row(run, log, bpc, B * runlib.rate_since(row_mark, step, busy))
-        if now - print_mark[0] >= runlib.PROGRESS_SECONDS or step == steps:
-            rate = runlib.rate_since(print_mark, step, now)
-            recent = f"{ok.bits(shown[0] / shown[1]):.3f}" if shown[1] else "-"
-            best = f"  best valid {run['best_bpc']:.3f}" if run["best_step"] >= 0 else ""
-            print(f"step {step:,}/{steps:,}  train {recent} bits{best}  {B * rate:,.0f} "
-                  f"chars/s  ETA {runlib.duration((steps - step) / max(rate, 1e-9))}", flush=True)
-            shown = [0.0, 0]
-        if config["checkpoint"] and (bpc is not None
-                                     or now - last_save >= config["checkpoint_every"]):
-            runlib.save_or_warn(config["checkpoint"], checkpoint_arrays(config, rng, run), step)
-            last_save = time.monotonic()
-    if run["step"] > step0:
-        print(f"{run['step'] - step0:,} steps in {runlib.duration(time.monotonic() - started)}")
+def progress(run, config, rate):
+    """The mean training loss since the last progress line, the best validation, chars/s."""
+    nats, steps = run["shown"]
+    run["shown"] = [0.0, 0]
+    recent = f"{ok.bits(nats / steps):.3f}" if steps else "-"
+    best = f"  best valid {run['best_bpc']:.3f}" if run["best_step"] >= 0 else ""
+    return f"train {recent} bits{best}  {config['batch'] * rate:,.0f} chars/s"
 
 
-def report_test_bpc(run, data, config, log):
+def finish(run, config, data, logs):
     """The result: test BPC of the best-validation weights (validating first if the last step
     was not, e.g. --steps 0), printed and written as the log's last line."""
     if run["last_eval"] != run["step"]:
         validate(run, data, config)
-    test = bits_per_character(run["best"], data["test"], data["eos"], config["reset_every"])
-    summary = (f"test BPC {test:.4f} of the best weights (step {run['best_step']:,}, "
+    run["test_bpc"] = bits_per_character(run["best"], data["test"], data["eos"],
+                                         config["reset_every"])
+    summary = (f"test BPC {run['test_bpc']:.4f} of the best weights (step {run['best_step']:,}, "
                f"validation {run['best_bpc']:.4f})")
     print(summary)
-    if log is not None:
-        runlib.write_line(log, f"# {summary}\n")
+    if "--log" in logs:
+        runfiles.write_line(logs["--log"], f"# {summary}\n")
+
+
+def result(run):
+    """The best validation BPC and its step (None before the first validation) and, once the
+    run has finished, the test BPC of those weights."""
+    validated = run["best_step"] >= 0
+    return {"best_valid_bpc": run["best_bpc"] if validated else None,
+            "best_step": run["best_step"] if validated else None,
+            "test_bpc": run.get("test_bpc")}
+
+
+def describe(run):
+    if run["best_step"] < 0:
+        return "no validation yet"
+    return f"best validation {run['best_bpc']:.4f} BPC at step {run['best_step']:,}"
+
+
+def plot(config, run):
+    """Validation BPC against steps."""
+    if run["valid_curve"]:
+        x, y = zip(*run["valid_curve"])
+        runlib.write_plot(config["plot"], x, y, "step", "validation bits per character",
+                          f"char PTB, {config['method']}, n {config['hidden']}")
 
 
 def main(argv=None) -> int:
-    return runlib.cli_main(PROG, argv, build_parser, resolve_config, run_experiment)
-
-
-def run_experiment(config):
-    """The whole run: its files held, data read, resumed or started, trained and validated,
-    the best weights tested, saved, plotted."""
-    runlib.print_config(f"{PROG}: character-level Penn Treebank as in Benzing et al. 2019 (arXiv "
-                        "1902.03993)", config)
-    ok.set_threads(config["threads"])
-    with runlib.claim_outputs([("--checkpoint", config["checkpoint"]), ("--log", config["log"]),
-                               ("--plot", config["plot"])]):
-        paths = locate_ptb(config["data_dir"])
-        ids, vocab, sha = load_ptb(paths)
-        config["data_sha256"] = sha
-        data = dict(ids, eos=vocab.index(EOS))
-        print(f"data: {os.path.dirname(os.path.abspath(paths['train']))}: "
-              + ", ".join(f"{split} {len(ids[split]):,}" for split in SPLITS)
-              + f" symbols; vocabulary {len(vocab)} (train, end of line included)")
-        if sha != PTB_SHA256:
-            print("note: these are not the published PTB files (their sha256 differs): the BPC "
-                  "is not comparable with the paper's")
-        memory = runlib.check_memory(config, len(vocab))
-        print(f"memory: about {runlib.mib(memory)} for the learner and weights")
-        rng = np.random.default_rng(config["seed"])
-        run = new_run(config, rng, len(vocab))
-
-        def restore(arrays):
-            restore_run(arrays, run, rng, config["checkpoint"])
-            print(f"resuming from {config['checkpoint']} at step {run['step']:,}")
-            return run["step"]
-        resume_step = runlib.resume_or_start(config, EXPERIMENT_KEYS, restore)
-        log = None
-        if config["log"]:  # the header names no data folder: the data are known by their sha256
-            header = runlib.log_header(PROG, config, local=["data_dir"])
-            log = runlib.open_log(config["log"], header,
-                                  ("step", "train_bits", "valid_bpc", "chars_per_s"), resume_step)
-        with runlib.stop_on_signals() as stop:
-            try:
-                train(config, run, rng, data, log, stop)
-                if not stop["signal"]:
-                    report_test_bpc(run, data, config, log)
-            finally:
-                if log is not None:
-                    runlib.close_log(log)
-            if config["checkpoint"]:
-                runlib.final_save(config["checkpoint"], checkpoint_arrays(config, rng, run),
-                                  run["step"])
-        if config["plot"] and run["valid_curve"]:
-            x, y = zip(*run["valid_curve"])
-            runlib.write_plot(config["plot"], x, y, "step", "validation bits per character",
-                              f"char PTB, {config['method']}, n {config['hidden']}")
-    return 128 + stop["signal"] if stop["signal"] else 0
+    return runlib.main(sys.modules[__name__], argv)
 
 
 if __name__ == "__main__":

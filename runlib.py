@@ -1,38 +1,42 @@
-"""The machinery of a long online training run, shared by the experiment runners.
+"""What an experiment runner is made of beyond its task, written once for both runners.
 
 run_copy.py and run_ptb.py are the two experiments of Benzing et al., ICML 2019 (arXiv
-1902.03993), each written as its task: the data or the task generator, the configuration with
-the paper's defaults, the task's part of the training loop, the command line. What a run needs
-beyond its task is here, once, and tested once (test_runlib.py): no algorithm (ok_rtrl.py has
-the math) and nothing that knows a task.
+1902.03993), each written as its task: the data or the task generator, the paper's defaults,
+what one training step reads and what the run measures. main(task, argv) is the rest, shared and
+tested once (test_runlib.py): the command line, the files, the loop, checkpoints and exact
+resume, the status, signals. No algorithm (ok_rtrl.py has the math) and nothing that knows a
+task. The files of a run (atomic writes, the lock, the CSV log) are runfiles.py's.
 
-What a task provides, and what this module does with it:
+A runner module is the task, and main reads these names from it:
 
-- Its options, parsed with int_at_least, positive_float and output_path (a bad value is usage
-  and one line, exit 2) and METHODS; resolve_rank_and_trunc gives --method its rank and window,
-  add_shared_options adds --adam and --threads.
-  Its main(argv) is cli_main(...), which turns every UserError into one line and exit status 1.
-- Its configuration, a JSON-able dict with at least task, method, rank, trunc, hidden, batch,
-  lr, seed, dtype and checkpoint, and the keys that define its experiment (a checkpoint resumes
-  only under the same values; data_sha256, if the task reads data files, identifies them):
-  print_config shows it, check_memory refuses a run that cannot fit, log_header writes it into
-  the CSV log naming no folder of the machine.
-- Its output files (option, path): claim_outputs checks before the first step that each can be
-  written, and holds them for as long as the run lives, so a second run on them is refused.
-- Its number of symbols V: new_run draws the weights and makes Adam, the learner and h, to which
-  the task adds its own state.
-- Each step's inputs, targets and resets (B,): train_step trains on them (one online update, or
-  a TBPTT window once it is full), and a diverged run ends in one line.
-- Its counters and own arrays: checkpoint_arrays adds the weights, Adam, learner, h, TBPTT window
-  and rng; save_or_warn (during the run) and final_save (at its end) write them atomically and
-  never lose a run; resume_or_start and restore_run bring it back, bit for bit.
-- Its log columns and rows: open_log starts a log or resumes it with its checkpoint, write_line
-  adds a row and survives a full disk, close_log ends it. The loop runs inside stop_on_signals
-  (Ctrl-C or SIGTERM stop it after a step, and the run saves); duration, rate_since and
-  PROGRESS_SECONDS serve its progress lines; write_plot draws its curve if matplotlib is there.
-- Sequences of the task at the current weights: measure_noise compares the gradient of each
-  learner of NOISE_LEARNERS with exact RTRL's on them (gradient_agreement, usable on its own);
-  write_noise_plot draws the result.
+- TASK ('copy'), PROG, TITLE (a run's first line), DESCRIPTION (--help's), DEFAULTS of --rank,
+  --trunc, --hidden, --batch, --steps, and WORDS: how its help names the paper's setting
+  ("copy-task"), its streams, its curves, what its checkpoint keeps beyond the current run.
+  add_options(p) adds its own options; config(args) -> its own configuration keys as three
+  dicts (experiment: they define the run, after the network's keys; data: folders of this
+  machine, after --steps and never in a log's header; measurements: last); EXPERIMENT_KEYS,
+  the keys a checkpoint resumes only under (data_sha256 identifies data files). COLUMNS, the
+  CSV log's; outputs(config) -> [(option, path, CSV columns or None)], its files beyond
+  --checkpoint, --log and --status.
+- prepare(config) -> (V, data): reads its data, if it has any, and says which; V symbols in and
+  out. new_run(config, rng, V) -> the run, a dict (runlib.new_run's and the task's entries);
+  checkpoint_arrays(config, rng, run) and restore_run(arrays, run, rng, path), around
+  runlib.checkpoint_arrays and runlib.restore_run, bit for bit.
+- step(run, config, rng, data): one training step of every stream (its inputs, targets and
+  resets through runlib.train_step). measure(run, config, data, logs) after each step: a value
+  for the log row when the task measured something that asks for a row and a save (PTB's
+  validation), else None. log_row(run, config, value, rate) -> the CSV row; progress(run, config,
+  rate) -> the middle of a progress line; finish(run, config, data, logs) after the last step
+  (not after a stop); result(run) -> what the run has reached, for its status (JSON) and
+  describe(run) for people; plot(config, run) draws its --plot.
+
+The run's configuration is a JSON-able dict: print_config shows it, check_memory refuses a run
+that cannot fit, runfiles.log_header writes it into the CSV log naming no folder of the machine.
+A run stops after a step on Ctrl-C, SIGTERM or, with --stop-at-eof, at the end of its standard
+input (a supervisor that died), and saves; with --status it writes how it stands as JSON.
+Sequences of a task at the current weights: measure_noise compares the gradient of each learner
+of NOISE_LEARNERS with exact RTRL's on them (gradient_agreement, usable on its own);
+write_noise_plot draws the result.
 """
 import argparse
 import contextlib
@@ -42,31 +46,27 @@ import os
 import signal
 import sys
 import tempfile
+import threading
+import time
 import zipfile
-
-try:
-    import fcntl  # POSIX: the lock of claim_outputs
-except ImportError:  # Windows: runs go unlocked
-    fcntl = None
 
 import numpy as np
 
 import ok_rtrl as ok
+import runfiles
+from runfiles import PAST_DEFAULTS, UserError
 
 METHODS = ok.METHODS + ("tbptt",)  # --method's choices
 ADAMS = ("kingma-ba", "tensorflow")  # --adam's choices: see adam_eps
-# Experiment keys added since runs were first made, with the value those runs had: a checkpoint
-# written before a key existed resumes under that value, and only under it.
-PAST_DEFAULTS = {"adam": "kingma-ba"}
 PROGRESS_SECONDS = 5.0  # a progress line at most this often
 
 
-class UserError(Exception):
-    """A problem the user can fix (missing data, a wrong checkpoint, a diverged run): printed
-    as one line, exit status 1."""
+class Diverged(UserError):
+    """A training step whose loss or weights are no longer finite: one line, exit status 1,
+    and the status says diverged."""
 
 
-# --- Command line: argument types, --rank and --trunc, errors as one line ------------------------
+# --- Command line: argument types, the options every runner has, errors as one line -------------
 
 
 def int_at_least(low):
@@ -110,8 +110,36 @@ def output_path(text):
     return text
 
 
-def add_shared_options(p):
-    """--adam and --threads, the same in every runner."""
+def build_parser(task):
+    """The runner's command line: the options every runner has, with the task's defaults and
+    words, then the task's own (task.add_options), then those of a supervised run."""
+    d, words = task.DEFAULTS, task.WORDS
+    p = argparse.ArgumentParser(prog=task.PROG, description=task.DESCRIPTION)
+    p.add_argument("--method", choices=METHODS, default="ok",
+                   help="learning algorithm (default ok, the paper's): KF-RTRL (kf), kf-avg "
+                   "(r averaged KF-RTRL copies), UORO, exact RTRL (small --hidden only), or TBPTT "
+                   "(ok_rtrl.py, section 5)")
+    p.add_argument("--rank", type=int_at_least(1), metavar="R",
+                   help=f"OK's rank, or kf-avg's number of averaged KF-RTRL copies (default "
+                   f"{d['rank']}, the paper's {words['paper']} rank); kf is rank 1")
+    p.add_argument("--trunc", type=int_at_least(1), metavar="K",
+                   help=f"TBPTT window, --method tbptt only (default {d['trunc']}: the paper "
+                   "gives no window; its PTB streams reset every 100 characters)")
+    p.add_argument("--hidden", type=int_at_least(1), default=d["hidden"], metavar="N",
+                   help=f"hidden units (default {d['hidden']}, the paper's {words['paper']} "
+                   "network)")
+    p.add_argument("--batch", type=int_at_least(1), default=d["batch"], metavar="B",
+                   help=f"streams, {words['streams']} (default {d['batch']}, the paper's)")
+    p.add_argument("--lr", type=positive_float, default=10 ** -3.5,
+                   help="Adam learning rate (default 10^-3.5 = 3.16e-4, the paper's: the best "
+                   "of its grid 10^-2.5 .. 10^-4)")
+    p.add_argument("--steps", type=int_at_least(0), default=d["steps"],
+                   help=f"total steps, a resumed checkpoint's included; 1e5 or 100_000 work too "
+                   f"(default {d['steps']:,}, the paper's runs)")
+    p.add_argument("--seed", type=int_at_least(0), default=0,
+                   help="seed of the one numpy Generator behind all randomness (default 0)")
+    p.add_argument("--dtype", choices=("float32", "float64"), default="float32",
+                   help="floating point type (default float32, as the paper's TensorFlow code)")
     p.add_argument("--adam", choices=ADAMS, default="kingma-ba",
                    help="Adam as Kingma and Ba write it (default), or as the paper's TensorFlow "
                    "code ran it: eps before the bias correction, on W's gradient divided by B "
@@ -120,6 +148,35 @@ def add_shared_options(p):
                    help="threads of each training step (default: the %(default)s cores this "
                    "process may use). Runs side by side should share the cores out: two runs "
                    "on 2 cores, --threads 1 each. The results do not depend on it")
+    p.add_argument("--log", type=output_path, metavar="FILE.csv",
+                   help=f"CSV log: {', '.join(task.COLUMNS)}, a row every --log-every steps"
+                   f"{words['rows']}; the config in a first '#' line")
+    p.add_argument("--log-every", type=int_at_least(1), default=1000, metavar="STEPS",
+                   help="steps between log rows (default 1000, as the paper's code printed)")
+    p.add_argument("--checkpoint", type=output_path, metavar="FILE.npz",
+                   help="resume from FILE if it exists; save to it every --checkpoint-every "
+                   "seconds, at the end and when stopped (Ctrl-C, SIGTERM, --stop-at-eof); it "
+                   "holds the current run (weights, Adam, learner state, data position, "
+                   f"counters){words['keeps']}")
+    p.add_argument("--checkpoint-every", type=positive_float, default=300.0, metavar="SECONDS",
+                   help="seconds between periodic checkpoints (default 300)")
+    p.add_argument("--plot", type=output_path, metavar="FILE.png",
+                   help=f"{words['curve']} (needs matplotlib)")
+    task.add_options(p)
+    supervised = p.add_argument_group(
+        "a run under a supervisor", "sweep.py runs every runner with these three")
+    supervised.add_argument("--status", type=output_path, metavar="FILE.json",
+                            help="how the run stands, as JSON: written when it starts training, "
+                            "at each save and when it ends (state running, finished, stopped, "
+                            "diverged, failed, refused or interrupted; its step and result)")
+    supervised.add_argument("--stop-at-eof", action="store_true",
+                            help="stop and save as on SIGTERM when standard input ends: given a "
+                            "pipe from the program that supervises it, the run never outlives "
+                            "that program")
+    supervised.add_argument("--wait-if-held", type=positive_float, metavar="SECONDS",
+                            help="if a run that is stopping holds these files, wait up to "
+                            "SECONDS for it to save and exit (default: refuse at once)")
+    return p
 
 
 def resolve_rank_and_trunc(parser, args, default_rank, default_trunc):
@@ -143,27 +200,51 @@ def resolve_rank_and_trunc(parser, args, default_rank, default_trunc):
     return rank, trunc
 
 
-def cli_main(prog, argv, build_parser, resolve_config, run_experiment):
-    """Parse argv, run the experiment; user errors become one line and a non-zero status."""
-    parser = build_parser()
+def resolve_config(task, parser, args):
+    """The run's configuration as a JSON-able dict, rank and trunc resolved per method, in the
+    order of the log's '#' line: the network and method, the task's experiment keys, --steps,
+    the task's data folders, the outputs, the task's measurements. -> (config, the keys of the
+    data folders, which the log's '#' line leaves out)."""
+    rank, trunc = resolve_rank_and_trunc(parser, args, task.DEFAULTS["rank"],
+                                         task.DEFAULTS["trunc"])
+    experiment, data, measurements = task.config(args)
+    return {"task": task.TASK, "method": args.method, "rank": rank, "trunc": trunc,
+            "hidden": args.hidden, "batch": args.batch, "lr": args.lr, "seed": args.seed,
+            "dtype": args.dtype, "adam": args.adam, "threads": args.threads, **experiment,
+            "steps": args.steps, **data, "log": args.log, "log_every": args.log_every,
+            "checkpoint": args.checkpoint, "checkpoint_every": args.checkpoint_every,
+            "plot": args.plot, **measurements}, list(data)
+
+
+def main(task, argv=None):
+    """A runner's main: parse argv, run the experiment. A user error becomes one line and exit
+    status 1 (files that another run holds: runfiles.BUSY_EXIT); a stop, 128 + its signal."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(task)
     try:
         args = parser.parse_args(argv)
-        config = resolve_config(parser, args)
+        config, local = resolve_config(task, parser, args)
     except SystemExit as e:  # usage and one error line are printed (2), or --help (0)
         return e.code
+    session = {"status": args.status, "argv": argv, "local": local,
+               "wait": args.wait_if_held or 0.0}
+    stop = {"signal": 0, "signals": 0, "tell": None}
+    if args.stop_at_eof:
+        stop_at_end_of_input(stop)
     try:
         with np.errstate(over="ignore", invalid="ignore"):  # a diverging run is caught by its
-            return run_experiment(config)  # non-finite values and ends with one line, no warnings
+            return run_experiment(task, config, session, stop)  # non-finite values, one line
     except UserError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 1
+        print(f"{task.PROG}: error: {e}", file=sys.stderr)
+        return runfiles.BUSY_EXIT if isinstance(e, runfiles.Busy) else 1
     except MemoryError:  # check_memory's estimate fitted, but the memory was gone meanwhile
         rank = " or --rank" if config["method"] in ("ok", "kf-avg") else ""
-        print(f"{prog}: error: out of memory; try a smaller --hidden, --batch{rank}",
+        print(f"{task.PROG}: error: out of memory; try a smaller --hidden, --batch{rank}",
               file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"{prog}: interrupted; nothing saved since the last checkpoint", file=sys.stderr)
+        print(f"{task.PROG}: interrupted; nothing saved since the last checkpoint",
+              file=sys.stderr)
         return 130
 
 
@@ -178,45 +259,43 @@ def print_config(title, config):
 
 
 def new_run(config, rng, V):
-    """A fresh run: weights drawn first from rng (V symbols in and out), Adam, the learner's
-    state (None for TBPTT), h = 0, step 0 and an empty TBPTT window. The task adds its own
-    entries to the dict."""
+    """A fresh run: weights drawn first from rng (V symbols in and out), Adam, step 0, and for
+    an online method its ok.Learner (which carries h and draws its signs from rng), for TBPTT
+    h = 0 and an empty window. The task adds its own entries to the dict."""
     B, n = config["batch"], config["hidden"]
     params = ok.init_params(V, n, V, rng, dtype=np.dtype(config["dtype"]))
-    state = (None if config["method"] == "tbptt"
-             else ok.init_learner(config["method"], params, B, config["rank"] or 1))
-    return {"params": params, "adam": ok.adam_init(params), "state": state,
-            "h": np.zeros((B, n), params.W.dtype), "step": 0, "window": []}
+    run = {"params": params, "adam": ok.adam_init(params), "step": 0}
+    if config["method"] == "tbptt":
+        return dict(run, h=np.zeros((B, n), params.W.dtype), window=[])
+    return dict(run, learner=ok.Learner(params, B, config["method"], config["rank"] or 1, rng))
 
 
-def train_step(run, config, rng, x, y, reset):
+def train_step(run, config, x, y, reset):
     """One step of every stream -> the batch-mean losses (nats) of the steps just trained on.
 
     x, y, reset (B,): each stream's input and target symbol, and whether its h and learner state
-    start afresh before the step. Online methods: one learner step and one Adam update
-    (ok.online_update), so one loss. TBPTT: the step joins the window; when it holds K steps, one
-    update over the window (ok.tbptt_update) returns their K losses, and inside a window there are
-    none. As in the paper's code, the batch-mean W gradient is clipped to norm B (its code divides
-    the mean by B once more and clips to norm 1). A diverged run becomes one line.
+    start afresh before the step. Online methods: one learner step and one Adam update, so one
+    loss. TBPTT: the step joins the window; when it holds K steps, BPTT over the window (from
+    the carried h) and one update with its gradient divided by K, the scale of one online step
+    (README, "Where we differ"), return their K losses; inside a window there are none. As in
+    the paper's code, the batch-mean W gradient is clipped to norm B (its code divides the mean
+    by B once more and clips to norm 1). A diverged run becomes one line.
     """
-    method, B, n = config["method"], config["batch"], config["hidden"]
-    eps = adam_eps(config, run["adam"].t + 1)
+    B, eps = config["batch"], adam_eps(config, run["adam"].t + 1)
     try:
-        if method == "tbptt":
+        if config["method"] == "tbptt":
             run["window"].append((x, y, reset))
             if len(run["window"]) < config["trunc"]:
                 return np.zeros(0)
             xs, ys, resets = (np.stack(column) for column in zip(*run["window"]))  # (K, B) each
             run["window"] = []
-            losses, run["params"], run["adam"], run["h"] = ok.tbptt_update(
-                run["params"], run["adam"], run["h"], xs, ys, resets, config["lr"], max_norm=B,
-                eps=eps)
+            losses, dW, dW_out, run["h"] = ok.bptt(run["params"], xs, ys, run["h"], resets)
+            dW, dW_out = dW / len(losses), dW_out / len(losses)
         else:
-            signs = ok.draw_signs(rng, method, B, config["rank"] or 1, n)
-            stream_losses, run["params"], run["adam"], run["h"], run["state"] = ok.online_update(
-                run["params"], run["adam"], run["state"], run["h"], x, y, method, signs,
-                config["lr"], max_norm=B, reset=reset, eps=eps)
+            stream_losses, dW, dW_out = run["learner"].step(run["params"], x, y, reset)
             losses = np.array([stream_losses.mean()], dtype=np.float64)
+        run["params"], run["adam"], _ = ok.apply_gradients(run["params"], run["adam"], dW, dW_out,
+                                                           config["lr"], max_norm=B, eps=eps)
         if not np.all(np.isfinite(losses)):
             raise FloatingPointError("the loss is not finite: the run diverged; lower the "
                                      "learning rate or train in float64")
@@ -256,19 +335,20 @@ def adam_eps(config, t, eps=1e-8, beta2=0.999):
 def checkpoint_arrays(config, rng, run, counters, task_arrays):
     """Everything a run needs to go on exactly where it stopped, as named arrays for np.savez:
     the config, the rng's state, the run's entries named in counters (as JSON, which keeps floats
-    exactly, Infinity included), weights, Adam, learner state, h and the TBPTT window, and the
-    task's own arrays (a dict of arrays or NamedTuples such as Params)."""
+    exactly, Infinity included), weights, Adam, h, the learner's influence ('learner.*') or the
+    TBPTT window, and the task's own arrays (a dict of arrays or NamedTuples such as Params)."""
     B = config["batch"]
-    window = run["window"]
+    window = run.get("window", [])
+    carried = run["learner"].state() if "learner" in run else ok.LearnerState(run["h"], ())
     arrays = {"config": json.dumps(config), "rng": json.dumps(rng.bit_generator.state),
-              "counters": json.dumps({k: run[k] for k in counters}), "h": run["h"],
+              "counters": json.dumps({k: run[k] for k in counters}), "h": carried.h,
               "window_x": np.array([w[0] for w in window], np.int64).reshape(-1, B),  # (k, B)
               "window_y": np.array([w[1] for w in window], np.int64).reshape(-1, B),
               "window_reset": np.array([w[2] for w in window], bool).reshape(-1, B)}
     arrays.update(_flatten("params", run["params"]))
     arrays.update(_flatten("adam", run["adam"]))
-    if run["state"] is not None:
-        arrays.update(_flatten("learner", run["state"]))
+    if carried.influence:
+        arrays.update(_flatten("learner", carried.influence))
     for name, value in task_arrays.items():
         arrays.update(_flatten(name, value))
     return arrays
@@ -278,11 +358,16 @@ def restore_run(arrays, run, rng, path, task_tuples=()):
     """Overwrite a fresh run (new_run's) and rng with what checkpoint_arrays saved, shapes and
     dtypes checked, with the run's NamedTuples named in task_tuples (PTB's best weights); the
     task restores its other arrays."""
-    own = ("params", "adam", "h") + (("state",) if run["state"] is not None else ())
-    for name in own + tuple(task_tuples):
-        run[name] = _unflatten("learner" if name == "state" else name, run[name], arrays, path)
+    for name in ("params", "adam") + tuple(task_tuples):
+        run[name] = _unflatten(name, run[name], arrays, path)
+    if "learner" in run:
+        carried = run["learner"].state()  # its shapes and dtypes, which the checkpoint must have
+        run["learner"].load(ok.LearnerState(_unflatten("h", carried.h, arrays, path),
+                                            _unflatten("learner", carried.influence, arrays, path)))
+    else:
+        run["h"] = _unflatten("h", run["h"], arrays, path)
+        run["window"] = list(zip(arrays["window_x"], arrays["window_y"], arrays["window_reset"]))
     run.update(json.loads(str(arrays["counters"])))
-    run["window"] = list(zip(arrays["window_x"], arrays["window_y"], arrays["window_reset"]))
     rng.bit_generator.state = json.loads(str(arrays["rng"]))
 
 
@@ -384,42 +469,12 @@ def _reading_checkpoint(path):
                         "to start afresh or choose another --checkpoint file") from None
 
 
-# --- Output files: written atomically, checked and held before the first step ------------------
-
-
-def _current_umask():
-    """The process's umask (os.umask can only be read by setting it, so set it back at once)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def write_atomically(path, write, what):
-    """write(f) into a temporary file in path's folder, then os.replace it onto path: a reader
-    (or a run killed meanwhile) sees the old file or the whole new one, never half of one. The
-    file gets the mode the umask gives any new file, not mkstemp's private 0600."""
-    folder = os.path.dirname(os.path.abspath(path))
-    try:
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".",
-                                   suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                write(f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o666 & ~_current_umask())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-    except OSError as e:  # a full disk, a read-only folder, a folder that went away
-        raise UserError(f"cannot write {what} {path} ({e.strerror or e})") from None
+# --- Saves: never a half-written checkpoint, never a lost run -----------------------------------
 
 
 def save_atomically(path, arrays):
-    """np.savez through write_atomically: never a half-written checkpoint."""
-    write_atomically(path, lambda f: np.savez(f, **arrays), "checkpoint")
+    """np.savez through runfiles.write_atomically: never a half-written checkpoint."""
+    runfiles.write_atomically(path, lambda f: np.savez(f, **arrays), "checkpoint")
 
 
 def save_or_warn(path, arrays, step):
@@ -452,155 +507,180 @@ def final_save(path, arrays, step):
     print(f"checkpoint: {path} (step {step:,})")
 
 
-def _check_writable(option, path):
-    """Fail before the first step, not after hours of training, if path's folder takes no new
-    file (the write itself goes through a temporary file there, see write_atomically)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    try:
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".",
-                                   suffix=".tmp")
-        os.close(fd)
-        os.unlink(tmp)
-    except OSError as e:
-        raise UserError(f"cannot write {option[2:]} {path} ({e.strerror or e}): give {option} "
-                        "a file in a folder where files can be created") from None
+# --- Stopping: Ctrl-C, SIGTERM, the end of standard input; after a step, with a save ------------
+
+STOP_SIGNALS = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}  # SIGTERM: timeout, kill,
+# a batch scheduler's notice before it kills the job
+
+
+def request_stop(stop, signum, reason, note=""):
+    """Ask the run to stop after its current step and save, as signal signum would: stop
+    ["signal"] (the exit status is 128 + it), and the runs waiting for its files are told."""
+    if stop["signal"]:
+        return
+    stop["signal"] = signum
+    print(f"\n{reason}: stopping after this step and saving{note}", file=sys.stderr, flush=True)
+    if stop["tell"] is not None:
+        stop["tell"]("stopping")
+
+
+def stop_at_end_of_input(stop):
+    """--stop-at-eof: a thread reads standard input until its end, then stops the run as SIGTERM
+    does. A supervisor (sweep.py, or its task on a Dask worker) gives the runner a pipe and
+    never writes to it; the pipe ends when the supervisor's process ends, however it ends
+    (SIGKILL, a lost worker, a restarting nanny), so the run saves instead of going on alone."""
+    def watch():
+        with contextlib.suppress(OSError, ValueError, AttributeError):  # no stdin: its end too
+            while os.read(sys.stdin.fileno(), 4096):
+                pass
+        request_stop(stop, signal.SIGTERM, "standard input has ended (the process that "
+                     "supervised this run is gone)")
+    threading.Thread(target=watch, name="stop-at-eof", daemon=True).start()
 
 
 @contextlib.contextmanager
-def claim_outputs(options):
-    """Inside the block, the run holds every file of options, a list of (option, path or None):
-    each was checked to be writable, and a second run that names one of them is refused with
-    one line naming the process that holds it (two runs on one checkpoint or log would
-    overwrite each other's work). Also refused: one file given to two options of one run.
-    Without matplotlib, a note says at once that --plot will be skipped.
+def stop_on_signals(stop):
+    """Inside the block, Ctrl-C or SIGTERM only asks the run to stop (request_stop): the loop
+    ends after the current step and the run saves, so a step is never cut in half and no work
+    is lost. A second signal raises KeyboardInterrupt at once (quit without saving)."""
+    def on_signal(signum, frame):
+        stop["signals"] += 1
+        if stop["signals"] > 1:
+            raise KeyboardInterrupt
+        request_stop(stop, signum, STOP_SIGNALS[signum], " (a second one quits without saving)")
 
-    The hold is an exclusive flock on a companion file FILE.lock, whose descriptor stays open
-    until the block ends. Not on FILE itself: every save writes a new file and renames it onto
-    FILE (write_atomically), so a lock on FILE would stay with the replaced file at the first
-    save and hold nothing. The kernel drops a flock when its process ends, however it ends: a
-    killed run leaves at most an unlocked FILE.lock, which the next run takes over. The holder
-    writes its PID into the file; at the end it removes the file while still holding it.
-    """
-    for option, path in options:
-        if path:
-            _check_writable(option, path)
-    if any(path for option, path in options if option == "--plot") and matplotlib_pyplot() is None:
-        print("note: matplotlib is not installed, so --plot will be skipped "
-              "(pip install matplotlib)")
-    with contextlib.ExitStack() as held:
-        claimed = {}
-        for option, path in options:
-            if not path:
-                continue
-            lock_path = os.path.realpath(path) + ".lock"
-            if lock_path in claimed:
-                raise UserError(f"{option} {path} is the file of {claimed[lock_path]} too: give "
-                                "each output its own file")
-            claimed[lock_path] = option
-            if fcntl is not None:
-                held.enter_context(_locked(option, path, lock_path))
-        yield
-
-
-@contextlib.contextmanager
-def _locked(option, path, lock_path):
-    """Hold lock_path (claim_outputs) for the block, or refuse in one line if a process does."""
-    while True:
-        try:
-            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
-        except OSError as e:
-            raise UserError(f"cannot create {lock_path} ({e.strerror or e}), the lock that keeps "
-                            f"other runs off {path}: give {option} a file in a folder where "
-                            "files can be created") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 20).decode("ascii", "replace").strip()
-            os.close(fd)
-            who = f"process {holder}" if holder.isdigit() else "another process"
-            stop = f" (kill {holder} stops it and saves)" if holder.isdigit() else ""
-            raise UserError(f"{option} {path} is held by {who}, a run that is still going: wait "
-                            f"until it ends{stop}, or give {option} another file") from None
-        except OSError as e:  # a file system without locks (ENOLCK on some network mounts)
-            os.close(fd)
-            with contextlib.suppress(OSError):
-                os.unlink(lock_path)
-            print(f"warning: cannot lock {lock_path} ({e.strerror or e}): a second run on {path} "
-                  "would not be refused; this one goes on", file=sys.stderr, flush=True)
-            yield
-            return
-        # The previous holder may have removed the file between our open and our flock: then
-        # this lock is on a file no other run can see, so start again with the file now there.
-        with contextlib.suppress(FileNotFoundError):
-            if os.path.samestat(os.fstat(fd), os.stat(lock_path)):
-                break
-        os.close(fd)
+    previous = {}
     try:
-        with contextlib.suppress(OSError):  # only for the message of a refused run
-            os.ftruncate(fd, 0)
-            os.write(fd, f"{os.getpid()}\n".encode())
+        for signum in STOP_SIGNALS:
+            previous[signum] = signal.signal(signum, on_signal)
+    except ValueError:  # not the main thread (an embedding program): signals stay as they were
+        pass
+    try:
         yield
     finally:
-        with contextlib.suppress(OSError):
-            os.unlink(lock_path)  # still locked here, so no run has it open and locked
-        os.close(fd)
+        for signum, handler in previous.items():
+            if handler is not None:  # None: a handler not set from Python, which cannot be restored
+                signal.signal(signum, handler)
 
 
-# --- The CSV log: a '#' config line, a header, rows; resumed with its checkpoint ----------------
-
-OUTPUT_KEYS = ("log", "checkpoint", "plot", "noise_log")  # in a log's header by base name only
+# --- The run from start to end: its files, the loop, its status ----------------------------------
 
 
-def log_header(prog, config, local=()):
-    """The '#' line that opens a CSV log: prog and the config as JSON, naming no folder of this
-    machine: the output files (OUTPUT_KEYS) by their base name, the keys in local (folders the
-    data came from) left out. Every other key is kept, in the config's order."""
-    shown = {key: os.path.basename(value) if key in OUTPUT_KEYS and value else value
-             for key, value in config.items() if key not in local}
-    return f"{prog} config: {json.dumps(shown)}"
+def run_experiment(task, config, session, stop):
+    """The whole run: its files held, data read, resumed or started, trained, finished, saved
+    and plotted; its status (--status) written when training starts, at each save and at the
+    end. -> exit status: 0, or 128 + the signal that stopped it."""
+    print_config(task.TITLE, config)
+    ok.set_threads(config["threads"])
+    outputs = ([("--checkpoint", config["checkpoint"], None), ("--log", config["log"],
+                                                               task.COLUMNS)]
+               + task.outputs(config) + [("--status", session["status"], None)])
+    if (any(path for option, path, _ in outputs if option == "--plot")
+            and runfiles.matplotlib_pyplot() is None):
+        print("note: matplotlib is not installed, so --plot will be skipped "
+              "(pip install matplotlib)")
+    run, logs = None, {}
+
+    def report(state, message=""):
+        """The run's status as JSON in --status: for sweep.py, or whoever watches the run."""
+        if session["status"]:
+            status = {"state": state, "step": run["step"] if run else None,
+                      "steps": config["steps"],
+                      "result": task.result(run) if run else {}, "message": message,
+                      "pid": os.getpid(), "argv": session["argv"]}
+            try:
+                runfiles.write_json(session["status"], status, "status")
+            except UserError as e:
+                print(f"warning: {e}; the run goes on", file=sys.stderr, flush=True)
+
+    with runfiles.claim_outputs([output[:2] for output in outputs], session["wait"],
+                                lambda: stop["signal"]) as tell:
+        stop["tell"] = tell
+        if stop["signal"]:  # asked before the files were ours: those waiting for them know now
+            tell("stopping")
+        try:
+            V, data = task.prepare(config)
+            print(f"memory: about {mib(check_memory(config, V))} for the learner and weights")
+            rng = np.random.default_rng(config["seed"])
+            run = task.new_run(config, rng, V)
+
+            def restore(arrays):
+                task.restore_run(arrays, run, rng, config["checkpoint"])
+                print(f"resuming from {config['checkpoint']} at step {run['step']:,}: "
+                      f"{task.describe(run)}")
+                return run["step"]
+            resume_step = resume_or_start(config, task.EXPERIMENT_KEYS, restore)
+            header = runfiles.log_header(task.PROG, config, local=session["local"])
+            for option, path, columns in outputs:
+                if path and columns:
+                    logs[option] = runfiles.open_log(path, header, columns, resume_step)
+        except UserError as e:
+            run = None  # refused before training: no step or result of this session to report
+            report("refused", str(e))
+            raise
+        try:
+            with stop_on_signals(stop):
+                report("running")  # once a signal would stop it with a save
+                try:
+                    train(task, config, run, rng, data, logs, stop, report)
+                    if not stop["signal"]:
+                        task.finish(run, config, data, logs)
+                finally:
+                    for log in logs.values():
+                        runfiles.close_log(log)
+                if config["checkpoint"]:
+                    final_save(config["checkpoint"], task.checkpoint_arrays(config, rng, run),
+                               run["step"])
+            if config["plot"]:
+                task.plot(config, run)
+        except UserError as e:
+            report("diverged" if isinstance(e, Diverged) else "failed", str(e))
+            raise
+        except KeyboardInterrupt:
+            report("interrupted", "quit without saving: the checkpoint holds the last save")
+            raise
+        report("stopped" if stop["signal"] else "finished")
+    print(f"{'stopped' if stop['signal'] else 'finished'} at step {run['step']:,}: "
+          f"{task.describe(run)}")
+    return 128 + stop["signal"] if stop["signal"] else 0
 
 
-def open_log(path, config_line, columns, resume_step):
-    """Open the CSV log for appending. When resuming, keep its header and its rows up to the
-    checkpoint's step (later rows were written after the last save and will be written again);
-    comment lines after the header, such as a finished run's test result, go too. Else start
-    anew."""
-    kept = []
-    if resume_step is not None and os.path.exists(path):
-        header_done = False
-        with open(path, newline="") as f:
-            for line in f:
-                first = line.split(",", 1)[0]
-                if first == columns[0]:
-                    header_done = True
-                    kept.append(line)
-                elif line.startswith("#"):
-                    if not header_done:
-                        kept.append(line)
-                elif first.isdigit() and int(first) <= resume_step:
-                    kept.append(line)
-    if not kept:
-        kept = [f"# {config_line}\n", ",".join(columns) + "\n"]
-    write_atomically(path, lambda f: f.write("".join(kept).encode()), "log")
-    try:
-        return open(path, "a", newline="", buffering=1)
-    except OSError as e:
-        raise UserError(f"cannot write log {path} ({e.strerror or e})") from None
-
-
-def write_line(log, line):
-    """One line into a CSV log opened by open_log. A write that fails (a full disk) is reported
-    and training goes on: the checkpoint, not the log, is what a run cannot lose."""
-    try:
-        log.write(line)
-    except OSError as e:
-        print(f"warning: cannot write log {log.name} ({e.strerror or e}): this line is lost, "
-              "training goes on", file=sys.stderr, flush=True)
-
-
-def close_log(log):
-    with contextlib.suppress(OSError):  # write_line has reported what could not be written
-        log.close()
+def train(task, config, run, rng, data, logs, stop, report):
+    """Steps until --steps, or until the run is asked to stop: each step the task's, then its
+    measurement (task.measure), a log row every --log-every steps and after a measurement, a
+    progress line at most every PROGRESS_SECONDS, a save every --checkpoint-every seconds and
+    after a measurement. Rates count the seconds inside training steps only."""
+    steps, started, step0 = config["steps"], time.monotonic(), run["step"]
+    busy = 0.0  # seconds inside training steps: the log's rate leaves out measurements and saves
+    row_mark, print_mark, last_save = [busy, step0], [started, step0], started
+    while run["step"] < steps and not stop["signal"]:
+        begun = time.monotonic()
+        try:
+            task.step(run, config, rng, data)
+        except UserError as e:  # train_step's one error: the loss or the weights are not finite
+            raise Diverged(str(e)) from None
+        run["step"] += 1
+        step, now = run["step"], time.monotonic()
+        busy += now - begun
+        measured = task.measure(run, config, data, logs)
+        if step % config["log_every"] == 0 or measured is not None:
+            row = task.log_row(run, config, measured, rate_since(row_mark, step, busy))
+            if "--log" in logs:
+                runfiles.write_line(logs["--log"], row)
+        pause = time.monotonic() - now
+        print_mark[0] += pause  # the progress line's rate counts training time only
+        now += pause
+        if now - print_mark[0] >= PROGRESS_SECONDS or step == steps:
+            rate = rate_since(print_mark, step, now)
+            print(f"step {step:,}/{steps:,}  {task.progress(run, config, rate)}  ETA "
+                  f"{duration((steps - step) / max(rate, 1e-9))}", flush=True)
+        if config["checkpoint"] and (measured is not None
+                                     or now - last_save >= config["checkpoint_every"]):
+            if save_or_warn(config["checkpoint"], task.checkpoint_arrays(config, rng, run), step):
+                report("running")
+            last_save = time.monotonic()
+    if run["step"] > step0:
+        print(f"{run['step'] - step0:,} steps in {duration(time.monotonic() - started)}")
 
 
 # --- Memory: refuse a run that cannot fit, before anything is allocated --------------------------
@@ -690,40 +770,6 @@ def check_memory(config, V):
                     f"available): {'; '.join(fixes)}")
 
 
-# --- Ctrl-C and SIGTERM: stop after the step and save ---------------------------------------------
-
-STOP_SIGNALS = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}  # SIGTERM: timeout, kill,
-# a batch scheduler's notice before it kills the job
-
-
-@contextlib.contextmanager
-def stop_on_signals():
-    """Inside the block, Ctrl-C or SIGTERM only sets stop["signal"] (its number): the loop ends
-    after the current step and the run saves, so a step is never cut in half and no work is
-    lost. A second signal raises KeyboardInterrupt at once (quit without saving)."""
-    stop = {"signal": 0}
-
-    def on_signal(signum, frame):
-        if stop["signal"]:
-            raise KeyboardInterrupt
-        stop["signal"] = signum
-        print(f"\n{STOP_SIGNALS[signum]}: stopping after this step and saving (a second one "
-              "quits without saving)", file=sys.stderr, flush=True)
-
-    previous = {}
-    try:
-        for signum in STOP_SIGNALS:
-            previous[signum] = signal.signal(signum, on_signal)
-    except ValueError:  # not the main thread (an embedding program): signals stay as they were
-        pass
-    try:
-        yield stop
-    finally:
-        for signum, handler in previous.items():
-            if handler is not None:  # None: a handler not set from Python, which cannot be restored
-                signal.signal(signum, handler)
-
-
 # --- Progress ------------------------------------------------------------------------------------
 
 
@@ -747,29 +793,9 @@ def rate_since(mark, step, now):
 # --- Plots (matplotlib is optional) ---------------------------------------------------------------
 
 
-def matplotlib_pyplot():
-    """matplotlib.pyplot with a file-only backend, or None when matplotlib is not installed."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    return plt
-
-
-def save_figure(plt, fig, path):
-    """fig as a PNG at path, written atomically like every other output, then closed."""
-    try:
-        write_atomically(path, lambda f: fig.savefig(f, format="png", dpi=120), "plot")
-    finally:
-        plt.close(fig)
-    print(f"plot: {path}")
-
-
 def write_plot(path, x, y, xlabel, ylabel, title, drawstyle="default", integer_y=False):
     """One curve y against x as a PNG at path; a note instead without matplotlib."""
-    plt = matplotlib_pyplot()
+    plt = runfiles.matplotlib_pyplot()
     if plt is None:
         print(f"note: --plot needs matplotlib (pip install matplotlib); {path} not written")
         return
@@ -780,7 +806,8 @@ def write_plot(path, x, y, xlabel, ylabel, title, drawstyle="default", integer_y
     ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    save_figure(plt, fig, path)
+    runfiles.save_figure(plt, fig, path)
+    print(f"plot: {path}")
 
 
 # --- Gradient noise: each learner against exact RTRL on the same sequences ----------------------
@@ -797,25 +824,23 @@ def gradient_agreement(params, xs, ys, learners, rng, h0=None, resets=None):
     ok.bptt. Returns cosine and rel_error, each (T, len(learners)): per step t, the cosine
     similarity of the learner's dW_t with exact dW_t and ||dW_t - exact||^2 / ||exact||^2.
     """
-    xs, ys = np.asarray(xs), np.asarray(ys)  # ok.learner_step checks each step's symbols
+    xs, ys = np.asarray(xs), np.asarray(ys)  # each Learner.step checks its step's symbols
     T, B = xs.shape
     n = ok.sizes(params)[1]
     h = np.zeros((B, n), params.W.dtype) if h0 is None else np.asarray(h0, params.W.dtype)
     if h.shape != (B, n) or not np.isfinite(h).all():
         raise ValueError(f"h0 must be a finite ({B}, {n}) array, got shape {h.shape}")
-    exact = ok.init_learner("rtrl", params, B)
-    states = [ok.init_learner(method, params, B, rank) for method, rank in learners]
+    exact, *others = (ok.Learner(params, B, method, rank, rng)
+                      for method, rank in [("rtrl", 1)] + list(learners))
+    for learner in [exact] + others:  # each from h0 and zero influence
+        learner.load(learner.state()._replace(h=h))
     cosine, rel_error = np.empty((T, len(learners))), np.empty((T, len(learners)))
     for t in range(T):
         reset = None if resets is None else resets[t]
-        _, g_exact, _, h_next, exact = ok.learner_step(params, exact, h, xs[t], ys[t], "rtrl",
-                                                       reset=reset)
-        for k, (method, rank) in enumerate(learners):
-            signs = ok.draw_signs(rng, method, B, rank, n)
-            _, g, _, _, states[k] = ok.learner_step(params, states[k], h, xs[t], ys[t], method,
-                                                    signs, reset)
-            cosine[t, k], rel_error[t, k] = _agreement(g, g_exact)
-        h = h_next
+        g_exact = exact.step(params, xs[t], ys[t], reset)[1]
+        for k, learner in enumerate(others):  # the same h as exact's: the same cell, same inputs
+            cosine[t, k], rel_error[t, k] = _agreement(learner.step(params, xs[t], ys[t], reset)[1],
+                                                       g_exact)
     return cosine, rel_error
 
 
@@ -851,7 +876,7 @@ def measure_noise(params, xs, ys, resets, rng):
 def write_noise_plot(path, steps, cosines):
     """Cosine with exact RTRL against rank (the last measurement) and against training steps:
     steps (M,) of the measurements, cosines (M, len(NOISE_LEARNERS)) their medians."""
-    plt = matplotlib_pyplot()
+    plt = runfiles.matplotlib_pyplot()
     if plt is None:
         print(f"note: --plot needs matplotlib (pip install matplotlib); {path} not written")
         return
@@ -871,4 +896,5 @@ def write_noise_plot(path, steps, cosines):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    save_figure(plt, fig, path)
+    runfiles.save_figure(plt, fig, path)
+    print(f"plot: {path}")

@@ -11,37 +11,42 @@ per (learning rate, seed), on this machine or on a Dask cluster, and summarises 
     python sweep.py summary sweeps/copy
 
 Every option the sweep does not know goes to each run unchanged (--steps, --hidden, --method...);
-the sweep sets --lr, --seed, --log and --checkpoint (and run_copy.py's --noise-log) per run. The
-runners are run as programs, through their command line, never imported: the sweep relies only
-on their options, their exit status and their CSV logs. The sweep folder holds
+the sweep sets --lr, --seed, --log, --checkpoint and --status (and run_copy.py's --noise-log)
+per run. The runners are run as programs, through their command line, never imported: the sweep
+relies on their options, their exit status and the status each writes as JSON (runlib.py), and
+never on what they print. The sweep folder holds
 
     sweep.json                        the grid and runner options of the last command
     lr=10^-3.5/seed=1/log.csv         the run's --log
                       checkpoint.npz  its --checkpoint
+                      status.json     its --status: how it stands or ended, under which options
                       stdout.txt, stderr.txt   what the runner printed, appended per session
-                      status.json     how its last session ended, and under which options
     summary.txt, summary.png          the table and the figure
 
-A run is finished when its runner exited with status 0 under the same options: the runner
-itself then says that it trained to --steps, saved its checkpoint and (PTB) measured the test
-BPC. A log that reached --steps would not do: a run stopped between its last row and its final
-save, or (PTB) before its test line, is not finished. Rerunning a command skips the finished runs
-without starting their runner (their files stay untouched) and resumes every other run from its
-checkpoint, which the runners do bit for bit.
+A run is finished when its status says so under the same options: the runner trained to
+--steps, saved its checkpoint and (PTB) measured the test BPC. Rerunning a command skips the
+finished runs without starting their runner (their files stay untouched) and resumes every other
+run from its checkpoint, which the runners do bit for bit.
+
+A run never outlives what supervises it: each runner reads a pipe from the process that started
+it (this sweep, or its task on a Dask worker) and stops with a save when the pipe ends, which it
+does however that process ends (SIGKILL, a lost worker, a restarted nanny). Dask gives the task
+of a lost worker to another worker, whose runner waits for the old one to save and resumes.
 """
 import argparse
 import contextlib
-import json
 import math
 import os
+import queue
 import re
 import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
+
+import runfiles
 
 PROG = "sweep.py"
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -54,14 +59,22 @@ SET_BY_SWEEP = {"--lr": "give the sweep a list: --lr 10^-3,10^-3.5",  # option: 
                 "--log": "each run's log is FOLDER/lr=.../seed=.../log.csv",
                 "--checkpoint": "each run's checkpoint is FOLDER/lr=.../seed=.../checkpoint.npz",
                 "--noise-log": "each run's noise log is FOLDER/lr=.../seed=.../noise.csv",
-                "--plot": "the sweep draws FOLDER/summary.png"}
+                "--status": "each run's status is FOLDER/lr=.../seed=.../status.json",
+                "--plot": "the sweep draws FOLDER/summary.png",
+                "--stop-at-eof": "the sweep gives every run a pipe that ends when the sweep does",
+                "--wait-if-held": "a run waits for one that is stopping on its files (up to "
+                                  "10 minutes)"}
+# The options the sweep adds to each run's command line (how many values each takes): they say
+# where and how it runs, not what it is, so a run's status is compared without them.
+SWEEP_SETTINGS = {"--log": 1, "--checkpoint": 1, "--noise-log": 1, "--status": 1, "--threads": 1,
+                  "--stop-at-eof": 0, "--wait-if-held": 1}
+WAIT_FOR_STOPPING = 600  # seconds a run waits for a run that is saving and ending on its files
 THREAD_VARIABLES = ("NUMBA_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS",
                     "MKL_NUM_THREADS")
 STOPPED = {128 + signal.SIGINT, 128 + signal.SIGTERM,  # a runner's exit after Ctrl-C or SIGTERM:
            -signal.SIGINT, -signal.SIGTERM}  # it stopped after a step and saved its checkpoint;
 # or the signal came while it started or ended (no handler then), when there was nothing to save
 NOT_STARTED = "not started: the sweep was stopped first"  # a Dask task that was still queued
-DIVERGED = "diverged"  # the runners end a diverging run with an error line saying so (README)
 POLL_SECONDS = 0.2  # how often the sweep looks at its runs
 PROGRESS_SECONDS = 60.0  # a line on the running runs at most this often
 SWEEP_FILE, SUMMARY_TEXT, SUMMARY_FIGURE = "sweep.json", "summary.txt", "summary.png"
@@ -71,20 +84,30 @@ class UsageError(Exception):
     """A command line the sweep cannot run: one line, exit status 2."""
 
 
+def plural(count, noun):
+    """'1 run', '2 runs', '1 learning rate'."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 # --- The grid: learning rates and seeds as people type them, one folder per run ---------------
 
 
 def parse_lr(text):
-    """One learning rate: 10^-3.5 (or 10**-3.5), 1e-3, 3.16e-4 or 0.001 -> a float > 0."""
+    """One learning rate: 10^-3.5 (or 10**-3.5), 3x10^-3 (or 3*10^-3), 1e-3, 3.16e-4 or 0.001
+    -> a float > 0."""
     plain = text.strip().replace(" ", "")
     power = re.fullmatch(r"10(?:\^|\*\*)\(?([+-]?\d+(?:\.\d*)?)\)?", plain)
+    times = re.fullmatch(r"(\d+(?:\.\d*)?)[x*]10(?:\^|\*\*)\(?([+-]?\d+)\)?", plain)
     try:
-        value = 10.0 ** float(power.group(1)) if power else float(plain)
+        if power:
+            value = 10.0 ** float(power.group(1))
+        else:  # a mantissa times an integer power of ten is exactly the decimal MeK
+            value = float(f"{times.group(1)}e{times.group(2)}" if times else plain)
     except ValueError:
         value = math.nan
     if not (math.isfinite(value) and value > 0):
-        raise UsageError(f"--lr: {text!r} is not a learning rate > 0 (write 10^-3.5, 1e-3 or "
-                         "3.16e-4, several separated by commas)")
+        raise UsageError(f"--lr: {text!r} is not a learning rate > 0 (write 10^-3.5, 3x10^-3, "
+                         "1e-3 or 3.16e-4, several separated by commas)")
     return value
 
 
@@ -106,11 +129,17 @@ def parse_seeds(text):
 
 
 def lr_name(lr):
-    """How a learning rate is shown and names its folder: '10^-3.5' when lr is 10 ** e for an e
-    of at most two decimals (as parse_lr computes it, so 1e-3 and 10^-3 are one run), else its
-    shortest exact decimal ('0.000316')."""
+    """How a learning rate is shown and names its folder, always as a power of ten: '10^-3.5'
+    when lr is 10 ** e for an e of at most two decimals (as parse_lr computes it, so 1e-3 and
+    10^-3 are one run), else 'Mx10^k' with the fewest digits of M that give lr back exactly
+    ('3x10^-3', '3.16x10^-4'), which parse_lr reads back."""
     e = round(math.log10(lr), 2)
-    return f"10^{e:g}" if 10.0 ** e == lr else repr(lr)
+    if 10.0 ** e == lr:
+        return f"10^{e:g}"
+    text = next(text for text in (f"{lr:.{digits}e}" for digits in range(17))
+                if float(text) == lr)  # '3e-03', '3.16e-04'; 17 digits always give lr back
+    mantissa, exponent = text.split("e")
+    return f"{mantissa}x10^{int(exponent)}"
 
 
 def run_folder(folder, lr, seed):
@@ -128,8 +157,23 @@ def runner_files(task, run_dir):
     """The run's outputs, in its own folder. The noise log too, so that runs with
     --measure-noise do not share run_copy.py's default file."""
     files = ["--log", os.path.join(run_dir, "log.csv"),
-             "--checkpoint", os.path.join(run_dir, "checkpoint.npz")]
+             "--checkpoint", os.path.join(run_dir, "checkpoint.npz"),
+             "--status", os.path.join(run_dir, "status.json")]
     return files + (["--noise-log", os.path.join(run_dir, "noise.csv")] if task == "copy" else [])
+
+
+def options_of(argv):
+    """The options that define a run, from the command line its status records: argv without
+    the sweep's settings (SWEEP_SETTINGS: files, threads, how it is supervised)."""
+    options, skip = [], 0
+    for token in argv:
+        if skip:
+            skip -= 1
+        elif token in SWEEP_SETTINGS:
+            skip = SWEEP_SETTINGS[token]
+        else:
+            options.append(token)
+    return options
 
 
 def check_runner_options(extra):
@@ -144,7 +188,7 @@ def check_runner_options(extra):
                              f"{SET_BY_SWEEP[taken[0]]}")
 
 
-# --- One run: its subprocess, threads, lock and status (the same code here and on a worker) ---
+# --- One run: its subprocess, threads and status (the same code here and on a worker) ----------
 
 
 BATCH_CPUS = ("SLURM_CPUS_ON_NODE", "NCPUS", "PBS_NUM_PPN")  # a job's CPUs on its node: SLURM,
@@ -173,139 +217,92 @@ def run_environment(threads):
     return env
 
 
-def write_atomically(path, text):
-    """text into path through a temporary file and a rename: never half a file."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp",
-                               prefix="." + os.path.basename(path) + ".")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o666 & ~current_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def current_umask():
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def read_json(path):
-    """The JSON object in path, or None when there is none (absent, or not JSON)."""
-    with contextlib.suppress(OSError, ValueError):
-        with open(path) as f:
-            value = json.load(f)
-        return value if isinstance(value, dict) else None
-    return None
+def run_status(run_dir):
+    """The status the run's runner last wrote (runlib.py: state, step, result, message, pid,
+    argv), or {} when there is none."""
+    return runfiles.read_json(os.path.join(run_dir, "status.json")) or {}
 
 
 def is_finished(run_dir, options):
-    status = read_json(os.path.join(run_dir, "status.json"))
-    return bool(status) and status.get("state") == "finished" and status.get("options") == options
-
-
-def lock_run(run_dir):
-    """Hold the run's lock file, so that two sweeps (or a rerun while a lost worker still runs
-    it) never run one run at once: the open file, or None when another process holds it. On a
-    file system without locks (some cluster file systems) the run goes unlocked."""
-    f = open(os.path.join(run_dir, ".lock"), "a")
-    try:
-        import fcntl
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.close()
-        return None
-    except (ImportError, OSError):
-        pass
-    return f
-
-
-def die_with_parent():
-    """In a local runner, before it starts: SIGTERM when the sweep dies, even by SIGKILL or a
-    closed terminal, so the run saves (Linux; elsewhere nothing happens)."""
-    with contextlib.suppress(Exception):
-        import ctypes
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+    """True when the run's runner says it finished, under these options."""
+    status = run_status(run_dir)
+    return status.get("state") == "finished" and options_of(status.get("argv", [])) == options
 
 
 def launch(task, options, run_dir, cwd, threads, local):
-    """Start the runner on one run: `python run_<task>.py OPTIONS --log ... --checkpoint ...`
-    --threads THREADS in cwd, its output appended to the run's stdout.txt and stderr.txt.
-    -> the started run (a dict for finish), or None when another process holds the run.
+    """Start the runner on one run: `python run_<task>.py OPTIONS --log ... --checkpoint ...
+    --status ... --threads THREADS --stop-at-eof --wait-if-held ...` in cwd, its output appended
+    to the run's stdout.txt and stderr.txt. -> the started run, a dict for finish.
 
-    local: the runner gets its own session, so that Ctrl-C in the terminal reaches the sweep
-    only and the sweep forwards it once (a second signal makes a runner quit without saving),
-    and it is stopped when the sweep dies. On a Dask worker it stays in the worker's process
-    group, where the batch system's signals reach it."""
-    lock = lock_run(run_dir)
-    if lock is None:
-        return None
+    Its standard input is a pipe that this process holds and never writes: when this process
+    ends, however it ends, the pipe ends and the runner stops with a save (--stop-at-eof). If a
+    runner of an earlier supervisor still holds the run's files while it saves, the new one
+    waits for it (--wait-if-held). local: the runner gets its own session, so that Ctrl-C in the
+    terminal reaches the sweep only and the sweep forwards it once (a second signal makes a
+    runner quit without saving). On a Dask worker it stays in the worker's process group, where
+    the batch system's signals reach it."""
     script = os.path.join(HERE, RUNNERS[task])
+    out = open(os.path.join(run_dir, "stdout.txt"), "ab")
+    err = open(os.path.join(run_dir, "stderr.txt"), "ab")
+    offset = err.tell()  # this session's errors start here
     try:
-        out = open(os.path.join(run_dir, "stdout.txt"), "ab")
-        err = open(os.path.join(run_dir, "stderr.txt"), "ab")
-        offset = err.tell()  # this session's errors start here
         process = subprocess.Popen(
             [sys.executable, script] + options + runner_files(task, run_dir)
-            + ["--threads", str(threads)], cwd=cwd,
-            stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=run_environment(threads),
-            start_new_session=local, preexec_fn=die_with_parent if local else None)
+            + ["--threads", str(threads), "--stop-at-eof", "--wait-if-held",
+               str(WAIT_FOR_STOPPING)], cwd=cwd, stdin=subprocess.PIPE, stdout=out, stderr=err,
+            env=run_environment(threads), start_new_session=local)
     except BaseException:
-        lock.close()
+        out.close()
+        err.close()
         raise
-    return {"process": process, "files": (out, err), "lock": lock, "offset": offset,
-            "run_dir": run_dir, "options": options}
+    return {"process": process, "files": (out, err), "offset": offset, "run_dir": run_dir}
 
 
 def finish(started):
-    """After the runner has exited: its status.json (finished, interrupted or failed, with the
-    options and the last line it wrote to stderr), then the lock is released.
-    -> (exit status, that line)."""
-    code = started["process"].returncode
-    for f in started["files"]:
-        f.close()
-    message = ""
-    with contextlib.suppress(OSError):
-        with open(os.path.join(started["run_dir"], "stderr.txt"), "rb") as f:
-            f.seek(started["offset"])
-            lines = f.read().decode(errors="replace").strip().splitlines()
-        message = lines[-1] if lines else ""
+    """After the runner has exited: its pipe and files closed -> how it ended, a dict: exit
+    (its status), state (what its status says, if this session wrote it) and message (its
+    status's, else the last line this session wrote to stderr, for people)."""
+    process = started["process"]
+    code = process.returncode
+    for f in (process.stdin,) + started["files"]:
+        with contextlib.suppress(OSError):
+            f.close()
+    status = run_status(started["run_dir"])
+    if status.get("pid") != process.pid:  # written by an earlier session, or none
+        status = {}
+    message = status.get("message", "")
+    if not message:
+        with contextlib.suppress(OSError):
+            with open(os.path.join(started["run_dir"], "stderr.txt"), "rb") as f:
+                f.seek(started["offset"])
+                lines = f.read().decode(errors="replace").strip().splitlines()
+            message = lines[-1] if lines else ""
     if code < 0:
         message = f"the runner was killed by signal {-code} (out of memory?) {message}".strip()
-    state = "finished" if code == 0 else "interrupted" if code in STOPPED else "failed"
-    status = {"state": state, "exit": code, "message": message, "options": started["options"]}
-    try:
-        write_atomically(os.path.join(started["run_dir"], "status.json"),
-                         json.dumps(status, indent=1) + "\n")
-    finally:
-        started["lock"].close()
-    return code, message
+    return {"exit": code, "state": status.get("state"), "message": message}
 
 
 def run_on_worker(task, options, run_dir, cwd, threads, stop_event):
     """One run as a Dask task: the runner as a subprocess of the worker, with threads threads
     (None: this machine's cores divided by the runs the worker runs at once, its thread count),
-    sent SIGTERM when the sweep sets the Dask Event stop_event. -> (exit status or None,
-    message); None: the run did not start (its message says why)."""
+    sent SIGTERM when the sweep sets the Dask Event stop_event. -> finish's dict; exit None: the
+    run did not start (its message says why). If this worker dies, the runner's pipe ends: it
+    saves and exits, and Dask runs this task again on another worker, whose runner waits for it
+    and resumes."""
     from distributed import Event, get_worker
     worker = get_worker()
     threads = threads or max(1, available_cores() // worker.state.nthreads)
     where = f"on Dask worker {worker.address}"
     if not os.path.isdir(run_dir) or not os.path.isdir(cwd):
         missing = run_dir if not os.path.isdir(run_dir) else cwd
-        return None, (f"{missing} does not exist {where}: the sweep folder, the folder the "
-                      "sweep was started in and the repository must be on storage that every "
-                      "worker shares, at the same path")
+        return {"exit": None, "state": None, "message": (
+            f"{missing} does not exist {where}: the sweep folder, the folder the sweep was "
+            "started in and the repository must be on storage that every worker shares, at "
+            "the same path")}
     stop, stopping = Event(stop_event), False
     if stop.is_set():  # queued when the sweep was stopped
-        return None, NOT_STARTED
+        return {"exit": None, "state": None, "message": NOT_STARTED}
     started = launch(task, options, run_dir, cwd, threads, local=False)
-    if started is None:
-        return None, f"{run_dir} is being run by another process (its lock is held)"
     while True:
         with contextlib.suppress(subprocess.TimeoutExpired):
             started["process"].wait(timeout=1.0)
@@ -331,26 +328,36 @@ def local_backend(task, workers, threads, cwd):
             with contextlib.suppress(ProcessLookupError):
                 started["process"].send_signal(signum)
 
-    return {"start": start, "poll": poll, "stop": stop, "capacity": workers, "close": None,
-            "verb": None,
-            "where": f"{workers} at a time on this machine, {threads} thread(s) each"}
+    return {"start": start, "poll": poll, "stop": stop, "lost": list, "key": id,
+            "capacity": workers, "close": None, "verb": None,
+            "where": f"{workers} at a time on this machine, {plural(threads, 'thread')} each"}
 
 
 def dask_backend(task, address, threads, cwd):
     """Start, poll and stop runs as tasks on the Dask cluster whose scheduler is at address. The
-    cluster queues them: as many run at once as its workers have threads."""
+    cluster queues them: as many run at once as its workers have threads. lost() lists the
+    workers lost since its last call, each with the keys of the tasks it was running (Dask runs
+    those again on other workers)."""
     try:
         import cloudpickle
         from distributed import Client, Event
     except ImportError:
         raise UsageError("--scheduler needs Dask: pip install dask distributed") from None
-    if __name__ != "__main__":  # imported (tests): send this module's functions by value too,
-        cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import it
+    cloudpickle.register_pickle_by_value(runfiles)  # workers need not import the repository's
+    if __name__ != "__main__":  # modules: this one goes by value too when it is imported (tests)
+        cloudpickle.register_pickle_by_value(sys.modules[__name__])
     try:
         client = Client(address, timeout="30s")
     except (OSError, TimeoutError, ValueError) as e:
         raise RuntimeError(f"cannot reach the Dask scheduler at {address} ({e})") from None
     stop_event = f"ok-rtrl-sweep-stop-{uuid.uuid4().hex}"
+    removed = queue.SimpleQueue()  # filled by the client's event loop, emptied by lost()
+
+    def on_event(event):
+        _, message = event
+        if isinstance(message, dict) and message.get("action") == "remove-worker":
+            removed.put((message.get("worker"), set(message.get("processing-tasks", ()))))
+    client.subscribe_topic("all", on_event)  # before any task: the scheduler keeps the order
 
     def start(run_dir, options):
         lr, seed = run_dir.split(os.sep)[-2:]  # the task's name on the dashboard
@@ -361,50 +368,70 @@ def dask_backend(task, address, threads, cwd):
         if not future.done():
             return None
         if future.status == "error":  # e.g. its workers died repeatedly
-            return None, f"the Dask task failed: {future.exception()!r}"
+            return {"exit": None, "state": None,
+                    "message": f"the Dask task failed: {future.exception()!r}"}
         if future.status != "finished":
-            return None, f"the Dask task was {future.status}"
+            return {"exit": None, "state": None, "message": f"the Dask task was {future.status}"}
         return future.result()
 
     def stop(running, signum):
         Event(stop_event, client=client).set()  # every task sends SIGTERM to its runner
 
+    def close():
+        client.unsubscribe_topic("all")  # first: the scheduler would send us our own leaving
+        client.close()
+
+    def lost():
+        found = []
+        with contextlib.suppress(queue.Empty):
+            while True:
+                found.append(removed.get_nowait())
+        return found
+
     workers = client.nthreads()  # {worker address: threads}
     slots = sum(workers.values())
-    return {"start": start, "poll": poll, "stop": stop, "capacity": math.inf,
-            "close": client.close, "verb": "queued", "where": f"the Dask cluster at {address} "
-            f"({len(workers)} workers, {slots} runs at a time for now)"}
+    return {"start": start, "poll": poll, "stop": stop, "lost": lost,
+            "key": lambda future: future.key, "capacity": math.inf, "close": close,
+            "verb": "queued", "where": f"the Dask cluster at {address} ("
+            f"{plural(len(workers), 'worker')}, {slots} runs at a time for now)"}
 
 
 # --- The sweep: start, watch and stop the runs -------------------------------------------------
 
 
-def log_signature(run_dir):
-    """(inode, mtime, size) of the run's log, or None: the runner (re)writes its log once it has
-    checked its options, outputs, memory, data and checkpoint, just before its first step."""
+def status_signature(run_dir):
+    """(inode, mtime, size) of the run's status.json, or None. Every write of it is a new file
+    (runfiles.write_atomically), so a new signature means that a runner holds the run's files
+    and has accepted its options, memory, data and checkpoint, or refused them."""
     with contextlib.suppress(OSError):
-        s = os.stat(os.path.join(run_dir, "log.csv"))
+        s = os.stat(os.path.join(run_dir, "status.json"))
         return s.st_ino, s.st_mtime_ns, s.st_size
     return None
 
 
-def last_row(run_dir):
-    """The last data row of the run's log as {column: text}, or None."""
-    rows = read_log(os.path.join(run_dir, "log.csv"))[1]
-    return rows[-1] if rows else None
-
-
-def describe(task, run_dir):
-    """'T 9 at step 100,000' or 'valid BPC 2.65 (best 2.60), test 2.58': the run's log in short."""
-    row = last_row(run_dir)
-    if row is None:
-        return "no log row yet"
+def describe(task, status):
+    """A run's status in short: 'T 9 at step 100,000', or 'step 20,000, best valid BPC 2.6500
+    (step 20,000), test BPC 2.6200'."""
+    step, result = status.get("step"), status.get("result") or {}
+    if step is None:
+        return "no step yet"
     if task == "copy":
-        return f"T {row.get('T')} at step {int(row['step']):,}"
-    result = ptb_result(os.path.join(run_dir, "log.csv"))
-    test = f", test {result['test']:.4f}" if result["test"] is not None else ""
-    best = f", best valid BPC {result['valid']:.4f}" if result["valid"] is not None else ""
-    return f"step {int(row['step']):,}{best}{test}"
+        return f"T {result.get('T')} at step {step:,}"
+    text = f"step {step:,}"
+    if result.get("best_valid_bpc") is not None:
+        text += f", best valid BPC {result['best_valid_bpc']:.4f} (step {result['best_step']:,})"
+    if result.get("test_bpc") is not None:
+        text += f", test BPC {result['test_bpc']:.4f}"
+    return text
+
+
+def logged_step(run_dir):
+    """The step of the last row of the run's log (a run's progress between its saves), or
+    None."""
+    with contextlib.suppress(runfiles.UserError, ValueError):
+        rows = runfiles.read_log(os.path.join(run_dir, "log.csv")).rows
+        return int(rows[-1][1][0]) if rows else None
+    return None
 
 
 def run_sweep(task, folder, grid, extra, backend):
@@ -413,16 +440,19 @@ def run_sweep(task, folder, grid, extra, backend):
 
     Ctrl-C or SIGTERM: no new run starts, the signal goes to every running runner (each saves
     its checkpoint after its current step and exits), and the sweep waits for them; a second
-    one is forwarded too (runners then quit at once, without saving)."""
+    one is forwarded too (runners then quit at once, without saving). A lost Dask worker is
+    reported with the runs it was running, which Dask runs again elsewhere."""
     runs = [(lr, seed, run_folder(folder, lr, seed), tuple(runner_options(extra, lr, seed)))
             for lr, seed in grid]  # tuples: a run is a key of sweep["running"]
     pending = [run for run in runs if not is_finished(run[2], list(run[3]))]
-    print(f"{PROG}: {task}, {len(grid)} runs ({len({lr for lr, _ in grid})} learning rates x "
-          f"{len({seed for _, seed in grid})} seeds) in {folder}: "
+    print(f"{PROG}: {task}, {plural(len(grid), 'run')} ("
+          f"{plural(len({lr for lr, _ in grid}), 'learning rate')} x "
+          f"{plural(len({seed for _, seed in grid}), 'seed')}) in {folder}: "
           f"{len(runs) - len(pending)} finished before, {len(pending)} to run, "
           f"{backend['where']}", flush=True)
-    sweep = {"pending": pending, "running": {}, "failed": [], "busy": [], "signals": [],
-             "probe": None, "probe_log": None, "checked": False, "shown": time.monotonic()}
+    sweep = {"pending": pending, "running": {}, "done": [], "failed": [], "busy": [],
+             "lost": [], "retried": [], "signals": [], "probe": None, "probe_status": None,
+             "checked": False, "shown": time.monotonic()}
     forwarded = 0
     with recording_signals(sweep["signals"]):
         try:
@@ -434,25 +464,27 @@ def run_sweep(task, folder, grid, extra, backend):
                     backend["stop"](list(sweep["running"].values()), sweep["signals"][-1])
                     forwarded = len(sweep["signals"])
                 start_runs(backend, sweep)
+                notice_lost_workers(backend, sweep)
                 collect_runs(task, backend, sweep)
-                show_progress(task, sweep)
+                show_progress(sweep)
                 time.sleep(POLL_SECONDS)
         except BaseException:  # the sweep fails (e.g. its output is gone): the runs save first,
             backend["stop"](list(sweep["running"].values()), signal.SIGTERM)  # and the sweep
-            with contextlib.suppress(Exception):  # waits, since a local runner gets another
-                wait_for(backend, sweep["running"])  # SIGTERM when it exits (die_with_parent)
+            with contextlib.suppress(Exception):  # waits for them, so that a rerun finds them
+                wait_for(backend, sweep["running"])  # saved
             raise
+    report_lost_workers(sweep)
     if sweep["signals"]:
         print(f"{PROG}: stopped by {signal.Signals(sweep['signals'][0]).name}: "
-              f"{len(sweep['pending'])} runs not started; rerun the same command to go on",
-              flush=True)
+              f"{plural(len(sweep['pending']), 'run')} not started; rerun the same command to go "
+              "on", flush=True)
         return 128 + sweep["signals"][0]
     if sweep["busy"]:
-        print(f"{PROG}: {len(sweep['busy'])} runs were being run by another process: rerun when "
-              "it ends")
+        print(f"{PROG}: {plural(len(sweep['busy']), 'run')} held by another process: rerun "
+              "when it ends")
     if sweep["failed"]:
-        print(f"{PROG}: {len(sweep['failed'])} runs failed (their stderr.txt says why); a rerun "
-              "tries them again from their last checkpoint")
+        print(f"{PROG}: {plural(len(sweep['failed']), 'run')} failed (their stderr.txt says "
+              "why); a rerun tries them again from their last checkpoint")
     return 1 if sweep["failed"] or sweep["busy"] else 0
 
 
@@ -470,48 +502,77 @@ def recording_signals(signals):
 
 def start_runs(backend, sweep):
     """Start pending runs while the backend has room and no signal has come. The first run to
-    start goes alone (the probe) until its runner has (re)written its log, i.e. accepted its
-    options, outputs, memory, data and checkpoint: if those are wrong, they are wrong for every
-    run, and one error is enough."""
-    running = sweep["running"]
-    if sweep["probe"] in running and log_signature(sweep["probe"][2]) != sweep["probe_log"]:
+    start goes alone (the probe) until its runner has written its status running, i.e. accepted
+    its options, outputs, memory, data and checkpoint: if those are wrong, they are wrong for
+    every run, and one error is enough."""
+    running, probe = sweep["running"], sweep["probe"]
+    if (probe in running and status_signature(probe[2]) != sweep["probe_status"]
+            and run_status(probe[2]).get("state") != "refused"):
         sweep["checked"] = True
     while (sweep["pending"] and not sweep["signals"] and len(running) < backend["capacity"]
            and (sweep["checked"] or sweep["probe"] not in running)):
         lr, seed, run_dir, options = run = sweep["pending"].pop(0)
         os.makedirs(run_dir, exist_ok=True)
-        before = log_signature(run_dir)
-        started = backend["start"](run_dir, list(options))
-        if started is None:
-            sweep["busy"].append(run)
-            say("busy", lr, seed, ": another process is running it")
-            continue
-        running[run] = started
+        before, status = status_signature(run_dir), run_status(run_dir)
+        running[run] = backend["start"](run_dir, list(options))
         if sweep["probe"] is None:
-            sweep["probe"], sweep["probe_log"] = run, before
-        row = last_row(run_dir)
-        say(backend["verb"] or ("resuming" if before else "starting"), lr, seed,
-            f" (its log at step {int(row['step']):,})" if row else "")
+            sweep["probe"], sweep["probe_status"] = run, before
+        saved = os.path.exists(os.path.join(run_dir, "checkpoint.npz"))
+        say(backend["verb"] or ("resuming" if saved else "starting"), lr, seed,
+            f" (its checkpoint at step {status['step']:,})"
+            if saved and status.get("step") is not None else "")
+
+
+def notice_lost_workers(backend, sweep):
+    """Say which Dask workers were lost, and which runs they were running: Dask runs those
+    again on another worker, whose runner waits for the old one to save, then resumes."""
+    keys = {backend["key"](started): run for run, started in sweep["running"].items()}
+    for worker, processing in backend["lost"]():
+        mine = [keys[key] for key in processing if key in keys]
+        sweep["lost"].append(worker)
+        print(f"  lost     Dask worker {worker}" + (": it ran no run of this sweep" if not mine
+              else ", which ran " + ", ".join(f"lr {lr_name(lr)} seed {seed}"
+                                              for lr, seed, _, _ in mine)), flush=True)
+        for lr, seed, run_dir, options in mine:
+            sweep["retried"].append((lr, seed, run_dir, options))
+            say("retrying", lr, seed, " on another worker, from the checkpoint its runner saves "
+                "now that its worker is gone")
+
+
+def report_lost_workers(sweep):
+    if sweep["lost"]:
+        retried = sorted(set(sweep["retried"]))
+        finished = [run for run in retried if run in sweep["done"]]
+        print(f"{PROG}: lost {plural(len(sweep['lost']), 'Dask worker')} "
+              f"({', '.join(sweep['lost'])}); {plural(len(retried), 'run')} retried"
+              + (": " + ", ".join(f"lr {lr_name(lr)} seed {seed}" for lr, seed, _, _ in retried)
+                 + f"; {len(finished)} of them finished" if retried else ""), flush=True)
 
 
 def collect_runs(task, backend, sweep):
-    """Report the runs that have ended. A failure of the probe before it passed stops the sweep
-    with the runner's error line (UsageError for a bad option, exit 2); any other failure
-    (diverged, a full disk) is that run's, and the others go on."""
+    """Report the runs that have ended, from their exit status and the status their runner
+    wrote. A failure of the probe before it passed stops the sweep with the runner's error line
+    (UsageError for a bad option, exit 2); any other failure (diverged, a full disk) is that
+    run's, and the others go on."""
     running = sweep["running"]
     for run in list(running):
         ended = backend["poll"](running[run])
         if ended is None:
             continue
         del running[run]
-        code, message = ended
+        code, message = ended["exit"], ended["message"]
         lr, seed, run_dir, _ = run
         if message == NOT_STARTED:
             sweep["pending"].append(run)
         elif code == 0:
-            say("done", lr, seed, f": {describe(task, run_dir)}")
+            sweep["done"].append(run)
+            again = " (retried after a lost worker)" if run in sweep["retried"] else ""
+            say("done", lr, seed, f": {describe(task, run_status(run_dir))}{again}")
         elif code in STOPPED:
-            say("stopped", lr, seed, f": {describe(task, run_dir)}, checkpoint saved")
+            say("stopped", lr, seed, f": {describe(task, run_status(run_dir))}, checkpoint saved")
+        elif code == runfiles.BUSY_EXIT:
+            sweep["busy"].append(run)
+            say("busy", lr, seed, f": {message}")
         elif run == sweep["probe"] and not sweep["checked"]:
             backend["stop"](list(running.values()), signal.SIGTERM)
             wait_for(backend, running)
@@ -520,14 +581,17 @@ def collect_runs(task, backend, sweep):
                           f"else was started: {message}")
         else:
             sweep["failed"].append(run)
-            say("failed", lr, seed, f": {message}")
+            say("diverged" if ended["state"] == "diverged" else "failed", lr, seed,
+                f": {message}")
 
 
-def show_progress(task, sweep):
-    """Every PROGRESS_SECONDS, one line on the running runs (from their logs)."""
+def show_progress(sweep):
+    """Every PROGRESS_SECONDS, one line on the running runs (the last rows of their logs)."""
     if sweep["running"] and time.monotonic() - sweep["shown"] >= PROGRESS_SECONDS:
-        print("  running: " + "; ".join(f"lr {lr_name(lr)} seed {seed} {describe(task, run_dir)}"
-                                        for lr, seed, run_dir, _ in sweep["running"]), flush=True)
+        steps = [(lr, seed, logged_step(run_dir)) for lr, seed, run_dir, _ in sweep["running"]]
+        print("  running: " + "; ".join(
+            f"lr {lr_name(lr)} seed {seed} " + (f"at step {step:,}" if step else "starting")
+            for lr, seed, step in steps), flush=True)
         sweep["shown"] = time.monotonic()
 
 
@@ -544,74 +608,45 @@ def wait_for(backend, running):
         time.sleep(POLL_SECONDS)
 
 
-# --- The summary: the paper's metric per learning rate, from the logs --------------------------
+# --- The summary: the paper's metric per learning rate, from the runs' status --------------------
 
 
-def read_log(path):
-    """A runner's CSV log -> (column names, rows as {column: text}, '#' comment lines).
-    Columns are read from its header row, so the sweep depends only on their names."""
-    columns, rows, comments = None, [], []
-    with contextlib.suppress(OSError):
-        with open(path, newline="") as f:
-            for line in f:
-                line = line.rstrip("\n")
-                if line.startswith("#"):
-                    comments.append(line)
-                elif columns is None:
-                    columns = line.split(",")
-                elif line.count(",") == len(columns) - 1 and line.split(",", 1)[0].isdigit():
-                    rows.append(dict(zip(columns, line.split(","))))  # not a row half-written
-    return columns, rows, comments
-
-
-# run_ptb.py's last log line: "# test BPC 2.6200 of the best weights (step 20,000, validation ...)"
-TEST_LINE = re.compile(r"test BPC ([0-9.]+|nan|inf) of the best weights")
-
-
-def ptb_result(path):
-    """{'valid': the best validation BPC of a PTB log (None before the first validation),
-    'test': the test BPC of those weights (None until the run has finished)}."""
-    _, rows, comments = read_log(path)
-    valid = [float(row["valid_bpc"]) for row in rows if row.get("valid_bpc")]
-    tests = [TEST_LINE.search(line) for line in comments]
-    tests = [float(m.group(1)) for m in tests if m]
-    return {"valid": min(valid) if valid else None, "test": tests[-1] if tests else None}
-
-
-def run_outcome(task, run_dir):
-    """One run for the summary: (state, {metric: value}, step of the last log row).
-    state: finished, diverged (counts as the worst value), failed, unfinished or not started."""
-    status = read_json(os.path.join(run_dir, "status.json")) or {}
-    row = last_row(run_dir)
-    step = int(row["step"]) if row else None
-    state = status.get("state")
-    if state == "finished":
-        if task == "copy":
-            return "finished", {"T": float(row["T"]) if row else math.nan}, step
-        result = ptb_result(os.path.join(run_dir, "log.csv"))
-        return "finished", {k: math.nan if v is None else v for k, v in result.items()}, step
-    if state == "failed":
-        return ("diverged" if DIVERGED in status.get("message", "") else "failed"), {}, step
+def run_outcome(run_dir, options):
+    """One run for the summary: (state, its result, its step), from the status its runner
+    wrote. state: finished (under these options), diverged (counts as the worst value), failed,
+    unfinished or not started."""
+    status = run_status(run_dir)
+    state, step = status.get("state"), status.get("step")
+    if state == "finished" and options_of(status.get("argv", [])) == options:
+        return "finished", status.get("result") or {}, step
+    if state in ("diverged", "failed"):
+        return state, {}, step
+    if state == "refused":
+        return "failed", {}, step
     return ("unfinished" if os.path.isdir(run_dir) else "not started"), {}, step
 
 
-# The paper's metric per task: (key, what it is, higher is better), the first one picks the lr
+# The paper's metric per task: (key in a run's result, what it is, higher is better), the first
+# one picks the learning rate
 METRICS = {"copy": [("T", "T", True)],
-           "ptb": [("valid", "valid BPC", False), ("test", "test BPC", False)]}
+           "ptb": [("best_valid_bpc", "valid BPC", False), ("test_bpc", "test BPC", False)]}
 
 
-def lr_rows(task, folder, lrs, seeds):
-    """Per learning rate: its name, per-metric values over the seeds that count (finished;
-    diverged as the worst value), and the counts of each state. -> list of dicts."""
+def lr_rows(task, folder, lrs, seeds, extra):
+    """Per learning rate: its name, per-metric values over the seeds that count (finished under
+    the sweep's options extra; diverged as the worst value), and the counts of each state.
+    -> list of dicts."""
     rows = []
     for lr in lrs:
         values, states, steps = {key: [] for key, _, _ in METRICS[task]}, {}, set()
         for seed in seeds:
-            state, metrics, step = run_outcome(task, run_folder(folder, lr, seed))
+            state, result, step = run_outcome(run_folder(folder, lr, seed),
+                                              runner_options(extra, lr, seed))
             states[state] = states.get(state, 0) + 1
             for key, _, higher in METRICS[task]:
-                if state == "finished" and not math.isnan(metrics[key]):
-                    values[key].append(metrics[key])
+                value = result.get(key)
+                if state == "finished" and value is not None and not math.isnan(value):
+                    values[key].append(value)
                     steps.add(step)
                 elif state == "diverged":
                     values[key].append(-math.inf if higher else math.inf)
@@ -648,15 +683,14 @@ def number(x, task):
     return "-" if math.isnan(x) else f"{x:g}" if task == "copy" else f"{x:.4f}"
 
 
-def summary_table(task, folder, lrs, seeds):
+def summary_table(task, folder, lrs, seeds, extra):
     """The summary as text: per learning rate the median and range over the seeds of the paper's
     metric, how many runs count, and the learning rate the paper's rule picks."""
-    rows = lr_rows(task, folder, lrs, seeds)
+    rows = lr_rows(task, folder, lrs, seeds, extra)
     metrics = METRICS[task]
     seeds_text = ",".join(map(str, seeds))
-    title = (f"{TASKS[task]}: curriculum T reached at the last step (the log's last row)"
-             if task == "copy" else f"{TASKS[task]}: best validation BPC and the test BPC of "
-             "its weights")
+    title = (f"{TASKS[task]}: curriculum T reached at the end of each run" if task == "copy"
+             else f"{TASKS[task]}: best validation BPC and the test BPC of its weights")
     lines = [f"{title}; median and range over seeds {seeds_text}", ""]
     header = ["lr", "finished"]
     for _, name, _ in metrics:
@@ -692,18 +726,15 @@ def summary_table(task, folder, lrs, seeds):
     return "\n".join(lines) + "\n", rows, best
 
 
-YLABELS = {"T": "curriculum T at the last step", "valid": "best validation BPC",
-           "test": "test BPC of the best validation weights"}
+YLABELS = {"T": "curriculum T at the last step", "best_valid_bpc": "best validation BPC",
+           "test_bpc": "test BPC of the best validation weights"}
 
 
 def summary_figure(task, rows, best, path):
     """Each seed's value (dots) and the median (line) against the learning rate, one panel per
     metric, the picked learning rate starred; False when matplotlib is missing."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = runfiles.matplotlib_pyplot()
+    if plt is None:
         return False
     metrics = METRICS[task]
     fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 4.2), squeeze=False)
@@ -728,29 +759,21 @@ def summary_figure(task, rows, best, path):
             ax.legend(fontsize=8)
     fig.suptitle(f"{TASKS[task]}: the learning-rate grid (dots: seeds)")
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp.png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png", dpi=120)
-        os.chmod(tmp, 0o666 & ~current_umask())
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
+    runfiles.save_figure(plt, fig, path)
     return True
 
 
 def summarize(folder):
     """Print the summary of the sweep in folder and write summary.txt and summary.png there."""
-    sweep = read_json(os.path.join(folder, SWEEP_FILE))
+    sweep = runfiles.read_json(os.path.join(folder, SWEEP_FILE))
     if sweep is None:
         raise UsageError(f"{folder} holds no sweep ({SWEEP_FILE} is missing or damaged): give "
                          "the folder a sweep was run in")
     task, lrs, seeds = sweep["task"], sweep["lrs"], sweep["seeds"]
-    text, rows, best = summary_table(task, folder, lrs, seeds)
+    text, rows, best = summary_table(task, folder, lrs, seeds, sweep["runner_options"])
     print(text, end="")
-    write_atomically(os.path.join(folder, SUMMARY_TEXT), text)
+    runfiles.write_atomically(os.path.join(folder, SUMMARY_TEXT), lambda f: f.write(text.encode()),
+                              "summary")
     figure = os.path.join(folder, SUMMARY_FIGURE)
     if summary_figure(task, rows, best, figure):
         print(f"table: {os.path.join(folder, SUMMARY_TEXT)}, figure: {figure}")
@@ -773,14 +796,15 @@ def build_parser():
         "metric per learning rate and the one the paper's rule (the best median) picks. Every "
         "other option goes to each run (see python run_copy.py --help). Rerunning the command "
         "skips finished runs and resumes the others from their checkpoints; Ctrl-C or SIGTERM "
-        "stops every run after a saved step. 'summary FOLDER' prints the table again.",
+        "stops every run after a saved step, and so does the end of the sweep's process, "
+        "however it ends. 'summary FOLDER' prints the table again.",
         epilog="With --scheduler, the runs are tasks of a Dask cluster (pip install dask "
         "distributed): FOLDER, the folder you start the sweep in and this repository must be on "
         "storage every worker shares, at the same path (the README's 'Sweeps' shows SLURM and "
         "PBS).")
     p.add_argument("--lr", default=PAPER_LRS, metavar="LRS",
-                   help=f"learning rates, comma-separated: 10^-3.5, 1e-3, 3.16e-4 (default "
-                   f"{PAPER_LRS}, the paper's grid)")
+                   help=f"learning rates, comma-separated: 10^-3.5, 3x10^-3, 1e-3, 3.16e-4; "
+                   f"shown and named as powers of ten (default {PAPER_LRS}, the paper's grid)")
     p.add_argument("--seeds", default=PAPER_SEEDS,
                    help="seeds: 1-5, 1,3,5 or 1-3,7 (default 1-5, the paper's five repeats)")
     p.add_argument("--workers", type=int, metavar="N",
@@ -809,7 +833,7 @@ def sweep_command(task, folder, args, extra):
         raise UsageError("--workers is for this machine; with --scheduler the cluster's workers "
                          "run the runs")
     folder = os.path.abspath(folder)
-    previous = read_json(os.path.join(folder, SWEEP_FILE))
+    previous = runfiles.read_json(os.path.join(folder, SWEEP_FILE))
     if previous and previous.get("task") != task:
         raise UsageError(f"{folder} holds a {previous.get('task')} sweep, not {task}: choose "
                          "another folder")
@@ -823,12 +847,11 @@ def sweep_command(task, folder, args, extra):
     try:
         try:
             os.makedirs(folder, exist_ok=True)
-            write_atomically(os.path.join(folder, SWEEP_FILE), json.dumps(
-                {"task": task, "lrs": lrs, "seeds": seeds, "runner_options": extra},
-                indent=1) + "\n")
         except OSError as e:
-            raise RuntimeError(f"cannot write the sweep folder {folder} ({e.strerror or e})") \
+            raise RuntimeError(f"cannot make the sweep folder {folder} ({e.strerror or e})") \
                 from None
+        runfiles.write_json(os.path.join(folder, SWEEP_FILE), {
+            "task": task, "lrs": lrs, "seeds": seeds, "runner_options": extra}, "the sweep's grid")
         status = run_sweep(task, folder, [(lr, seed) for lr in lrs for seed in seeds], extra,
                            backend)
     finally:
@@ -842,8 +865,11 @@ def sweep_command(task, folder, args, extra):
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
-    if argv[:1] in (["-h"], ["--help"]):
+    if "-h" in argv or "--help" in argv:  # sweep.py --help, sweep.py copy --help, ...
         parser.print_help()
+        if argv[0] in RUNNERS:
+            print(f"\nEvery other option goes to each run: python {RUNNERS[argv[0]]} --help "
+                  "lists them.")
         return 0
     try:
         task = argv[0] if argv else None
@@ -863,7 +889,7 @@ def main(argv=None) -> int:
     except UsageError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
-    except (RuntimeError, OSError) as e:
+    except (RuntimeError, OSError, runfiles.UserError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 1
 

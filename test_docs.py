@@ -58,34 +58,72 @@ def section(text, heading):
     return "\n".join(lines)
 
 
-def readme_example():
-    """The first ```python block of the README's "Using the module from your own code"."""
-    match = re.search(r"^```python\n(.*?)^```", section(read(README),
-                      "## Using the module from your own code"), re.S | re.M)
-    assert match, "no ```python block under 'Using the module from your own code'"
-    return match.group(1)
+CELLS = os.path.join(HERE, "docs", "cells.md")
 
 
-def test_the_readme_example_runs_and_learns(monkeypatch, capsys):
-    """The example, executed as it stands, trains: the loss of its last 100 steps is far below
-    that of its first 100, which are near chance (ln 4 nats). The output it prints matches the
-    README's quote of it, to float32 rounding across CPUs (the quote is one machine's)."""
-    namespace = {"__name__": "readme_example"}
-    exec(compile(readme_example(), "README.md example", "exec"), namespace)
+def python_blocks(text):
+    """The ```python blocks of a Markdown text, in order."""
+    return re.findall(r"^```python\n(.*?)^```", text, re.S | re.M)
+
+
+def run_training_example(text, where, capsys, early_at_least):
+    """Run a training example (a ```python block that prints its mean loss over its first and
+    last 100 steps) as it stands: it learns the toy task, from near or below chance (ln 4 nats)
+    to far below, and prints what the text quotes it printed, to rounding across CPUs (the
+    quote is one machine's; this code reproduces it there digit for digit)."""
+    namespace = {"__name__": "example"}
+    exec(compile(python_blocks(text)[0], where, "exec"), namespace)
     early, late, guess = namespace["early"], namespace["late"], np.log(4)
-    assert 0.9 * guess < early < guess and late < 0.05 * guess, (early, late)
+    assert early_at_least * guess < early < guess and late < 0.05 * guess, (early, late)
     printed = capsys.readouterr().out
     number = r"(\d+\.\d+)"
     shape = (rf"mean loss {number} nats over the first 100 steps, {number} over the last 100 "
              rf"\(guessing: {number}\)")
-    got = re.fullmatch(shape + r"\n", printed)
-    quoted = re.search(shape, " ".join(section(read(README),
-                       "## Using the module from your own code").split()))
-    assert got and quoted, (printed, "the README quotes no output of this shape")
-    # The quote is one machine's output (this code reproduces it there digit for digit); on
-    # another CPU float32 rounding moves the averages a little, far less than 0.02 nats.
-    for g, q in zip(got.groups(), quoted.groups()):
+    got, quoted = re.fullmatch(shape + r"\n", printed), re.search(shape, " ".join(text.split()))
+    assert got and quoted, (printed, f"{where} quotes no output of this shape")
+    for g, q in zip(got.groups(), quoted.groups()):  # far less than 0.02 nats across CPUs
         assert abs(float(g) - float(q)) <= 0.02, (printed, quoted.group(0))
+
+
+def test_the_readme_example_runs_and_learns(capsys):
+    """The README's example (float32, the highway cell's Learner) trains from near chance."""
+    run_training_example(section(read(README), "## Using the module from your own code"),
+                         "README.md example", capsys, early_at_least=0.9)
+
+
+def test_the_tanh_rnn_example_runs_and_learns(capsys):
+    """docs/cells.md's tanh RNN, trained through ok.OK with its own H_t and D_t, learns."""
+    run_training_example(read(CELLS), "docs/cells.md example", capsys, early_at_least=0.5)
+
+
+def test_the_lstm_jacobians_are_its_derivatives():
+    """docs/cells.md's lstm_step gives H_t = d[h_t, c_t]/d[h_{t-1}, c_{t-1}] and D_t =
+    d[h_t, c_t]/dz_t equal to central finite differences of its own h_t and c_t (z_t through
+    the bias row of W, which z_t = a_t W adds as it is: a_t ends in 1)."""
+    namespace = {"np": np}
+    exec(compile(python_blocks(read(CELLS))[1], "docs/cells.md lstm_step", "exec"), namespace)
+    lstm_step = namespace["lstm_step"]
+    rng = np.random.default_rng(0)
+    V, n, B, eps = 3, 2, 2, 1e-6
+    W, x = rng.normal(0, 0.7, (V + n + 1, 4 * n)), rng.integers(0, V, B)
+    h, c = rng.normal(size=(B, n)), rng.normal(size=(B, n))
+    _, _, a, H, D = lstm_step(W, x, h, c)
+    assert (a.shape, H.shape, D.shape) == ((B, V + n + 1), (B, 2 * n, 2 * n), (B, 2 * n, 4 * n))
+
+    def state(W, h, c):
+        return np.hstack(lstm_step(W, x, h, c)[:2])  # (B, 2n) = [h_t, c_t]
+
+    for k in range(2 * n):  # column k of H: a nudge of h_{t-1} (k < n) or of c_{t-1}
+        dh, dc = np.zeros((B, n)), np.zeros((B, n))
+        (dh if k < n else dc)[:, k % n] = eps
+        column = (state(W, h + dh, c + dc) - state(W, h - dh, c - dc)) / (2 * eps)
+        # eps^2 truncation and 1e-16 / eps rounding on O(1) values: 1e-8 is far above both
+        np.testing.assert_allclose(H[:, :, k], column, rtol=0, atol=1e-8)
+    for j in range(4 * n):  # column j of D: a nudge of z_j
+        dW = np.zeros_like(W)
+        dW[-1, j] = eps
+        column = (state(W + dW, h, c) - state(W - dW, h, c)) / (2 * eps)
+        np.testing.assert_allclose(D[:, :, j], column, rtol=0, atol=1e-8)
 
 
 def slug(heading):

@@ -261,3 +261,23 @@ def test_the_figures_are_drawn(tmp_path, capsys):
         with open(tmp_path / name, "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     assert not [name for name in os.listdir(tmp_path) if name.endswith(".tmp")]  # atomic writes
+
+
+def test_the_ptb_figure_tells_seeds_apart_and_draws_the_authors_as_points(tmp_path):
+    """In the PTB figure (markers on) every seed of ours has its own line style and marker, so
+    the legend tells them apart, and the authors' runs, validated every 10k steps, are points: a
+    line between two of them would look like a measured curve."""
+    plt = pytest.importorskip("matplotlib.pyplot")
+    synthetic_results(str(tmp_path))
+    fig, ax = plt.subplots()
+    try:
+        plot_results.draw_runs(ax, str(tmp_path), PTB, "default", marked=True)
+        lines = {line.get_label(): line for line in ax.get_lines()}
+        seeds = [line for label, line in lines.items() if label.startswith("OK rank 8 (ours)")]
+        assert len(seeds) == 4
+        assert len({(line.get_linestyle(), line.get_marker()) for line in seeds}) == 4
+        assert len({line.get_marker() for line in seeds}) == 4
+        authors = [line for line in ax.get_lines() if line.get_color() == plot_results.AUTHORS]
+        assert len(authors) == 2 and all(line.get_linestyle() == "None" for line in authors)
+    finally:
+        plt.close(fig)

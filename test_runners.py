@@ -6,8 +6,9 @@ They check what a user relies on: the data are those of the paper's experiments 
 Ctrl-C and resumed ends bit for bit where an uninterrupted run ends, bad options and bad data
 give one line and a non-zero exit, and the PTB download keeps nothing it has not verified. PTB
 tests write a small synthetic corpus in the real files' format; one test reads the real files
-from ../shared/data/ptb-char when they are there. Nothing here touches the network or the user's
-home. The machinery both runners share (runlib.py) is tested once, in test_runlib.py.
+where run_ptb.py finds them without a download ($OK_RTRL_DATA, else its cache) when they are
+there. Nothing here touches the network or the user's home. The machinery both runners share
+(runlib.py) is tested once, in test_runlib.py.
 """
 import hashlib
 import json
@@ -24,12 +25,11 @@ import pytest
 import ok_rtrl as ok
 import run_copy
 import run_ptb
+import runfiles
 import runlib
 from test_runlib import (TINY_COPY, assert_same_run, checkpoint_contents, log_rows,
                          one_error_line)
 
-SHARED_PTB = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "data",
-                          "ptb-char")
 TINY_PTB = ["--hidden", "8", "--batch", "4", "--rank", "2", "--lr", "0.01", "--reset-every", "20"]
 
 
@@ -250,10 +250,17 @@ def test_symbols_are_whitespace_separated_with_one_eos_per_line(tmp_path):
         assert sha["valid"] == hashlib.sha256(f.read()).hexdigest()
 
 
-@pytest.mark.skipif(not os.path.isdir(SHARED_PTB), reason="no ../shared/data/ptb-char here")
+def real_ptb_files():
+    """The real files where run_ptb.py looks without downloading: $OK_RTRL_DATA, else its cache
+    (--data-dir is the runner's; a test is given its folder through $OK_RTRL_DATA)."""
+    return run_ptb.split_files(os.environ.get("OK_RTRL_DATA") or run_ptb.cache_folder())
+
+
+@pytest.mark.skipif(real_ptb_files() is None, reason="no PTB char files in $OK_RTRL_DATA or the "
+                    "cache (OK_RTRL_DATA=DIR python -m pytest ... runs this test)")
 def test_real_ptb_files_have_the_published_counts_and_sha256():
     """Mikolov's split: 50 symbols; 5,017,482 / 393,042 / 442,423 tokens; the published sha256."""
-    ids, vocab, sha = run_ptb.load_ptb(run_ptb.split_files(SHARED_PTB))
+    ids, vocab, sha = run_ptb.load_ptb(real_ptb_files())
     assert {split: len(ids[split]) for split in run_ptb.SPLITS} == {
         "train": 5_017_482, "valid": 393_042, "test": 442_423}
     assert len(vocab) == 50
@@ -536,7 +543,7 @@ def fake_clock(monkeypatch, step_seconds, pause_seconds, pauses):
     """A clock that advances only by step_seconds per training step and by pause_seconds per call
     of each (module, name) in pauses (validations, saves): rates must not count the pauses."""
     now = [1000.0]
-    monkeypatch.setattr(run_copy.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(runlib.time, "monotonic", lambda: now[0])
 
     def advancing(function, seconds):
         def wrapped(*args, **kwargs):
@@ -574,14 +581,14 @@ def test_copy_rate_counts_training_time_only(tmp_path, monkeypatch):
     assert len(rates) == 5 and all(rate == pytest.approx(1 / 0.01) for rate in rates)
 
 
-@pytest.mark.parametrize("runner", [run_copy, run_ptb, runlib])
+@pytest.mark.parametrize("runner", [run_copy, run_ptb, runlib, runfiles])
 def test_nothing_cites_a_document_the_repository_lacks(runner, capsys):
     """The help, the first line of a run and the runners' sources cite the paper or ok_rtrl.py,
     never a document that is not in the repository."""
     word = "SP" + "EC"  # spelled apart, so that this file does not cite it either
-    if runner is not runlib:
+    if runner in (run_copy, run_ptb):
         with pytest.raises(SystemExit):
-            runner.build_parser().parse_args(["--help"])
+            runlib.build_parser(runner).parse_args(["--help"])
         assert word not in capsys.readouterr().out
     here = os.path.dirname(os.path.abspath(__file__))
     for name in (runner.__file__, __file__, os.path.join(here, "README.md")):
@@ -590,7 +597,7 @@ def test_nothing_cites_a_document_the_repository_lacks(runner, capsys):
 
 
 def test_ptb_checkpoint_help_says_it_holds_the_current_run():
-    helps = {action.dest: action.help for action in run_ptb.build_parser()._actions}
+    helps = {action.dest: action.help for action in runlib.build_parser(run_ptb)._actions}
     assert "current" in helps["checkpoint"] and "best" in helps["checkpoint"]
 
 

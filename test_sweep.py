@@ -8,8 +8,10 @@ a bad runner option (one error line, one run started), and the summary of hand-w
 (the median, range and the paper's pick checked by hand). The Dask test is skipped where
 distributed is not installed.
 """
+import contextlib
 import importlib.util
 import json
+import math
 import os
 import re
 import signal
@@ -19,6 +21,7 @@ import sys
 import time
 
 import pytest
+from hypothesis import example, given, strategies as st
 
 import sweep
 
@@ -80,7 +83,7 @@ def state(folder, lr, seed):
 def table_rows(summary):
     """{lr: [cells]} of a summary's table, cells split at two or more spaces."""
     return {line.split()[0]: re.split(r"\s{2,}", line) for line in summary.splitlines()
-            if line.startswith("10^") or line.startswith("0.")}
+            if re.match(r"(\d+(\.\d+)?x)?10\^", line)}
 
 
 def children(pid):
@@ -133,9 +136,9 @@ def test_learning_rates_and_seeds_as_people_type_them():
     assert sweep.parse_lrs("10^-2.5,10^-3,10^-3.5,10^-4") == [10 ** -2.5, 10 ** -3, 10 ** -3.5,
                                                               10 ** -4]
     assert sweep.parse_lrs("1e-3, 10^-3,0.001,10**-3") == [0.001]
-    assert sweep.parse_lrs("3.16e-4,1e-2") == [1e-2, 3.16e-4]
-    assert [sweep.lr_name(x) for x in (10 ** -3.5, 1e-3, 3.16e-4, 1.0)] == \
-        ["10^-3.5", "10^-3", "0.000316", "10^0"]
+    assert sweep.parse_lrs("3.16e-4,1e-2,3x10^-3,2.5*10^-3") == [1e-2, 3e-3, 2.5e-3, 3.16e-4]
+    assert [sweep.lr_name(x) for x in (10 ** -3.5, 1e-3, 3e-3, 3.16e-4, 1.0)] == \
+        ["10^-3.5", "10^-3", "3x10^-3", "3.16x10^-4", "10^0"]
     assert sweep.parse_seeds("1-5") == [1, 2, 3, 4, 5]
     assert sweep.parse_seeds("5,1,3") == [1, 3, 5]
     assert sweep.parse_seeds("1-3,7,2") == [1, 2, 3, 7]
@@ -145,6 +148,29 @@ def test_learning_rates_and_seeds_as_people_type_them():
     for text in ("5-1", "a", "1-", "", "-2"):
         with pytest.raises(sweep.UsageError, match="--seeds"):
             sweep.parse_seeds(text)
+
+
+@given(st.floats(min_value=1e-300, max_value=1e300, allow_subnormal=False))
+@example(10 ** -2.5)
+@example(0.1 + 0.2)
+def test_every_learning_rate_is_named_as_a_power_of_ten_that_reads_back(lr):
+    """One notation in folders, table and figure: 10^e or Mx10^k, with 1 <= M < 10, and
+    parse_lr reads the name back to the very float (so a rerun finds the run's folder)."""
+    name = sweep.lr_name(lr)
+    assert re.fullmatch(r"10\^-?\d+(\.\d+)?|[1-9](\.\d+)?x10\^-?\d+", name), name
+    assert sweep.parse_lr(name) == lr
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["copy", "--help"], ["ptb", "-h"],
+                                  ["copy", "sweeps/copy", "--steps", "10", "--help"]])
+def test_help_wherever_it_is_asked_for(capsys, argv):
+    """`sweep.py copy --help` is help, not an error about the missing folder; it says where the
+    runner's own options are listed."""
+    assert sweep.main(argv) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("usage: sweep.py") and err == ""
+    if argv[0] in sweep.RUNNERS:
+        assert f"python {sweep.RUNNERS[argv[0]]} --help lists them" in out
 
 
 def test_a_batch_jobs_cpus_cap_the_cores(monkeypatch):
@@ -183,16 +209,16 @@ def test_without_dask_the_scheduler_option_says_what_to_install(tmp_path, monkey
 # --- The summary, from hand-written logs ---------------------------------------------------------
 
 
-def write_run(folder, lr, seed, header, rows, comments=(), state=None, message=""):
-    """A run folder as a runner and the sweep leave it: log.csv and status.json."""
+def write_run(folder, lr, seed, state, step=None, result=None, message="", options=()):
+    """A run folder as a runner leaves it: status.json, its command line as the sweep gives it
+    (the sweep's settings, which the summary ignores, around the options that define it)."""
     path = run_dir(folder, lr, seed)
     os.makedirs(path)
-    with open(os.path.join(path, "log.csv"), "w") as f:
-        f.write("# config\n" + header + "\n" + "".join(row + "\n" for row in rows)
-                + "".join(line + "\n" for line in comments))
-    if state:
-        with open(os.path.join(path, "status.json"), "w") as f:
-            json.dump({"state": state, "exit": 0, "message": message, "options": []}, f)
+    argv = (list(options) + ["--lr", repr(sweep.parse_lr(lr)), "--seed", str(seed), "--log",
+                             os.path.join(path, "log.csv"), "--threads", "1", "--stop-at-eof"])
+    with open(os.path.join(path, "status.json"), "w") as f:
+        json.dump({"state": state, "step": step, "steps": 4000, "result": result or {},
+                   "message": message, "pid": 1, "argv": argv}, f)
 
 
 def write_sweep_file(folder, task, lrs, seeds):
@@ -206,20 +232,18 @@ def test_copy_summary_medians_ranges_and_the_paper_pick(tmp_path, capsys):
     (7.67 against 7), so the paper's rule picks it. 10^-4: one seed at T 3, one stopped at step
     2,000, one not started: the pick is 'so far'."""
     folder = str(tmp_path)
-    header = "step,T,avg_bits,steps_per_s"
     Ts = {"10^-2.5": [5, 9], "10^-3": [6, 7, 8], "10^-3.5": [7, 7, 9], "10^-4": [3]}
     for lr, values in Ts.items():
         for seed, T in enumerate(values, 1):
-            write_run(folder, lr, seed, header, [f"2000,{T - 1},0.3,99.0", f"4000,{T},0.2,98.5"],
-                      state="finished")
-    write_run(folder, "10^-2.5", 3, header, ["2000,2,0.5,99.0"], state="failed",
-              message="run_copy.py: error: step 2345: the loss is not finite: the run diverged; "
-              "lower the learning rate or train in float64")
-    write_run(folder, "10^-4", 2, header, ["2000,2,0.5,99.0"], state="interrupted")
+            write_run(folder, lr, seed, "finished", 4000, {"T": T, "avg_bits": 0.2})
+    write_run(folder, "10^-2.5", 3, "diverged", 2344, {"T": 2, "avg_bits": 0.5},
+              message="step 2345: the loss is not finite: the run diverged; lower the learning "
+              "rate or train in float64")
+    write_run(folder, "10^-4", 2, "stopped", 2000, {"T": 2, "avg_bits": 0.5})
     write_sweep_file(folder, "copy", [10 ** -2.5, 10 ** -3, 10 ** -3.5, 10 ** -4], [1, 2, 3])
     assert sweep.main(["summary", folder]) == 0
     expected = """\
-copy task: curriculum T reached at the last step (the log's last row); median and range over seeds 1,2,3
+copy task: curriculum T reached at the end of each run; median and range over seeds 1,2,3
 
 lr       finished  T: median  range         notes
 10^-2.5  2/3       5          diverged - 9  at step 4,000; 1 diverged
@@ -233,11 +257,24 @@ the paper's rule (the best median T) picks lr 10^-3.5 (tied on the median with 1
     assert capsys.readouterr().out.startswith(expected)
 
 
+def test_a_run_finished_under_other_options_does_not_count(tmp_path):
+    """The summary counts a run as finished only under the sweep's options: one finished with
+    --hidden 16 when the sweep's are none is unfinished; the sweep's own settings (files,
+    threads, --stop-at-eof) do not matter."""
+    folder = str(tmp_path)
+    write_run(folder, "3x10^-3", 1, "finished", 4000, {"T": 6, "avg_bits": 0.2})
+    write_run(folder, "3x10^-3", 2, "finished", 4000, {"T": 9, "avg_bits": 0.2},
+              options=["--hidden", "16"])
+    write_sweep_file(folder, "copy", [3e-3], [1, 2])
+    assert sweep.main(["summary", folder]) == 0
+    assert table_rows(read(os.path.join(folder, "summary.txt")))["3x10^-3"] == [
+        "3x10^-3", "1/2", "6", "6 - 6", "at step 4,000; 1 unfinished"]
+
+
 def test_summary_figure_or_a_note_without_matplotlib(tmp_path, monkeypatch, capsys):
     """The figure is a PNG next to the table; without matplotlib the table comes with one line
     saying what to install, and no figure."""
-    write_run(str(tmp_path), "10^-3", 1, "step,T,avg_bits,steps_per_s", ["1000,4,0.2,99.0"],
-              state="finished")
+    write_run(str(tmp_path), "10^-3", 1, "finished", 1000, {"T": 4, "avg_bits": 0.2})
     write_sweep_file(str(tmp_path), "copy", [10 ** -3], [1])
     figure = tmp_path / "summary.png"
     if importlib.util.find_spec("matplotlib") is not None:
@@ -250,19 +287,16 @@ def test_summary_figure_or_a_note_without_matplotlib(tmp_path, monkeypatch, caps
     assert not figure.exists() and (tmp_path / "summary.txt").exists()
 
 
-def test_ptb_summary_takes_the_best_validation_and_its_test_line(tmp_path):
-    """Best validation BPC: the column's least value (not the last); test BPC: the runner's last
-    line. 10^-3: best 1.80 and 1.90 (median 1.85), 10^-3.5: 1.75 and 1.77 (median 1.76): the
+def test_ptb_summary_takes_the_best_validation_and_its_test_bpc(tmp_path):
+    """Best validation BPC and the test BPC of those weights, as each run's status gives them.
+    10^-3: best 1.80 and 1.90 (median 1.85), 10^-3.5: 1.75 and 1.77 (median 1.76): the
     paper's rule picks 10^-3.5."""
     folder = str(tmp_path)
-    header = "step,train_bits,valid_bpc,chars_per_s"
     best = {("10^-3", 1): (1.8, 1.79), ("10^-3", 2): (1.9, 1.88), ("10^-3.5", 1): (1.75, 1.74),
             ("10^-3.5", 2): (1.77, 1.78)}
     for (lr, seed), (valid, test) in best.items():
-        rows = ["1000,2.5,,3000.0", f"2000,2.1,{valid:.6f},3000.0", "3000,2.0,,3000.0",
-                f"4000,2.0,{valid + 0.01:.6f},3000.0"]
-        write_run(folder, lr, seed, header, rows, state="finished", comments=[
-            f"# test BPC {test:.4f} of the best weights (step 2,000, validation {valid:.4f})"])
+        write_run(folder, lr, seed, "finished", 4000,
+                  {"best_valid_bpc": valid, "best_step": 2000, "test_bpc": test})
     write_sweep_file(folder, "ptb", [10 ** -3, 10 ** -3.5], [1, 2])
     assert sweep.main(["summary", folder]) == 0
     rows = table_rows(read(os.path.join(folder, "summary.txt")))
@@ -321,14 +355,21 @@ def test_dask_cluster_gives_the_same_runs_and_summary(local_sweep, tmp_path):
         read(os.path.join(local_folder, "summary.txt"))
 
 
+def checkpoint_step(path):
+    """The step a runner's checkpoint holds (its counters, JSON)."""
+    import numpy as np
+    with np.load(path) as f:
+        return json.loads(str(f["counters"]))["step"]
+
+
 def test_killed_sweep_reruns_to_the_same_summary_running_nothing_twice(local_sweep, tmp_path):
     """SIGTERM to the sweep while some runs have finished and others are half-way: it stops them
-    (exit 143, they save), and the rerun of the same command leaves every finished run's files
-    untouched (its runner is not started again: stdout.txt gains nothing), resumes the
-    interrupted ones (the log rows written before the kill are kept byte for byte, timing
-    column included, which a restart would rewrite), and gives the local path's summary. While
-    it runs, each runner has --threads 1 and 1 thread in its environment, whatever the sweep's
-    environment says."""
+    (exit 143, they save) and reports each where its checkpoint is, and the rerun of the same
+    command leaves every finished run's files untouched (its runner is not started again:
+    stdout.txt gains nothing), resumes the interrupted ones (the log rows written before the
+    kill are kept byte for byte, timing column included, which a restart would rewrite), and
+    gives the local path's summary. While it runs, each runner has --threads 1 and 1 thread in
+    its environment, whatever the sweep's environment says."""
     local_folder, _ = local_sweep
     folder = str(tmp_path / "copy")
     argv = ["copy", folder] + GRID + TINY_COPY + ["--workers", "2", "--threads", "1"]
@@ -338,9 +379,7 @@ def test_killed_sweep_reruns_to_the_same_summary_running_nothing_twice(local_swe
     runner_env, deadline = None, time.monotonic() + 300
     while time.monotonic() < deadline:
         finished = [run for run in RUNS if state(folder, *run) == "finished"]
-        halfway = [run for run in RUNS if state(folder, *run) is None
-                   and os.path.exists(os.path.join(run_dir(folder, *run), "log.csv"))
-                   and 1 <= len(log_rows(os.path.join(run_dir(folder, *run), "log.csv"))) <= 3]
+        halfway = halfway_runs(folder)
         if finished and halfway:
             runner_env = runner_processes(process.pid)
             process.send_signal(signal.SIGTERM)
@@ -354,18 +393,26 @@ def test_killed_sweep_reruns_to_the_same_summary_running_nothing_twice(local_swe
             assert f"{name}=1".encode() in variables
         assert b"--threads" in variables and variables[variables.index(b"--threads") + 1] == b"1"
     finished = [run for run in RUNS if state(folder, *run) == "finished"]
-    stopped = [run for run in RUNS if state(folder, *run) == "interrupted"]
-    assert finished and stopped
+    unfinished = [run for run in RUNS if run not in finished]
+    assert finished and unfinished
+    for lr, seed in halfway:  # stopped with a save, and reported where that save is
+        status = json.loads(read(os.path.join(run_dir(folder, lr, seed), "status.json")))
+        step = checkpoint_step(os.path.join(run_dir(folder, lr, seed), "checkpoint.npz"))
+        assert status["state"] == "stopped" and status["step"] == step
+        assert (f"stopped  lr {lr} seed {seed}: T {status['result']['T']} at step {step:,}, "
+                "checkpoint saved") in out
     files = ("log.csv", "checkpoint.npz", "status.json", "stdout.txt", "stderr.txt")
     before = {(run, name): (read(os.path.join(run_dir(folder, *run), name), "rb"),
                             os.stat(os.path.join(run_dir(folder, *run), name)).st_mtime_ns)
               for run in finished for name in files}
     # A stopped run keeps its log rows byte for byte, and the one that was half-way goes on from
-    # them. Another run may have been caught just before its runner wrote a log (None here: the
+    # them. Another run may have been caught before its runner wrote a log or a checkpoint (the
     # rerun starts it afresh) or just after its last row (nothing left to add).
-    logs = {run: os.path.join(run_dir(folder, *run), "log.csv") for run in stopped}
+    logs = {run: os.path.join(run_dir(folder, *run), "log.csv") for run in unfinished}
     rows_before = {run: log_rows(log, drop_rate=False) if os.path.exists(log) else None
                    for run, log in logs.items()}
+    saved = {run: os.path.exists(os.path.join(run_dir(folder, *run), "checkpoint.npz"))
+             for run in unfinished}
     assert all(rows_before.get(run) for run in halfway)
     rerun = sweep_command(argv, cwd=HERE)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
@@ -374,16 +421,175 @@ def test_killed_sweep_reruns_to_the_same_summary_running_nothing_twice(local_swe
         path = os.path.join(run_dir(folder, *run), name)
         assert read(path, "rb") == content and os.stat(path).st_mtime_ns == mtime, path
     for run, rows in rows_before.items():
-        verb = "starting" if rows is None else "resuming"
+        verb = "resuming" if saved[run] else "starting"
         assert f"{verb} lr {run[0]} seed {run[1]}" in rerun.stdout
         kept, now = rows or [], log_rows(logs[run], drop_rate=False)
         assert now[:len(kept)] == kept and (len(now) > len(kept) or run not in halfway)
-    for lr, seed in RUNS:
-        assert state(folder, lr, seed) == "finished"
+    assert_same_as_local_sweep(folder, local_sweep[0])
+
+
+def halfway_runs(folder, runs=RUNS, most=3):
+    """The runs whose runner says it is running and whose log has 1 to most rows (of 8): at
+    least 500 steps done, and (at most=5) 1,500 or more to go, time enough to catch it there."""
+    return [run for run in runs if state(folder, *run) == "running"
+            and os.path.exists(os.path.join(run_dir(folder, *run), "log.csv"))
+            and 1 <= len(log_rows(os.path.join(run_dir(folder, *run), "log.csv"))) <= most]
+
+
+def assert_same_as_local_sweep(folder, local_folder, runs=RUNS):
+    """Every run finished at --steps with the local path's log rows (the rate column aside: a
+    resume is bit-exact), and the same summary when the grid is the same."""
+    for lr, seed in runs:
+        status = json.loads(read(os.path.join(run_dir(folder, lr, seed), "status.json")))
+        assert (status["state"], status["step"]) == ("finished", 4000), (lr, seed)
         assert (log_rows(os.path.join(run_dir(folder, lr, seed), "log.csv"))
-                == log_rows(os.path.join(run_dir(local_folder, lr, seed), "log.csv")))
-    assert read(os.path.join(folder, "summary.txt")) == \
-        read(os.path.join(local_folder, "summary.txt"))
+                == log_rows(os.path.join(run_dir(local_folder, lr, seed), "log.csv"))), (lr, seed)
+    if runs == RUNS:
+        assert read(os.path.join(folder, "summary.txt")) == \
+            read(os.path.join(local_folder, "summary.txt"))
+
+
+def live_runners(folder):
+    """Process ids of runners working in folder that are still alive (Linux /proc). An orphan
+    that has exited stays a zombie until its new parent, the init process, collects it: that is
+    no process running, and is left out."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                cmdline = read(f"/proc/{entry}/cmdline", "rb").split(b"\0")
+                stat = read(f"/proc/{entry}/stat")
+            except OSError:
+                continue
+            if (stat.rsplit(")", 1)[1].split()[0] != "Z" and folder.encode() in b" ".join(cmdline)
+                    and any(os.path.basename(arg).decode() in sweep.RUNNERS.values()
+                            for arg in cmdline)):
+                found.append(int(entry))
+    return found
+
+
+def wait_until(condition, seconds, what):
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.02)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads /proc to find the runners")
+def test_a_sweep_killed_outright_leaves_no_runner_going(local_sweep, tmp_path):
+    """SIGKILL to the sweep (--workers 2) while a run is half-way: nothing of the sweep runs its
+    clean-up, yet every runner's pipe ends with it, so each saves and exits within seconds
+    instead of training on alone; the half-way run says stopped at its checkpoint's step. The
+    rerun resumes the runs (a runner still saving would be waited for) and ends with the local
+    path's logs and summary."""
+    folder = str(tmp_path / "copy")
+    argv = ["copy", folder] + GRID + TINY_COPY + ["--workers", "2", "--threads", "1"]
+    with open(tmp_path / "sweep.out", "w") as out:
+        process = subprocess.Popen([sys.executable, SWEEP] + argv, cwd=HERE, stdout=out,
+                                   stderr=subprocess.STDOUT)
+    try:
+        wait_until(lambda: halfway_runs(folder), 300, "no run was half-way")
+        halfway = halfway_runs(folder)
+        process.kill()
+    finally:
+        process.wait()
+    runners = live_runners(folder)
+    wait_until(lambda: not live_runners(folder), 60, f"runners {runners} went on alone")
+    for lr, seed in halfway:
+        status = json.loads(read(os.path.join(run_dir(folder, lr, seed), "status.json")))
+        step = checkpoint_step(os.path.join(run_dir(folder, lr, seed), "checkpoint.npz"))
+        assert (status["state"], status["step"]) == ("stopped", step)
+        assert "standard input has ended" in read(os.path.join(run_dir(folder, lr, seed),
+                                                               "stderr.txt"))
+    rerun = sweep_command(argv, cwd=HERE)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    for lr, seed in halfway:
+        assert f"resuming lr {lr} seed {seed}" in rerun.stdout
+    assert_same_as_local_sweep(folder, local_sweep[0])
+
+
+@contextlib.contextmanager
+def dask_workers(address, count, nanny, logs):
+    """count `dask worker` processes for the scheduler at address, 1 thread each, every port on
+    127.0.0.1; with nanny, each a nanny process with the worker process under it, which the
+    nanny restarts when it dies. -> the worker processes' ids, by address."""
+    command = [sys.executable, "-m", "distributed.cli.dask_worker", address, "--nthreads", "1",
+               "--host", "127.0.0.1", "--no-dashboard", "--dashboard-address", "127.0.0.1:0",
+               "--memory-limit", "0", "--nanny" if nanny else "--no-nanny"]
+    started = []
+    try:
+        for k in range(count):
+            with open(logs / f"worker-{k}.log", "w") as log:
+                started.append(subprocess.Popen(command, cwd=HERE, stdout=log,
+                                                stderr=subprocess.STDOUT))
+        with distributed.Client(address, timeout="60s") as client:
+            client.wait_for_workers(count, timeout=120)
+            yield client.run(os.getpid)
+    finally:
+        for process in started:  # a nanny ends its worker process as it ends
+            process.terminate()
+        for process in started:
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def parent(pid):
+    return int(read(f"/proc/{pid}/stat").rsplit(")", 1)[1].split()[1])
+
+
+@needs_dask
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads /proc to find the runners")
+@pytest.mark.parametrize("nanny", [False, True], ids=["worker", "nanny"])
+def test_a_dask_worker_killed_mid_run_loses_nothing(local_sweep, tmp_path, nanny):
+    """A scheduler and three `dask worker` processes on 127.0.0.1 run two runs. The worker
+    hosting one of them is killed with SIGKILL half-way through the run (with a nanny: the
+    worker process under it, which the nanny restarts). The runner's pipe ends with its worker,
+    so it saves and exits instead of training on alone; Dask gives the task to another worker,
+    whose runner waits for the old one if it is still saving, and resumes from its checkpoint.
+    The sweep names the lost worker and the retried run, exits 0 with every run at --steps and
+    no runner left, and the killed run's log equals the uninterrupted one's (local_sweep): the
+    resume is bit-exact."""
+    runs, victim = [("10^-1", 1), ("10^-1", 2)], ("10^-1", 1)
+    folder = str(tmp_path / "copy")
+    with distributed.LocalCluster(n_workers=0, processes=True, host="127.0.0.1",
+                                  dashboard_address="127.0.0.1:0") as cluster, \
+            dask_workers(cluster.scheduler_address, 3, nanny, tmp_path) as workers:
+        with open(tmp_path / "sweep.out", "w") as out:
+            process = subprocess.Popen(
+                [sys.executable, SWEEP, "copy", folder, "--lr", "10^-1", "--seeds", "1-2"]
+                + TINY_COPY + ["--scheduler", cluster.scheduler_address, "--threads", "1"],
+                cwd=HERE, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            wait_until(lambda: halfway_runs(folder, [victim], most=5), 300,
+                       "the run was not seen half-way")
+            [runner] = live_runners(run_dir(folder, *victim))
+            host = parent(runner)  # the worker process (under its nanny, if it has one)
+            [lost] = [address for address, pid in workers.items() if pid == host]
+            os.kill(host, signal.SIGKILL)
+            process.wait(timeout=300)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    out = read(tmp_path / "sweep.out")
+    assert process.returncode == 0, out
+    assert not live_runners(folder)
+    assert f"  lost     Dask worker {lost}, which ran lr 10^-1 seed 1\n" in out
+    assert "  retrying lr 10^-1 seed 1 on another worker" in out
+    assert re.search(r"  done     lr 10\^-1 seed 1: T \d+ at step 4,000 \(retried after a lost "
+                     r"worker\)\n", out), out
+    assert (f"sweep.py: lost 1 Dask worker ({lost}); 1 run retried: lr 10^-1 seed 1; 1 of them "
+            "finished\n") in out
+    # The killed run's runner stopped at the end of its pipe, and the next one resumed there.
+    assert "standard input has ended" in read(os.path.join(run_dir(folder, *victim),
+                                                           "stderr.txt"))
+    resumed = re.findall(r"resuming from .* at step ([\d,]+)",
+                         read(os.path.join(run_dir(folder, *victim), "stdout.txt")))
+    assert len(resumed) == 1 and 0 < int(resumed[0].replace(",", "")) < 4000, resumed
+    assert_same_as_local_sweep(folder, local_sweep[0], runs)
 
 
 def test_bad_runner_option_is_one_error_and_one_run_started(tmp_path):
@@ -420,7 +626,8 @@ def write_corpus(folder):
 
 def test_ptb_sweep_reports_the_best_validation_and_its_test_bpc(tmp_path):
     """A PTB grid on a small synthetic corpus: each run's log equals run_ptb.py's run by hand,
-    and the summary holds each run's least validation BPC and its test line's BPC."""
+    and the summary (from each runner's status) holds the least validation BPC of its log and
+    the BPC of its log's test line. One seed is '1 seed', not '1 seeds'."""
     data = str(tmp_path / "data")
     write_corpus(data)
     tiny = ["--hidden", "8", "--batch", "4", "--rank", "2", "--reset-every", "20", "--steps", "60",
@@ -429,6 +636,7 @@ def test_ptb_sweep_reports_the_best_validation_and_its_test_bpc(tmp_path):
     done = sweep_command(["ptb", folder, "--lr", "10^-1.5,10^-2", "--seeds", "3"] + tiny
                          + ["--threads", "1"], cwd=HERE)
     assert done.returncode == 0, done.stdout + done.stderr
+    assert "2 runs (2 learning rates x 1 seed) in" in done.stdout
     assert_run_equals_runner_by_hand("run_ptb.py", tiny + ["--lr", "0.01", "--seed", "3"],
                                      os.path.join(run_dir(folder, "10^-2", 3), "log.csv"), tmp_path)
     summary = read(os.path.join(folder, "summary.txt"))
@@ -439,3 +647,44 @@ def test_ptb_sweep_reports_the_best_validation_and_its_test_bpc(tmp_path):
         test = float(re.search(r"# test BPC ([0-9.]+) ", log).group(1))
         assert table_rows(summary)[lr] == [lr, "1/1", f"{valid:.4f}", f"{valid:.4f} - {valid:.4f}",
                                            f"{test:.4f}", f"{test:.4f} - {test:.4f}"]
+
+
+# --- The documentation: where sweeps go, what they cost ------------------------------------------
+
+
+def test_the_sweep_folder_of_the_readme_is_ignored_by_git():
+    with open(os.path.join(HERE, ".gitignore")) as f:
+        assert "sweeps/" in f.read().split()
+
+
+def test_every_cost_estimate_comes_from_the_speed_table():
+    """docs/sweeps.md's costs and the README's "How long" and "Sweeps" figures are the README's
+    measured OK step times (the Speed table's rows at the copy task's and PTB's sizes) times the
+    paper's steps: hours per run, and days for 20 runs on 1, 4, 10 and 20 machines."""
+    readme = read(os.path.join(HERE, "README.md"))
+    costs = " ".join(read(os.path.join(HERE, "docs", "sweeps.md")).split())
+
+    def ok_ms(size):  # the OK column, the third of the Speed table
+        return float(re.search(rf"^\| [^|]*\({size}\) \| [^|]* \| ([\d.]+) ms \|", readme,
+                               re.M).group(1))
+    copy_ms, ptb_ms = ok_ms("copy task"), ok_ms("PTB")
+    hours = {"copy": copy_ms * 2_000_000 / 3.6e6, "ptb": ptb_ms * 1_000_000 / 3.6e6}
+    assert f"{copy_ms:g} ms a step at the copy task's size" in costs
+    assert f"{ptb_ms:g} ms at PTB's" in costs
+    assert f"copy run then takes {hours['copy']:.1f} hours" in costs
+    assert f"PTB run takes {hours['ptb']:.1f} hours, {20 * hours['ptb'] / 24:.1f} days" in costs
+    for machines in (1, 4, 10, 20):
+        rounds = math.ceil(20 / machines)
+        assert (f"| {machines} | {rounds * hours['copy'] / 24:.1f} days | "
+                f"{rounds * hours['ptb'] / 24:.1f} days |") in costs
+    how_long = " ".join(readme.split("### How long the paper's runs take")[1].split("##")[0].split())
+    assert (f"at {copy_ms:g} ms a step takes {copy_ms * 1e5 / 6e4:.0f} minutes for 100k steps "
+            f"and {hours['copy']:.1f} hours") in how_long
+    assert (f"at {ptb_ms:g} ms a step takes {ptb_ms * 2e4 / 6e4:.0f} minutes for 20k steps "
+            f"and {hours['ptb']:.1f} hours") in how_long
+    sweeps = " ".join(readme.split("## Sweeps")[1].split("## Speed")[0].split())
+    assert (f"{20 * hours['copy'] / 24:.0f} days of this 2-core machine for the copy task's 20 "
+            f"runs and {20 * hours['ptb'] / 24:.0f} for PTB's, or "
+            f"{2 * hours['copy'] / 24:.0f}-{2 * hours['ptb'] / 24:.0f} days on ten such "
+            "machines") in sweeps
+
