@@ -118,7 +118,7 @@ def build_parser(task):
     p.add_argument("--method", choices=METHODS, default="ok",
                    help="learning algorithm (default ok, the paper's): KF-RTRL (kf), kf-avg "
                    "(r averaged KF-RTRL copies), UORO, exact RTRL (small --hidden only), or TBPTT "
-                   "(ok_rtrl.py, section 5)")
+                   "(ok_rtrl.py, sections 2-6)")
     p.add_argument("--rank", type=int_at_least(1), metavar="R",
                    help=f"OK's rank, or kf-avg's number of averaged KF-RTRL copies (default "
                    f"{d['rank']}, the paper's {words['paper']} rank); kf is rank 1")
