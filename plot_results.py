@@ -157,11 +157,41 @@ def authors_runs(results, experiment):
 
 
 def table(results):
-    """The README's two markdown tables of the runs at the paper's sizes."""
-    return ("**Copy task**, n 128, B 16, OK rank 16, lr 10^-3.5: curriculum T reached\n\n"
+    """The README's markdown tables of the runs at the paper's sizes, and, for each run of ours
+    that reaches a step the authors validated beyond the table's first two, every such step."""
+    text = ("**Copy task**, n 128, B 16, OK rank 16, lr 10^-3.5: curriculum T reached\n\n"
             + experiment_table(results, COPY)
             + "\n\n**Character-level PTB**, n 256, B 32, OK rank 8, lr 10^-3.5: validation BPC on "
               "the standard files\n\n" + experiment_table(results, PTB))
+    for long_run in points_tables(results, PTB):
+        text += "\n\n" + long_run
+    return text
+
+
+def points_tables(results, experiment):
+    """A table a run of ours at the paper's rank that the authors' validation steps reach past
+    the table's second step (PTB's 100k run): its value at each of their steps, their min-max,
+    and how far it lies above their highest (below their lowest, negative; 0 inside)."""
+    theirs, fmt, tables = authors_runs(results, experiment), experiment["fmt"], []
+    steps = sorted({s for curve in theirs for s in curve if s <= experiment["max_step"]})
+    ours = [(config, curve) for config, curve in our_runs(results, experiment)
+            if is_main(config, experiment)]
+    for config, curve in ours:
+        at = [s for s in steps if s in curve]
+        if not at or at[-1] <= experiment["table_steps"][1]:
+            continue
+        name = run_name(config, [c for c, _ in ours])
+        lines = [f"**OK rank {experiment['rank']}, {name}**, against the authors' runs at their "
+                 f"validation steps (`results/{config['log']}`)", "",
+                 f"| steps | ours | authors' code, {len(theirs)} runs (min-max) | ours above "
+                 "their range |", "|---|---|---|---|"]
+        for s in at:
+            values = [c[s] for c in theirs if s in c]
+            above = max(curve[s] - max(values), 0.0) - max(min(values) - curve[s], 0.0)
+            lines.append(f"| {s // 1000}k | {fmt(curve[s])} | {spread(values, fmt)} | "
+                         f"{fmt(above)} |")
+        tables.append("\n".join(lines))
+    return tables
 
 
 def experiment_table(results, experiment):
