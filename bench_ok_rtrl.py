@@ -81,10 +81,10 @@ def trainer(method, params, B, r, rng, module=ok):
     else:
         learner = [module.init_learner(method, params, B, r), np.zeros((B, n), params.W.dtype)]
 
-        def learner_step(p, x, y):
+        def learner_step(p, x, y):  # the old API: (state, h) in, (h, state) out
             signs = module.draw_signs(rng, method, B, r, n)
-            losses, dW, dW_out, *learner[::-1] = module.learner_step(p, *learner, x, y, method,
-                                                                      signs)
+            losses, dW, dW_out, h, state = module.learner_step(p, *learner, x, y, method, signs)
+            learner[:] = state, h
             return losses, dW, dW_out
     weights = [params, module.adam_init(params)]
 
