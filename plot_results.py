@@ -46,7 +46,7 @@ PTB = {"task": "ptb", "hidden": 256, "batch": 32, "rank": 8,
        "table_steps": (10_000, 20_000, 50_000, 100_000), "what": "valid BPC at",
        "fmt": "{:.3f}".format, "figure": "ptb-paper-size.png", "max_step": 100_000,
        "paper_points": True}  # validated every 10k steps: points, which a line would make a curve
-PTB_ZOOM = (2.0, 3.1)  # BPC range of the figure's right panel, where OK and the authors' runs lie
+PTB_GAP = (-0.04, 0.06)  # the right panel's range: ours minus the authors' median, in BPC
 
 METHOD_ORDER = ("ok", "kf", "kf-avg", "uoro", "rtrl", "tbptt")
 # One colour per baseline in both figures; OK at the paper's rank is C0, the authors' runs grey.
@@ -235,16 +235,18 @@ def spread(values, fmt):
 # --- The figures --------------------------------------------------------------------------------
 
 
-def draw_runs(ax, results, experiment, drawstyle, marked):
+def draw_runs(ax, results, experiment, drawstyle, marked, minus=None):
     """Ours and the authors' runs up to the figure's last step, in the legend's order: OK at the
     paper's rank (C0, one line style per seed and, where points are marked, one marker), the
     authors' runs (thin, grey, one entry; points where the experiment says so), our baselines
-    (each in its colour)."""
+    (each in its colour). With minus ({step: value}), each run is drawn at those steps only, as
+    its value minus minus[step]."""
     last, theirs = experiment["max_step"], authors_runs(results, experiment)
 
     def draw(curve, **style):
-        steps = sorted(s for s in curve if s <= last)
-        ax.plot(steps, [curve[s] for s in steps], drawstyle=drawstyle, **style)
+        steps = sorted(s for s in curve if s <= last and (minus is None or s in minus))
+        ax.plot(steps, [curve[s] - (minus[s] if minus else 0) for s in steps],
+                drawstyle=drawstyle, **style)
 
     ours, seeds_drawn = our_runs(results, experiment), {}
 
@@ -295,20 +297,27 @@ def draw_copy(plt, results, path):
     print(f"plot: {path}")
 
 
+def authors_median(results, experiment):
+    """{step: the median of the authors' runs} at every step they validated."""
+    theirs = authors_runs(results, experiment)
+    return {s: statistics.median(curve[s] for curve in theirs if s in curve)
+            for s in {s for curve in theirs for s in curve}}
+
+
 def draw_ptb(plt, results, path):
-    """Validation BPC against training steps, 0-100k: all runs (left) and OK's range from 9k
-    steps (right), one legend below both."""
-    fig, (full, zoom) = plt.subplots(1, 2, figsize=(12, 6))
-    for ax in (full, zoom):
-        draw_runs(ax, results, PTB, "default", marked=True)
+    """Validation BPC against training steps, 0-100k: all runs (left), and at the authors'
+    validation steps each run minus their median (right: the few hundredths of BPC between
+    OK's runs, invisible on the left), one legend below both."""
+    fig, (full, gap) = plt.subplots(1, 2, figsize=(12, 6))
+    draw_runs(full, results, PTB, "default", marked=True)
+    draw_runs(gap, results, PTB, "default", marked=True, minus=authors_median(results, PTB))
+    gap.axhline(0.0, color=AUTHORS, lw=0.8, zorder=0)
+    for ax in (full, gap):
         ax.grid(alpha=0.3)
-        ax.set(xlabel="training steps", ylabel="validation BPC (standard files)")
-    last, zoom_from = PTB["max_step"], 9_000
-    full.set(title="all runs")
-    steps_axis(full, 0, last, 10_000)
-    zoom.set(ylim=PTB_ZOOM, title=f"zoom on OK: BPC {PTB_ZOOM[0]:.2f}-{PTB_ZOOM[1]:.2f}, from "
-                                  f"{zoom_from:,} steps")
-    steps_axis(zoom, zoom_from, last, 10_000)
+        steps_axis(ax, 0, PTB["max_step"], 10_000)
+    full.set(title="all runs", xlabel="training steps", ylabel="validation BPC (standard files)")
+    gap.set(ylim=PTB_GAP, title="minus the authors' median, at their validation steps",
+            xlabel="training steps", ylabel="validation BPC minus the authors' median")
     handles, labels = full.get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), fontsize=9,
                handlelength=LEGEND_HANDLE)

@@ -306,3 +306,29 @@ def test_the_ptb_figure_tells_seeds_apart_and_draws_the_authors_as_points(tmp_pa
         assert len(authors) == 2 and all(line.get_linestyle() == "None" for line in authors)
     finally:
         plt.close(fig)
+
+
+def test_the_ptb_gap_panel_draws_each_run_minus_the_authors_median_at_their_steps(tmp_path):
+    """The PTB figure's right panel: each run at the authors' validation steps only, as its BPC
+    minus the median of their runs there (the two synthetic runs: medians 3.02575 at 10k,
+    2.75175 at 20k, 2.3566 at 50k, 2.10865 at 100k); a run with none of their steps draws
+    nothing. On the committed file of their five runs the median is the middle run's value
+    (2.111267 at 100k steps: run 4; the mean would be 2.109153)."""
+    assert plot_results.authors_median(plot_results.RESULTS, PTB)[100000] == 2.111267
+    synthetic_results(str(tmp_path))
+    median = plot_results.authors_median(str(tmp_path), PTB)
+    assert median == pytest.approx({10000: 3.02575, 20000: 2.75175, 50000: 2.3566,
+                                    100000: 2.10865}, abs=1e-12)
+    plt = pytest.importorskip("matplotlib.pyplot")  # the rest draws
+    fig, ax = plt.subplots()
+    try:
+        plot_results.draw_runs(ax, str(tmp_path), PTB, "default", marked=True, minus=median)
+        lines = {line.get_label(): line for line in ax.get_lines()}
+        long_run = lines["OK rank 8 (ours), seed 1, 100k steps"]
+        assert list(long_run.get_xdata()) == [10000, 20000, 50000, 100000]
+        assert long_run.get_ydata() == pytest.approx(
+            [3.0661 - 3.02575, 2.7904 - 2.75175, 2.355 - 2.3566, 2.1 - 2.10865], abs=1e-12)
+        assert list(lines["OK rank 8 (ours), seed 2"].get_xdata()) == [10000]
+        assert len(lines["OK rank 8 (ours), seed 3"].get_xdata()) == 0  # validated at 8k, 12k
+    finally:
+        plt.close(fig)
