@@ -11,6 +11,7 @@ import pytest
 
 import plot_results
 from plot_results import COPY, PTB, our_runs, table
+from runfiles import read_log
 
 PAPER_LR = 10 ** -3.5
 
@@ -269,6 +270,26 @@ def test_the_committed_logs_read_as_the_readme_quotes_them():
             "`results/paper-copy-n128-ok16-T.csv` |") in text
     assert ("| authors' code, 5 runs (min-max) | 3.021-3.030 | 2.743-2.760 | 2.351-2.362 | "
             "2.104-2.113 | `results/paper-ptb-n256-ok8-valid.csv` |") in text
+
+
+def test_the_readme_quotes_the_100k_ptb_run_as_its_log_has_it():
+    """Issue 27's run, seed 1 to 100k steps: every row of the table plot_results prints for it
+    (ours at each of the authors' ten validation steps) stands in the README as printed, and its
+    row of the README's PTB table has the log's values (2.098 at 100k, under the 2.14 we set
+    ourselves; test 2.061 from the log's last line)."""
+    [long_run] = plot_results.points_tables(plot_results.RESULTS, PTB)
+    rows = [line for line in long_run.splitlines() if line.startswith("| ")]
+    with open(os.path.join(os.path.dirname(plot_results.RESULTS), "README.md")) as f:
+        readme = f.read()
+    assert len(rows) == 11 and [row for row in rows if row not in readme] == []
+    log = os.path.join(plot_results.RESULTS, "ptb-n256-ok8-seed1-100k.csv")
+    [curve] = [curve for config, curve in our_runs(plot_results.RESULTS, PTB)
+               if config["log"] == os.path.basename(log)]
+    values = [f"{curve[s]:.3f}" for s in (10000, 20000, 50000, 100000)]
+    test_bpc = read_log(log).comments[-1].split()[2]
+    assert values == ["3.039", "2.774", "2.359", "2.098"] and curve[100000] <= 2.14
+    assert (f"| OK rank 8 (ours), seed 1, 100k steps | {' | '.join(values)} | "
+            f"{float(test_bpc):.3f} | `ptb-n256-ok8-seed1-100k.csv` |") in readme
 
 
 # --- The figures (only with matplotlib) ---------------------------------------------------------
