@@ -43,17 +43,17 @@ PTB = {"task": "ptb", "hidden": 256, "batch": 32, "rank": 8,
        "columns": ["step", "train_bits", "valid_bpc", "chars_per_s"], "value": "valid_bpc",
        "convert": float, "paper": "paper-ptb-n256-ok8-valid.csv",
        "paper_value": "valid_bpc_standard_files",
-       "table_steps": (10_000, 20_000), "what": "valid BPC at", "fmt": "{:.3f}".format,
-       "figure": "ptb-paper-size.png", "max_step": 20_000,
+       "table_steps": (10_000, 20_000, 50_000, 100_000), "what": "valid BPC at",
+       "fmt": "{:.3f}".format, "figure": "ptb-paper-size.png", "max_step": 100_000,
        "paper_points": True}  # validated every 10k steps: points, which a line would make a curve
-PTB_ZOOM = (2.70, 3.15)  # BPC range of the figure's right panel, where OK and the authors' runs lie
+PTB_GAP = (-0.04, 0.06)  # the right panel's range: ours minus the authors' median, in BPC
 
 METHOD_ORDER = ("ok", "kf", "kf-avg", "uoro", "rtrl", "tbptt")
 # One colour per baseline in both figures; OK at the paper's rank is C0, the authors' runs grey.
 COLOURS = {"OK rank 1": "C1", "KF-RTRL": "C2", "UORO": "C3", "TBPTT-5": "C4", "TBPTT-10": "C5",
            "TBPTT-20": "C6", "exact RTRL": "C7", "OK rank 8, TensorFlow's Adam": "C9"}
-LINESTYLES = ("-", "--", ":", "-.")  # seed after seed of one method ...
-MARKERS = ("o", "s", "^", "D")  # ... and, where points are marked, its marker
+LINESTYLES = ("-", "--", ":", "-.", (0, (6, 2, 1, 2, 1, 2)))  # run after run of one method ...
+MARKERS = ("o", "s", "^", "D", "v")  # ... and, where points are marked, its marker
 LEGEND_HANDLE = 4.0  # font sizes: long enough to show a dashed line's gaps beside its marker
 AUTHORS = "0.55"  # their runs: grey, thin lines or points
 
@@ -117,7 +117,16 @@ def our_runs(results, experiment):
     return sorted(runs, key=lambda run: (not is_main(run[0], experiment),
                                          METHOD_ORDER.index(run[0]["method"]),
                                          run[0]["rank"] or 0, run[0]["trunc"] or 0,
-                                         run[0]["seed"]))
+                                         run[0]["seed"], run[0].get("steps", 0)))
+
+
+def run_name(config, runs):
+    """'seed 1', or 'seed 1, 100k steps' where runs (configs) hold more than one run of the
+    same method and seed, such as a longer run made later."""
+    same = [c for c in runs if (c["method"], c["rank"], c["trunc"], c["adam"], c["seed"])
+            == (config["method"], config["rank"], config["trunc"], config["adam"], config["seed"])]
+    return f"seed {config['seed']}" + (f", {config['steps'] // 1000}k steps" if len(same) > 1
+                                       else "")
 
 
 def is_main(config, experiment):
@@ -148,11 +157,41 @@ def authors_runs(results, experiment):
 
 
 def table(results):
-    """The README's two markdown tables of the runs at the paper's sizes."""
-    return ("**Copy task**, n 128, B 16, OK rank 16, lr 10^-3.5: curriculum T reached\n\n"
+    """The README's markdown tables of the runs at the paper's sizes, and, for each run of ours
+    that reaches a step the authors validated beyond the table's first two, every such step."""
+    text = ("**Copy task**, n 128, B 16, OK rank 16, lr 10^-3.5: curriculum T reached\n\n"
             + experiment_table(results, COPY)
             + "\n\n**Character-level PTB**, n 256, B 32, OK rank 8, lr 10^-3.5: validation BPC on "
               "the standard files\n\n" + experiment_table(results, PTB))
+    for long_run in points_tables(results, PTB):
+        text += "\n\n" + long_run
+    return text
+
+
+def points_tables(results, experiment):
+    """A table a run of ours at the paper's rank that the authors' validation steps reach past
+    the table's second step (PTB's 100k run): its value at each of their steps, their min-max,
+    and how far it lies above their highest (below their lowest, negative; 0 inside)."""
+    theirs, fmt, tables = authors_runs(results, experiment), experiment["fmt"], []
+    steps = sorted({s for curve in theirs for s in curve if s <= experiment["max_step"]})
+    ours = [(config, curve) for config, curve in our_runs(results, experiment)
+            if is_main(config, experiment)]
+    for config, curve in ours:
+        at = [s for s in steps if s in curve]
+        if not at or at[-1] <= experiment["table_steps"][1]:
+            continue
+        name = run_name(config, [c for c, _ in ours])
+        lines = [f"**OK rank {experiment['rank']}, {name}**, against the authors' runs at their "
+                 f"validation steps (`results/{config['log']}`)", "",
+                 f"| steps | ours | authors' code, {len(theirs)} runs (min-max) | ours above "
+                 "their range |", "|---|---|---|---|"]
+        for s in at:
+            values = [c[s] for c in theirs if s in c]
+            above = max(curve[s] - max(values), 0.0) - max(min(values) - curve[s], 0.0)
+            lines.append(f"| {s // 1000}k | {fmt(curve[s])} | {spread(values, fmt)} | "
+                         f"{fmt(above)} |")
+        tables.append("\n".join(lines))
+    return tables
 
 
 def experiment_table(results, experiment):
@@ -171,12 +210,13 @@ def experiment_table(results, experiment):
     ours = [(config, curve) for config, curve in our_runs(results, experiment)
             if is_main(config, experiment)]
     for config, curve in ours:
-        row(f"OK rank {rank}, seed {config['seed']}",
+        row(f"OK rank {rank}, {run_name(config, [c for c, _ in ours])}",
             [fmt(curve[s]) if s in curve else None for s in steps], f"`results/{config['log']}`")
-    if len(ours) > 1:
-        row(f"OK rank {rank}, median of {len(ours)} seeds",
-            [fmt(statistics.median(curve[s] for _, curve in ours))
-             if all(s in curve for _, curve in ours) else None for s in steps], "")
+    seeds = list({config["seed"]: curve for config, curve in reversed(ours)}.values())
+    if len(seeds) > 1:  # one run a seed: its first (the shortest)
+        row(f"OK rank {rank}, median of {len(seeds)} seeds",
+            [fmt(statistics.median(curve[s] for curve in seeds))
+             if all(s in curve for curve in seeds) else None for s in steps], "")
     theirs = authors_runs(results, experiment)
     row(f"authors' code, {len(theirs)} runs (min-max)",
         [spread([curve[s] for curve in theirs if s in curve], fmt) for s in steps],
@@ -195,16 +235,18 @@ def spread(values, fmt):
 # --- The figures --------------------------------------------------------------------------------
 
 
-def draw_runs(ax, results, experiment, drawstyle, marked):
+def draw_runs(ax, results, experiment, drawstyle, marked, minus=None):
     """Ours and the authors' runs up to the figure's last step, in the legend's order: OK at the
     paper's rank (C0, one line style per seed and, where points are marked, one marker), the
     authors' runs (thin, grey, one entry; points where the experiment says so), our baselines
-    (each in its colour)."""
+    (each in its colour). With minus ({step: value}), each run is drawn at those steps only, as
+    its value minus minus[step]."""
     last, theirs = experiment["max_step"], authors_runs(results, experiment)
 
     def draw(curve, **style):
-        steps = sorted(s for s in curve if s <= last)
-        ax.plot(steps, [curve[s] for s in steps], drawstyle=drawstyle, **style)
+        steps = sorted(s for s in curve if s <= last and (minus is None or s in minus))
+        ax.plot(steps, [curve[s] - (minus[s] if minus else 0) for s in steps],
+                drawstyle=drawstyle, **style)
 
     ours, seeds_drawn = our_runs(results, experiment), {}
 
@@ -215,10 +257,11 @@ def draw_runs(ax, results, experiment, drawstyle, marked):
         mark = {"marker": MARKERS[k % len(MARKERS)], "ms": 4} if marked else {}
         draw(curve, ls=LINESTYLES[k % len(LINESTYLES)], **mark, **style)
 
+    main = [config for config, _ in ours if is_main(config, experiment)]
     for config, curve in ours:
         if is_main(config, experiment):
             draw_ours(config, curve, color="C0", lw=2.0, zorder=3,
-                      label=f"{method_label(config)} (ours), seed {config['seed']}")
+                      label=f"{method_label(config)} (ours), {run_name(config, main)}")
     authors = (dict(ls="none", marker="x", ms=7, mew=1.2) if experiment["paper_points"]
                else dict(lw=0.9, marker="o" if marked else None, ms=3))
     for i, curve in enumerate(theirs):
@@ -254,20 +297,27 @@ def draw_copy(plt, results, path):
     print(f"plot: {path}")
 
 
+def authors_median(results, experiment):
+    """{step: the median of the authors' runs} at every step they validated."""
+    theirs = authors_runs(results, experiment)
+    return {s: statistics.median(curve[s] for curve in theirs if s in curve)
+            for s in {s for curve in theirs for s in curve}}
+
+
 def draw_ptb(plt, results, path):
-    """Validation BPC against training steps, 0-20k: all runs (left) and OK's range (right),
-    one legend below both."""
-    fig, (full, zoom) = plt.subplots(1, 2, figsize=(12, 6))
-    for ax in (full, zoom):
-        draw_runs(ax, results, PTB, "default", marked=True)
+    """Validation BPC against training steps, 0-100k: all runs (left), and at the authors'
+    validation steps each run minus their median (right: the few hundredths of BPC between
+    OK's runs, invisible on the left), one legend below both."""
+    fig, (full, gap) = plt.subplots(1, 2, figsize=(12, 6))
+    draw_runs(full, results, PTB, "default", marked=True)
+    draw_runs(gap, results, PTB, "default", marked=True, minus=authors_median(results, PTB))
+    gap.axhline(0.0, color=AUTHORS, lw=0.8, zorder=0)
+    for ax in (full, gap):
         ax.grid(alpha=0.3)
-        ax.set(xlabel="training steps", ylabel="validation BPC (standard files)")
-    last, zoom_from = PTB["max_step"], PTB["max_step"] * 9 // 20
-    full.set(title="all runs")
-    steps_axis(full, 0, last, 5_000)
-    zoom.set(ylim=PTB_ZOOM, title=f"zoom on OK: BPC {PTB_ZOOM[0]:.2f}-{PTB_ZOOM[1]:.2f}, from "
-                                  f"{zoom_from:,} steps")
-    steps_axis(zoom, zoom_from, last, 2_000)
+        steps_axis(ax, 0, PTB["max_step"], 10_000)
+    full.set(title="all runs", xlabel="training steps", ylabel="validation BPC (standard files)")
+    gap.set(ylim=PTB_GAP, title="minus the authors' median, at their validation steps",
+            xlabel="training steps", ylabel="validation BPC minus the authors' median")
     handles, labels = full.get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), fontsize=9,
                handlelength=LEGEND_HANDLE)

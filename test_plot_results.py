@@ -11,6 +11,7 @@ import pytest
 
 import plot_results
 from plot_results import COPY, PTB, our_runs, table
+from runfiles import read_log
 
 PAPER_LR = 10 ** -3.5
 
@@ -31,12 +32,12 @@ def write_log(path, config, columns, rows, trailer=None):
 
 
 def run_config(task, method, seed, rank=None, trunc=None, hidden=None, batch=None, lr=PAPER_LR,
-               adam=None):
+               adam=None, steps=20000):
     """A runner's config; adam None leaves the key out, as logs from before --adam have it."""
     size = COPY if task == "copy" else PTB
     config = {"task": task, "method": method, "rank": rank, "trunc": trunc,
               "hidden": hidden or size["hidden"], "batch": batch or size["batch"], "lr": lr,
-              "seed": seed, "dtype": "float32", "log_every": 1000}
+              "seed": seed, "dtype": "float32", "steps": steps, "log_every": 1000}
     return config if adam is None else dict(config, adam=adam)
 
 
@@ -45,7 +46,8 @@ def copy_log(folder, name, T_at, last, **config):
     T_at at or below the row's step (so T holds between the table's steps)."""
     rows = [(step, T_at[max(s for s in T_at if s <= step)], "0.200000", "25.00")
             for step in range(1000, last + 1, 1000)]
-    write_log(os.path.join(folder, name), run_config("copy", **config), COPY["columns"], rows)
+    write_log(os.path.join(folder, name), run_config("copy", steps=last, **config),
+              COPY["columns"], rows)
 
 
 def ptb_log(folder, name, valid_at, last, **config):
@@ -53,7 +55,8 @@ def ptb_log(folder, name, valid_at, last, **config):
     has the step, and the test BPC line at the end."""
     rows = [(step, "3.100000", f"{valid_at[step]:.6f}" if step in valid_at else "", "90.0")
             for step in range(1000, last + 1, 1000)]
-    write_log(os.path.join(folder, name), run_config("ptb", **config), PTB["columns"], rows,
+    write_log(os.path.join(folder, name), run_config("ptb", steps=last, **config),
+              PTB["columns"], rows,
               trailer="test BPC 2.7000 of the best weights (step 20,000, validation 2.7100)")
 
 
@@ -76,14 +79,16 @@ def write_authors(folder, copy_runs, ptb_runs):
 
 def synthetic_results(folder):
     """A results folder with known numbers: the authors' runs, OK at the paper's ranks (one log
-    under a misleading name, runs that stop early), a baseline, OK with TensorFlow's Adam, and
-    logs that are not ours at the paper's size (another size, another learning rate, a noise
-    log)."""
+    under a misleading name, runs that stop early, a longer run of seed 1 made later, whose
+    10k and 20k steps round differently), a baseline, OK with TensorFlow's Adam, and logs that
+    are not ours at the paper's size (another size, another learning rate, a noise log)."""
     write_authors(folder,
                   copy_runs=[{25000: 8, 50000: 11, 100000: 15, 200000: 20},
                              {25000: 9, 50000: 12, 100000: 17}],
-                  ptb_runs=[{10000: (2.97, 3.0212), 20000: (2.70, 2.7431)},
-                            {10000: (2.98, 3.0303), 20000: (2.71, 2.7604)}])
+                  ptb_runs=[{10000: (2.97, 3.0212), 20000: (2.70, 2.7431),
+                             50000: (2.31, 2.3512), 100000: (2.07, 2.1044)},
+                            {10000: (2.98, 3.0303), 20000: (2.71, 2.7604),
+                             50000: (2.32, 2.3620), 100000: (2.08, 2.1129)}])
     copy_log(folder, "copy-n128-ok16-seed1.csv", {1000: 1, 25000: 8, 50000: 12, 100000: 16},
              100000, method="ok", rank=16, seed=1)
     copy_log(folder, "copy-n128-ok16-seed2.csv", {1000: 1, 25000: 9, 50000: 13}, 60000,
@@ -104,6 +109,9 @@ def synthetic_results(folder):
     ptb_log(folder, "ptb-n256-ok8-seed1.csv",
             {2000: 3.7, 10000: 3.0652, 12000: 3.0, 20000: 2.7923}, 20000,
             method="ok", rank=8, seed=1)
+    ptb_log(folder, "ptb-n256-ok8-seed1-100k.csv",
+            {10000: 3.0661, 20000: 2.7904, 50000: 2.355, 100000: 2.1}, 100000,
+            method="ok", rank=8, seed=1, adam="kingma-ba")
     ptb_log(folder, "ptb-n256-ok8-seed2.csv", {2000: 3.6, 10000: 3.0250}, 15000,
             method="ok", rank=8, seed=2)
     ptb_log(folder, "ptb-n256-ok8-seed3.csv", {8000: 3.2, 12000: 3.0}, 12000,
@@ -130,25 +138,38 @@ SYNTHETIC_TABLE = """\
 
 **Character-level PTB**, n 256, B 32, OK rank 8, lr 10^-3.5: validation BPC on the standard files
 
-| run | valid BPC at 10k steps | 20k | log |
+| run | valid BPC at 10k steps | 20k | 50k | 100k | log |
+|---|---|---|---|---|---|
+| OK rank 8, seed 1, 20k steps | 3.065 | 2.792 | - | - | `results/ptb-n256-ok8-seed1.csv` |
+| OK rank 8, seed 1, 100k steps | 3.066 | 2.790 | 2.355 | 2.100 | `results/ptb-n256-ok8-seed1-100k.csv` |
+| OK rank 8, seed 2 | 3.025 | - | - | - | `results/ptb-n256-ok8-seed2.csv` |
+| OK rank 8, seed 3 | - | - | - | - | `results/ptb-n256-ok8-seed3.csv` |
+| OK rank 8, seed 4 | 3.010 | 2.750 | - | - | `results/ptb-n256-ok8-seed4.csv` |
+| OK rank 8, median of 4 seeds | - | - | - | - |  |
+| authors' code, 2 runs (min-max) | 3.021-3.030 | 2.743-2.760 | 2.351-2.362 | 2.104-2.113 | `results/paper-ptb-n256-ok8-valid.csv` |
+
+**OK rank 8, seed 1, 100k steps**, against the authors' runs at their validation steps (`results/ptb-n256-ok8-seed1-100k.csv`)
+
+| steps | ours | authors' code, 2 runs (min-max) | ours above their range |
 |---|---|---|---|
-| OK rank 8, seed 1 | 3.065 | 2.792 | `results/ptb-n256-ok8-seed1.csv` |
-| OK rank 8, seed 2 | 3.025 | - | `results/ptb-n256-ok8-seed2.csv` |
-| OK rank 8, seed 3 | - | - | `results/ptb-n256-ok8-seed3.csv` |
-| OK rank 8, seed 4 | 3.010 | 2.750 | `results/ptb-n256-ok8-seed4.csv` |
-| OK rank 8, median of 4 seeds | - | - |  |
-| authors' code, 2 runs (min-max) | 3.021-3.030 | 2.743-2.760 | `results/paper-ptb-n256-ok8-valid.csv` |"""
+| 10k | 3.066 | 3.021-3.030 | 0.036 |
+| 20k | 2.790 | 2.743-2.760 | 0.030 |
+| 50k | 2.355 | 2.351-2.362 | 0.000 |
+| 100k | 2.100 | 2.104-2.113 | -0.004 |"""
 
 
 # --- The table ----------------------------------------------------------------------------------
 
 
 def test_table_from_synthetic_logs(tmp_path):
-    """Each seed of OK at the paper's rank (found by its header, whatever the file's name), the
-    median over seeds (9.5 from 8, 9, 10, 11; '-' unless every seed has reached the step), '-'
-    where a run stopped early or has no validation at the step, the authors' min-max on the
-    standard files. The baselines, other sizes, other learning rates, OK with TensorFlow's Adam
-    and noise logs stay out; OK with the default Adam named in its header is a seed."""
+    """Each run of OK at the paper's rank (found by its header, whatever the file's name; two
+    runs of one seed named by their steps), the median over seeds (9.5 from 8, 9, 10, 11; one
+    run a seed, its shortest; '-' unless every seed has reached the step), '-' where a run
+    stopped early or has no validation at the step, the authors' min-max on the standard files.
+    The baselines, other sizes, other learning rates, OK with TensorFlow's Adam and noise logs
+    stay out; OK with the default Adam named in its header is a seed. A run past the table's
+    second step gets a table of its own at the authors' validation steps, with its distance
+    above their range (0 inside it, negative below)."""
     synthetic_results(str(tmp_path))
     assert table(str(tmp_path)) == SYNTHETIC_TABLE
 
@@ -170,21 +191,24 @@ def test_table_with_no_runs_of_ours_has_the_authors_rows_only(tmp_path):
     copy_rows, ptb_rows = parts[1].splitlines()[2:], parts[3].splitlines()[2:]
     assert copy_rows == [
         "| authors' code, 2 runs (min-max) | 9 | 12 | - | `results/paper-copy-n128-ok16-T.csv` |"]
-    assert ptb_rows == ["| authors' code, 2 runs (min-max) | 3.021-3.030 | - | "
+    assert ptb_rows == ["| authors' code, 2 runs (min-max) | 3.021-3.030 | - | - | - | "
                         "`results/paper-ptb-n256-ok8-valid.csv` |"]
 
 
 def test_the_curves_skip_comment_lines_and_rows_without_validation(tmp_path):
     """A PTB log's curve holds the validated steps only; its config and test lines are no rows."""
     synthetic_results(str(tmp_path))
-    runs = {(plot_results.method_label(config), config["seed"]): curve
+    runs = {(plot_results.method_label(config), config["seed"], config["steps"]): curve
             for config, curve in our_runs(str(tmp_path), PTB)}
-    assert runs == {("OK rank 8", 1): {2000: 3.7, 10000: 3.0652, 12000: 3.0, 20000: 2.7923},
-                    ("OK rank 8", 2): {2000: 3.6, 10000: 3.025},
-                    ("OK rank 8", 3): {8000: 3.2, 12000: 3.0},
-                    ("OK rank 8", 4): {10000: 3.01, 20000: 2.75},
-                    ("OK rank 8, TensorFlow's Adam", 1): {10000: 2.9, 20000: 2.6},
-                    ("UORO", 1): {10000: 4.3, 20000: 4.3}}
+    assert runs == {("OK rank 8", 1, 20000): {2000: 3.7, 10000: 3.0652, 12000: 3.0,
+                                              20000: 2.7923},
+                    ("OK rank 8", 1, 100000): {10000: 3.0661, 20000: 2.7904, 50000: 2.355,
+                                               100000: 2.1},
+                    ("OK rank 8", 2, 15000): {2000: 3.6, 10000: 3.025},
+                    ("OK rank 8", 3, 12000): {8000: 3.2, 12000: 3.0},
+                    ("OK rank 8", 4, 20000): {10000: 3.01, 20000: 2.75},
+                    ("OK rank 8, TensorFlow's Adam", 1, 20000): {10000: 2.9, 20000: 2.6},
+                    ("UORO", 1, 20000): {10000: 4.3, 20000: 4.3}}
 
 
 # --- Errors and the optional matplotlib ---------------------------------------------------------
@@ -229,7 +253,8 @@ def test_a_damaged_or_missing_file_gives_one_line(tmp_path, capsys, damage, mess
 def test_the_committed_logs_read_as_the_readme_quotes_them():
     """The other runs' T at 25k / 50k / 100k and validation BPC at 10k / 20k as the README's tables
     give them (KF-RTRL's 3.212728 at 20k rounds to 3.213), and the authors' spread as the paper's
-    logs give it (copy T 15-17 at 100k; PTB 3.021-3.030 and 2.743-2.760 on the standard files)."""
+    logs give it (copy T 15-17 at 100k; PTB 3.021-3.030, 2.743-2.760, 2.351-2.362 and 2.104-2.113
+    at 10k, 20k, 50k and 100k on the standard files)."""
     copy = {plot_results.method_label(config): [curve[s] for s in (25000, 50000, 100000)]
             for config, curve in our_runs(plot_results.RESULTS, COPY)
             if config["seed"] == 1 and not plot_results.is_main(config, COPY)}
@@ -243,8 +268,28 @@ def test_the_committed_logs_read_as_the_readme_quotes_them():
     text = table(plot_results.RESULTS)
     assert ("| authors' code, 5 runs (min-max) | 8-9 | 11-12 | 15-17 | "
             "`results/paper-copy-n128-ok16-T.csv` |") in text
-    assert ("| authors' code, 5 runs (min-max) | 3.021-3.030 | 2.743-2.760 | "
-            "`results/paper-ptb-n256-ok8-valid.csv` |") in text
+    assert ("| authors' code, 5 runs (min-max) | 3.021-3.030 | 2.743-2.760 | 2.351-2.362 | "
+            "2.104-2.113 | `results/paper-ptb-n256-ok8-valid.csv` |") in text
+
+
+def test_the_readme_quotes_the_100k_ptb_run_as_its_log_has_it():
+    """Issue 27's run, seed 1 to 100k steps: every row of the table plot_results prints for it
+    (ours at each of the authors' ten validation steps) stands in the README as printed, and its
+    row of the README's PTB table has the log's values (2.098 at 100k, under the 2.14 we set
+    ourselves; test 2.061 from the log's last line)."""
+    [long_run] = plot_results.points_tables(plot_results.RESULTS, PTB)
+    rows = [line for line in long_run.splitlines() if line.startswith("| ")]
+    with open(os.path.join(os.path.dirname(plot_results.RESULTS), "README.md")) as f:
+        readme = f.read()
+    assert len(rows) == 11 and [row for row in rows if row not in readme] == []
+    log = os.path.join(plot_results.RESULTS, "ptb-n256-ok8-seed1-100k.csv")
+    [curve] = [curve for config, curve in our_runs(plot_results.RESULTS, PTB)
+               if config["log"] == os.path.basename(log)]
+    values = [f"{curve[s]:.3f}" for s in (10000, 20000, 50000, 100000)]
+    test_bpc = read_log(log).comments[-1].split()[2]
+    assert values == ["3.039", "2.774", "2.359", "2.098"] and curve[100000] <= 2.14
+    assert (f"| OK rank 8 (ours), seed 1, 100k steps | {' | '.join(values)} | "
+            f"{float(test_bpc):.3f} | `ptb-n256-ok8-seed1-100k.csv` |") in readme
 
 
 # --- The figures (only with matplotlib) ---------------------------------------------------------
@@ -264,7 +309,7 @@ def test_the_figures_are_drawn(tmp_path, capsys):
 
 
 def test_the_ptb_figure_tells_seeds_apart_and_draws_the_authors_as_points(tmp_path):
-    """In the PTB figure (markers on) every seed of ours has its own line style and marker, so
+    """In the PTB figure (markers on) every run of ours has its own line style and marker, so
     the legend tells them apart, and the authors' runs, validated every 10k steps, are points: a
     line between two of them would look like a measured curve."""
     plt = pytest.importorskip("matplotlib.pyplot")
@@ -274,10 +319,37 @@ def test_the_ptb_figure_tells_seeds_apart_and_draws_the_authors_as_points(tmp_pa
         plot_results.draw_runs(ax, str(tmp_path), PTB, "default", marked=True)
         lines = {line.get_label(): line for line in ax.get_lines()}
         seeds = [line for label, line in lines.items() if label.startswith("OK rank 8 (ours)")]
-        assert len(seeds) == 4
-        assert len({(line.get_linestyle(), line.get_marker()) for line in seeds}) == 4
-        assert len({line.get_marker() for line in seeds}) == 4
+        assert len(seeds) == 5  # seed 1's two runs have labels of their own
+        assert {"OK rank 8 (ours), seed 1, 20k steps", "OK rank 8 (ours), seed 1, 100k steps"} \
+            <= lines.keys()
+        assert len({(line.get_linestyle(), line.get_marker()) for line in seeds}) == 5
         authors = [line for line in ax.get_lines() if line.get_color() == plot_results.AUTHORS]
         assert len(authors) == 2 and all(line.get_linestyle() == "None" for line in authors)
+    finally:
+        plt.close(fig)
+
+
+def test_the_ptb_gap_panel_draws_each_run_minus_the_authors_median_at_their_steps(tmp_path):
+    """The PTB figure's right panel: each run at the authors' validation steps only, as its BPC
+    minus the median of their runs there (the two synthetic runs: medians 3.02575 at 10k,
+    2.75175 at 20k, 2.3566 at 50k, 2.10865 at 100k); a run with none of their steps draws
+    nothing. On the committed file of their five runs the median is the middle run's value
+    (2.111267 at 100k steps: run 4; the mean would be 2.109153)."""
+    assert plot_results.authors_median(plot_results.RESULTS, PTB)[100000] == 2.111267
+    synthetic_results(str(tmp_path))
+    median = plot_results.authors_median(str(tmp_path), PTB)
+    assert median == pytest.approx({10000: 3.02575, 20000: 2.75175, 50000: 2.3566,
+                                    100000: 2.10865}, abs=1e-12)
+    plt = pytest.importorskip("matplotlib.pyplot")  # the rest draws
+    fig, ax = plt.subplots()
+    try:
+        plot_results.draw_runs(ax, str(tmp_path), PTB, "default", marked=True, minus=median)
+        lines = {line.get_label(): line for line in ax.get_lines()}
+        long_run = lines["OK rank 8 (ours), seed 1, 100k steps"]
+        assert list(long_run.get_xdata()) == [10000, 20000, 50000, 100000]
+        assert long_run.get_ydata() == pytest.approx(
+            [3.0661 - 3.02575, 2.7904 - 2.75175, 2.355 - 2.3566, 2.1 - 2.10865], abs=1e-12)
+        assert list(lines["OK rank 8 (ours), seed 2"].get_xdata()) == [10000]
+        assert len(lines["OK rank 8 (ours), seed 3"].get_xdata()) == 0  # validated at 8k, 12k
     finally:
         plt.close(fig)
