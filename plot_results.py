@@ -120,13 +120,17 @@ def our_runs(results, experiment):
                                          run[0]["seed"], run[0].get("steps", 0)))
 
 
+def main_runs(results, experiment):
+    """our_runs of OK at the paper's rank with the default Adam (is_main), in their order."""
+    return [(config, curve) for config, curve in our_runs(results, experiment)
+            if is_main(config, experiment)]
+
+
 def run_name(config, runs):
-    """'seed 1', or 'seed 1, 100k steps' where runs (configs) hold more than one run of the
-    same method and seed, such as a longer run made later."""
-    same = [c for c in runs if (c["method"], c["rank"], c["trunc"], c["adam"], c["seed"])
-            == (config["method"], config["rank"], config["trunc"], config["adam"], config["seed"])]
-    return f"seed {config['seed']}" + (f", {config['steps'] // 1000}k steps" if len(same) > 1
-                                       else "")
+    """'seed 1', or 'seed 1, 100k steps' where runs (the configs of one method's runs) hold more
+    than one run of config's seed, such as a longer run made later."""
+    repeated = sum(c["seed"] == config["seed"] for c in runs) > 1
+    return f"seed {config['seed']}" + (f", {config['steps'] // 1000}k steps" if repeated else "")
 
 
 def is_main(config, experiment):
@@ -174,8 +178,7 @@ def points_tables(results, experiment):
     and how far it lies above their highest (below their lowest, negative; 0 inside)."""
     theirs, fmt, tables = authors_runs(results, experiment), experiment["fmt"], []
     steps = sorted({s for curve in theirs for s in curve if s <= experiment["max_step"]})
-    ours = [(config, curve) for config, curve in our_runs(results, experiment)
-            if is_main(config, experiment)]
+    ours = main_runs(results, experiment)
     for config, curve in ours:
         at = [s for s in steps if s in curve]
         if not at or at[-1] <= experiment["table_steps"][1]:
@@ -207,8 +210,7 @@ def experiment_table(results, experiment):
         cells = ["-" if value is None else value for value in values]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {log} |")
 
-    ours = [(config, curve) for config, curve in our_runs(results, experiment)
-            if is_main(config, experiment)]
+    ours = main_runs(results, experiment)
     for config, curve in ours:
         row(f"OK rank {rank}, {run_name(config, [c for c, _ in ours])}",
             [fmt(curve[s]) if s in curve else None for s in steps], f"`results/{config['log']}`")
