@@ -37,7 +37,7 @@ Kronecker-sum step), §4 Algorithm 2 (OK), §5 Algorithm 3 (Opt), §6 the baseli
 learner, §8 Adam. Part II, the engine (§9), computes the same numbers faster: Numba kernels,
 threads, OK's factorisation by matrix products and its reused memory. Every estimator, the
 learner, bptt and evaluate run the engine unless given spec=True; the tests run both and
-compare them. Part III (§10) checks the public functions' arguments.
+compare them. Part III checks the public functions' arguments.
 """
 import os
 from concurrent.futures import ThreadPoolExecutor, wait
@@ -425,18 +425,25 @@ def ok_reduce(us, As, signs):
     # under H step after step into subnormal floats, on which every product is slow.
     sigma[sigma <= k * SVD_NOISE * sigma[0]] = 0.0
     QU, QV = Q_u @ U, Q_A @ Vt.T  # (m, k), (N P, k): the singular vectors of the whole sum
-    # The sign convention: flip each pair (QU_i, QV_i) so that the largest-magnitude entry of
-    # QU_i (the first, on exact ties) is positive. A flipped pair is another realisation of the
-    # same distribution; the convention makes the realisation independent of the library's
-    # choice of signs (and of how Q was made). A zero column (sigma_i = 0) is left as it is.
-    top = np.abs(QU).argmax(axis=0)  # (k,)
-    flip = np.where(QU[top, np.arange(k)] < 0, -1.0, 1.0)
+    flip = _sign_convention(QU)  # (k,): one sign per pair (QU_i, QV_i)
     QU, QV = QU * flip, QV * flip
     # 4. Opt (Algorithm 3): X X^T replaces diag(sigma), unbiased, rank r, least variance.
     X = opt(sigma, signs)  # (k, r)
     # 5. Map back: u'_j = Q_u U x_j, A'_j = Q_A V x_j. The same x_j on both sides gives
     # ||u'_j|| = ||A'_j||: the paper's optional rescale comes for free.
     return (QU @ X).T.astype(dtype), (QV @ X).T.reshape(k - 1, N, P).astype(dtype)
+
+
+def _sign_convention(QU):
+    """The sign convention of OK's step 3: flips (k,) that make the largest-magnitude entry of each
+    column QU_i (the first, on exact ties) positive; a zero column (sigma_i = 0) keeps its sign.
+
+    A pair (QU_i, QV_i) and its negation are the same singular pair, and the two give the same
+    signs two realisations of one distribution: the convention makes the realisation independent
+    of the library's choice (and of how Q was made: QU_i, unlike U_i, does not depend on it).
+    """
+    top = np.abs(QU).argmax(axis=0)  # (k,)
+    return np.where(QU[top, np.arange(QU.shape[1])] < 0, -1.0, 1.0)
 
 
 def _householder_qr(M):
