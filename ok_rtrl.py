@@ -442,8 +442,8 @@ def _sign_convention(QU):
     signs two realisations of one distribution: the convention makes the realisation independent
     of the library's choice (and of how Q was made: QU_i, unlike U_i, does not depend on it).
     """
-    top = np.abs(QU).argmax(axis=0)  # (k,)
-    return np.where(QU[top, np.arange(QU.shape[1])] < 0, -1.0, 1.0)
+    top = np.abs(QU).argmax(axis=-2)  # (..., k); QU may be a stack (..., m, k), as in §9b
+    return np.where(np.take_along_axis(QU, top[..., None, :], axis=-2)[..., 0, :] < 0, -1.0, 1.0)
 
 
 def _householder_qr(M):
@@ -948,9 +948,7 @@ def _fix_svd_signs(Y_u, inv_s_u, U, Vt):
     convention")."""
     coef = np.ascontiguousarray((inv_s_u[:, :, None] * U).transpose(0, 2, 1))  # U^T diag(1/s)
     QU_t = coef @ Y_u.astype(np.float64)  # (B, k, m): row i is Q_u U_i = Y_u^T diag(1/s) U_i
-    top = np.abs(QU_t).argmax(axis=2)  # (B, k): first index of the largest magnitude
-    lead = np.take_along_axis(QU_t, top[:, :, None], axis=2)[:, :, 0]  # (B, k)
-    flip = np.where(lead < 0.0, -1.0, 1.0)
+    flip = _sign_convention(QU_t.transpose(0, 2, 1))  # (B, k)
     U *= flip[:, None, :]
     Vt *= flip[:, :, None]
 
@@ -1293,6 +1291,13 @@ def _check_h0(h0, B, n, dtype):
     return _check_finite("h0", _check_array("h0", h0, (B, n), dtype, "(B, n)"))
 
 
+def _check_batch(name, value, size, dtype, what):
+    """value as a finite (B, size) array of dtype, B its own first dimension (what: "(B, n)")."""
+    value = _as_array(name, value, dtype)
+    shape = (value.shape[0] if value.ndim else 0, size)
+    return _check_finite(name, _check_array(name, value, shape, dtype, what))
+
+
 def _check_symbols(name, symbols, shape, size):
     """symbols: integers in range(size), of the given shape."""
     symbols = _as_array(name, symbols)
@@ -1322,32 +1327,27 @@ def _check_cell(W, x, h_prev):
     n = W.shape[1] // 2
     if W.shape[1] % 2 or W.shape[0] < n + 2:
         raise ValueError(f"W must have shape (m, 2n) with m = V + n + 1 > n + 1, got {W.shape}")
-    h_prev = _as_array("h_prev", h_prev, W.dtype)
-    B = h_prev.shape[0] if h_prev.ndim else 0
-    h_prev = _check_finite("h_prev", _check_array("h_prev", h_prev, (B, n), W.dtype, "(B, n)"))
-    return W, _check_symbols("x", x, (B,), W.shape[0] - n - 1), h_prev
+    h_prev = _check_batch("h_prev", h_prev, n, W.dtype, "(B, n)")
+    return W, _check_symbols("x", x, (len(h_prev),), W.shape[0] - n - 1), h_prev
 
 
 def _check_gates(W, f, alpha, beta):
     """jacobians': W (m, 2n), f, alpha, beta (B, n) in W's dtype, finite."""
     W = _check_float_matrix("W", W)
-    f = _as_array("f", f, W.dtype)
-    shape = (f.shape[0] if f.ndim else 0, W.shape[1] // 2)
-    return (W,) + tuple(_check_finite(name, _check_array(name, value, shape, W.dtype, "(B, n)"))
-                        for name, value in (("f", f), ("alpha", alpha), ("beta", beta)))
+    f = _check_batch("f", f, W.shape[1] // 2, W.dtype, "(B, n)")
+    return W, f, *(_check_finite(name, _check_array(name, value, f.shape, W.dtype, "(B, n)"))
+                   for name, value in (("alpha", alpha), ("beta", beta)))
 
 
 def _check_readout(W_out, h, y=None, dlogits=None):
     """readout's and readout_grads': W_out (N + 1, O), h (B, N) in its dtype, y (B,) symbols in
     range(O) or dlogits (B, O), finite."""
     W_out = _check_float_matrix("W_out", W_out)
-    (N1, O), h = W_out.shape, _as_array("h", h, W_out.dtype)
-    B = h.shape[0] if h.ndim else 0
-    h = _check_finite("h", _check_array("h", h, (B, N1 - 1), W_out.dtype, "(B, N)"))
-    if dlogits is not None:
-        return W_out, h, _check_finite("dlogits", _check_array("dlogits", dlogits, (B, O),
-                                                               W_out.dtype, "(B, O)"))
-    return W_out, h, _check_symbols("y", y, (B,), O)
+    h = _check_batch("h", h, W_out.shape[0] - 1, W_out.dtype, "(B, N)")
+    if dlogits is None:
+        return W_out, h, _check_symbols("y", y, (len(h),), W_out.shape[1])
+    return W_out, h, _check_finite("dlogits", _check_array(
+        "dlogits", dlogits, (len(h), W_out.shape[1]), W_out.dtype, "(B, O)"))
 
 
 def _check_mask(name, mask, *shape):

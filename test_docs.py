@@ -96,6 +96,21 @@ def test_the_tanh_rnn_example_runs_and_learns(capsys):
     run_training_example(read(CELLS), "docs/cells.md example", capsys, early_at_least=0.5)
 
 
+def test_the_noise_measurement_runs_and_falls_with_the_rank(capsys):
+    """docs/cells.md's measurement of OK's noise against exact RTRL runs, prints what the page
+    quotes, and the noise falls as the rank rises (at rank 16 of at most m = 21 the estimate is
+    nearly exact)."""
+    text = read(CELLS)
+    exec(compile(python_blocks(text)[2], "docs/cells.md noise", "exec"), {})
+    lines = capsys.readouterr().out.splitlines()
+    noise = [float(line.split("= ")[1].split()[0]) for line in lines]
+    assert noise == sorted(noise, reverse=True) and noise[-1] < 0.1, lines
+    quoted = " ".join(text.split())  # the page's text, white space folded
+    for line in lines:
+        said = " ".join(line.split("(")[0].replace("|OK - RTRL| / |RTRL|", "...").split())
+        assert f"`{said}`" in quoted, line
+
+
 def test_the_lstm_jacobians_are_its_derivatives():
     """docs/cells.md's lstm_step gives H_t = d[h_t, c_t]/d[h_{t-1}, c_{t-1}] and D_t =
     d[h_t, c_t]/dz_t equal to central finite differences of its own h_t and c_t (z_t through
