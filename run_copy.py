@@ -25,8 +25,7 @@ import sys
 import numpy as np
 
 import ok_rtrl as ok
-import runfiles
-import runlib
+from tools import runfiles, runlib
 
 TASK, PROG = "copy", "run_copy.py"
 TITLE = f"{PROG}: the copy task of Benzing et al. 2019 (arXiv 1902.03993), with its curriculum"

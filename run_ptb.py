@@ -33,9 +33,8 @@ import urllib.request
 import numpy as np
 
 import ok_rtrl as ok
-import runfiles
-import runlib
-from runlib import UserError
+from tools import runfiles, runlib
+from tools.runlib import UserError
 
 TASK, PROG = "ptb", "run_ptb.py"
 TITLE = f"{PROG}: character-level Penn Treebank as in Benzing et al. 2019 (arXiv 1902.03993)"
@@ -55,6 +54,7 @@ FILE_NAMES = ("{}.txt", "ptb.char.{}.txt")  # the shared copy's names; the archi
 EOS = "\n"  # the end-of-line symbol: no whitespace-separated symbol can be equal to it
 DOWNLOAD_TIMEOUT = 30  # seconds without an answer before the download gives up
 EVAL_ROWS = 1024  # validation runs the text as this many chunks side by side (speed)
+MAX_VOCABULARY = 200  # PTB's char files have 50 symbols; a text with far more is not one of them
 
 
 def cache_folder():
@@ -196,13 +196,24 @@ def read_symbols(path):
 
 def load_ptb(paths):
     """{split: symbol ids (N,) int32}, the vocabulary (sorted train symbols, EOS included) and
-    {split: sha256}. A validation or test symbol missing from train is an error."""
+    {split: sha256}. A text that is not character-level (a symbol longer than one character,
+    more than MAX_VOCABULARY symbols) or a validation or test symbol missing from train is an
+    error."""
     symbols, sha = {}, {}
     for split in SPLITS:
         symbols[split], sha[split] = read_symbols(paths[split])
         if len(symbols[split]) < 2:
             raise UserError(f"{paths[split]} holds fewer than 2 symbols: not a char-level text")
+        words = sorted({s for s in symbols[split] if len(s) > 1})
+        if words:
+            raise UserError(f"{paths[split]} is not character-level: {len(words):,} of its "
+                            f"symbols are longer than one character ({', '.join(words[:3])}, "
+                            "...); expected PTB's char files, one character a symbol, separated "
+                            f"by spaces (ptb.char.{split}.txt, 50 symbols)")
     vocab = sorted(set(symbols["train"]))
+    if len(vocab) > MAX_VOCABULARY:
+        raise UserError(f"{paths['train']} has {len(vocab):,} different symbols, expected about "
+                        f"50 (PTB's char files), at most {MAX_VOCABULARY}: not the PTB char text")
     index = {s: i for i, s in enumerate(vocab)}
     ids = {}
     for split in SPLITS:

@@ -10,13 +10,13 @@ import re
 import numpy as np
 import pytest
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-README = os.path.join(HERE, "README.md")
-MARKDOWN = [README, os.path.join(HERE, "results", "README.md"),
-            *sorted(glob.glob(os.path.join(HERE, "docs", "*.md")))]
-LOGS = sorted(path for path in glob.glob(os.path.join(HERE, "results", "*.csv"))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository's top
+README = os.path.join(ROOT, "README.md")
+MARKDOWN = [README, os.path.join(ROOT, "results", "README.md"),
+            *sorted(glob.glob(os.path.join(ROOT, "docs", "*.md")))]
+LOGS = sorted(path for path in glob.glob(os.path.join(ROOT, "results", "*.csv"))
               if not os.path.basename(path).startswith("paper-"))  # ours: the runners' logs
-PAPER_LOGS = sorted(glob.glob(os.path.join(HERE, "results", "paper-*.csv")))  # the authors' numbers
+PAPER_LOGS = sorted(glob.glob(os.path.join(ROOT, "results", "paper-*.csv")))  # the authors' numbers
 FENCE = re.compile(r"^```")
 # An absolute path of two or more parts (/a/b) or a Windows drive, at the start of a word,
 # string or code span: the mark of a folder of the machine a file was written on.
@@ -58,7 +58,7 @@ def section(text, heading):
     return "\n".join(lines)
 
 
-CELLS = os.path.join(HERE, "docs", "cells.md")
+CELLS = os.path.join(ROOT, "docs", "cells.md")
 
 
 def python_blocks(text):
@@ -136,7 +136,7 @@ def anchors(path):
     return {slug(line) for line in prose_lines(read(path)) if line.startswith("#")}
 
 
-@pytest.mark.parametrize("path", MARKDOWN, ids=lambda p: os.path.relpath(p, HERE))
+@pytest.mark.parametrize("path", MARKDOWN, ids=lambda p: os.path.relpath(p, ROOT))
 def test_links_reach_files_and_headings_that_exist(path):
     """Every relative link [text](target) or [text](target#anchor) outside code blocks names a
     file of the repository and, for a Markdown file, one of its headings; and no Markdown file
@@ -187,7 +187,7 @@ def test_every_log_is_described_and_records_no_folder(path):
     text = read(path)
     found = ABSOLUTE_PATH.search(text)
     assert not found and "../" not in text, f"{name} names a folder"
-    assert f"`{name}`" in read(os.path.join(HERE, "results", "README.md")), \
+    assert f"`{name}`" in read(os.path.join(ROOT, "results", "README.md")), \
         f"results/README.md does not describe {name}"
 
 
@@ -200,7 +200,7 @@ def test_the_authors_numbers_say_where_they_come_from(path):
     assert "marcelomatheusgauy/optimal_kronecker_approximation" in text
     assert not ABSOLUTE_PATH.search(text)
     name = os.path.basename(path)
-    assert f"`{name}`" in read(os.path.join(HERE, "results", "README.md")), \
+    assert f"`{name}`" in read(os.path.join(ROOT, "results", "README.md")), \
         f"results/README.md does not describe {name}"
 
 

@@ -9,9 +9,9 @@ import sys
 
 import pytest
 
-import plot_results
-from plot_results import COPY, PTB, our_runs, table
-from runfiles import read_log
+from tools import plot_results
+from tools.plot_results import COPY, PTB, our_runs, table
+from tools.runfiles import read_log
 
 PAPER_LR = 10 ** -3.5
 
@@ -219,7 +219,7 @@ def test_without_matplotlib_the_figures_are_skipped_with_one_line(tmp_path, monk
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
     assert plot_results.main(["--results", str(tmp_path)]) == 1
     assert capsys.readouterr() == (
-        "", "plot_results.py needs matplotlib: pip install matplotlib\n")
+        "", "plot_results needs matplotlib: pip install matplotlib\n")
     assert not [name for name in os.listdir(tmp_path) if name.endswith(".png")]
 
 
@@ -243,7 +243,7 @@ def test_a_damaged_or_missing_file_gives_one_line(tmp_path, capsys, damage, mess
         os.unlink(tmp_path / COPY["paper"])
     assert plot_results.main(["--table", "--results", str(tmp_path)]) == 1
     out, err = capsys.readouterr()
-    assert out == "" and err.startswith("plot_results.py: error: ") and message in err
+    assert out == "" and err.startswith("plot_results: error: ") and message in err
     assert err.count("\n") == 1
 
 

@@ -6,9 +6,9 @@ Benzing et al., "Optimal Kronecker-Sum Approximation of Real Time Recurrent Lear
 median over five repeats. This script runs that grid with run_copy.py or run_ptb.py, one process
 per (learning rate, seed), on this machine or on a Dask cluster, and summarises it:
 
-    python sweep.py copy sweeps/copy --lr 10^-2.5,10^-3,10^-3.5,10^-4 --seeds 1-5 --steps 1e5
-    python sweep.py ptb sweeps/ptb --steps 20000 --eval-every 2000 --scheduler tcp://HOST:8786
-    python sweep.py summary sweeps/copy
+    python -m tools.sweep copy sweeps/copy --lr 10^-2.5,10^-3,10^-3.5,10^-4 --seeds 1-5 --steps 1e5
+    python -m tools.sweep ptb sweeps/ptb --steps 20000 --eval-every 2000 --scheduler tcp://HOST:8786
+    python -m tools.sweep summary sweeps/copy
 
 Every option the sweep does not know goes to each run unchanged (--steps, --hidden, --method...);
 the sweep sets --lr, --seed, --log, --checkpoint and --status (and run_copy.py's --noise-log)
@@ -46,10 +46,10 @@ import sys
 import time
 import uuid
 
-import runfiles
+from tools import runfiles
 
-PROG = "sweep.py"
-HERE = os.path.dirname(os.path.abspath(__file__))
+PROG = "sweep"  # its messages' prefix; run it as python -m tools.sweep
+TOP = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # where the runners are
 RUNNERS = {"copy": "run_copy.py", "ptb": "run_ptb.py"}
 TASKS = {"copy": "copy task", "ptb": "character-level PTB"}
 PAPER_LRS = "10^-2.5,10^-3,10^-3.5,10^-4"  # the paper's grid
@@ -241,7 +241,7 @@ def launch(task, options, run_dir, cwd, threads, local):
     terminal reaches the sweep only and the sweep forwards it once (a second signal makes a
     runner quit without saving). On a Dask worker it stays in the worker's process group, where
     the batch system's signals reach it."""
-    script = os.path.join(HERE, RUNNERS[task])
+    script = os.path.join(TOP, RUNNERS[task])
     out = open(os.path.join(run_dir, "stdout.txt"), "ab")
     err = open(os.path.join(run_dir, "stderr.txt"), "ab")
     offset = err.tell()  # this session's errors start here
@@ -788,8 +788,8 @@ def summarize(folder):
 def build_parser():
     p = argparse.ArgumentParser(
         prog=PROG, allow_abbrev=False,
-        usage=f"{PROG} {{copy,ptb}} FOLDER [--lr LRS] [--seeds SEEDS] [--workers N | --scheduler "
-        f"ADDRESS] [--threads T] [runner options]\n       {PROG} summary FOLDER",
+        usage=f"python -m tools.{PROG} {{copy,ptb}} FOLDER [--lr LRS] [--seeds SEEDS] [--workers N | --scheduler "
+        f"ADDRESS] [--threads T] [runner options]\n       python -m tools.{PROG} summary FOLDER",
         description="The paper's protocol (Benzing et al. 2019, arXiv 1902.03993): one run of "
         "run_copy.py or run_ptb.py per learning rate and seed, each with its log and checkpoint "
         "in FOLDER/lr=.../seed=.../, then the median and range over the seeds of the paper's "
@@ -875,9 +875,9 @@ def main(argv=None) -> int:
         task = argv[0] if argv else None
         if task not in ("copy", "ptb", "summary"):
             raise UsageError("the first argument is copy, ptb or summary"
-                             + (f", not {task!r}" if task else f" (see {PROG} --help)"))
+                             + (f", not {task!r}" if task else f" (see python -m tools.{PROG} --help)"))
         if len(argv) < 2 or argv[1].startswith("-"):
-            raise UsageError(f"give the sweep folder after {task}: {PROG} {task} FOLDER ...")
+            raise UsageError(f"give the sweep folder after {task}: python -m tools.{PROG} {task} FOLDER ...")
         folder = argv[1]
         if task == "summary":
             if len(argv) > 2:

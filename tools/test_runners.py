@@ -25,9 +25,8 @@ import pytest
 import ok_rtrl as ok
 import run_copy
 import run_ptb
-import runfiles
-import runlib
-from test_runlib import (TINY_COPY, assert_same_run, checkpoint_contents, log_rows,
+from tools import runfiles, runlib
+from tools.test_runlib import (TINY_COPY, assert_same_run, checkpoint_contents, log_rows,
                          one_error_line)
 
 TINY_PTB = ["--hidden", "8", "--batch", "4", "--rank", "2", "--lr", "0.01", "--reset-every", "20"]
@@ -498,6 +497,25 @@ def test_data_file_that_is_not_utf8_is_one_line(tmp_path, capsys):
     assert "line 2" in line and f"byte {offset}" in line and "not the PTB" in line
 
 
+@pytest.mark.parametrize("text, says", [
+    (" the cat sat \n a dog ran \n", "not character-level: 5 of its symbols are longer than one "
+     "character (cat, dog, ran, ...); expected PTB's char files, one character a symbol"),
+    (" ".join(chr(0x100 + k) for k in range(300)) + "\n", "has 301 different symbols, expected "
+     "about 50 (PTB's char files), at most 200: not the PTB char text")],
+    ids=["word-level", "too many symbols"])
+def test_a_text_that_is_not_character_level_is_refused_in_one_line(tmp_path, capsys, text, says):
+    """A word-level train.txt (or one of hundreds of symbols) is not trained on as if its symbols
+    were characters: the run stops before training with one line saying what it expected."""
+    data = tmp_path / "data"
+    write_corpus(str(data))
+    (data / "train.txt").write_text(text, encoding="utf-8")
+    assert run_ptb.main(TINY_PTB + ["--steps", "5", "--data-dir", str(data)]) == 1
+    out, err = capsys.readouterr()
+    line = one_error_line(err, "run_ptb.py")
+    assert str(data / "train.txt") in line and says in line, line
+    assert "step 1" not in out
+
+
 @pytest.mark.parametrize("cache", ["a file", "under /proc"])
 def test_cache_folder_that_cannot_be_made_is_one_line(tmp_path, monkeypatch, capsys, cache):
     """$XDG_CACHE_HOME naming a file, or a place where no folder can be made: one line naming
@@ -590,7 +608,7 @@ def test_nothing_cites_a_document_the_repository_lacks(runner, capsys):
         with pytest.raises(SystemExit):
             runlib.build_parser(runner).parse_args(["--help"])
         assert word not in capsys.readouterr().out
-    here = os.path.dirname(os.path.abspath(__file__))
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     for name in (runner.__file__, __file__, os.path.join(here, "README.md")):
         with open(name) as f:
             assert word not in f.read(), name
@@ -611,6 +629,6 @@ def test_missing_data_says_which_file_or_that_the_folder_does_not_exist(tmp_path
 
 
 def test_gitignore_keeps_virtual_environments_out():
-    here = os.path.dirname(os.path.abspath(__file__))
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     with open(os.path.join(here, ".gitignore")) as f:
         assert ".venv/" in f.read().split()

@@ -53,8 +53,8 @@ import zipfile
 import numpy as np
 
 import ok_rtrl as ok
-import runfiles
-from runfiles import PAST_DEFAULTS, UserError
+from tools import runfiles
+from tools.runfiles import PAST_DEFAULTS, UserError
 
 METHODS = ok.METHODS + ("tbptt",)  # --method's choices
 ADAMS = ("kingma-ba", "tensorflow")  # --adam's choices: see adam_eps
@@ -164,7 +164,7 @@ def build_parser(task):
                    help=f"{words['curve']} (needs matplotlib)")
     task.add_options(p)
     supervised = p.add_argument_group(
-        "a run under a supervisor", "sweep.py runs every runner with these three")
+        "a run under a supervisor", "python -m tools.sweep runs every runner with these three")
     supervised.add_argument("--status", type=output_path, metavar="FILE.json",
                             help="how the run stands, as JSON: written when it starts training, "
                             "at each save and when it ends (state running, finished, stopped, "
