@@ -40,6 +40,7 @@ write_noise_plot draws the result.
 """
 import argparse
 import contextlib
+import io
 import json
 import math
 import os
@@ -214,6 +215,18 @@ def resolve_config(task, parser, args):
             "steps": args.steps, **data, "log": args.log, "log_every": args.log_every,
             "checkpoint": args.checkpoint, "checkpoint_every": args.checkpoint_every,
             "plot": args.plot, **measurements}, list(data)
+
+
+def resolve(task, argv):
+    """The configuration argv gives a run of task, as main resolves it before the run starts
+    (no data read, no file touched), or None when argv does not parse. A supervisor compares
+    runs by it, whatever the spelling or order of their options (python -m tools.sweep)."""
+    parser = build_parser(task)
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        try:
+            return resolve_config(task, parser, parser.parse_args(argv))[0]
+        except SystemExit:
+            return None
 
 
 def main(task, argv=None):

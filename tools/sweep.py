@@ -35,6 +35,7 @@ of a lost worker to another worker, whose runner waits for the old one to save a
 """
 import argparse
 import contextlib
+import json
 import math
 import os
 import queue
@@ -64,10 +65,13 @@ SET_BY_SWEEP = {"--lr": "give the sweep a list: --lr 10^-3,10^-3.5",  # option: 
                 "--stop-at-eof": "the sweep gives every run a pipe that ends when the sweep does",
                 "--wait-if-held": "a run waits for one that is stopping on its files (up to "
                                   "10 minutes)"}
-# The options the sweep adds to each run's command line (how many values each takes): they say
-# where and how it runs, not what it is, so a run's status is compared without them.
-SWEEP_SETTINGS = {"--log": 1, "--checkpoint": 1, "--noise-log": 1, "--status": 1, "--threads": 1,
-                  "--stop-at-eof": 0, "--wait-if-held": 1}
+# The keys of a run's configuration that the sweep sets per run: they say where and how it
+# runs, not what it is, so a finished run is recognised by its configuration without them.
+SWEEP_KEYS = ("log", "checkpoint", "noise_log", "threads")
+# Resolves command lines of a runner in a process of its own, as the runner would (runlib.resolve),
+# so that this one never imports numpy or Numba: a JSON list of argv in, of configurations out.
+RESOLVE = ("import json, sys; from tools import runlib; import {module} as task; "
+           "json.dump([runlib.resolve(task, argv) for argv in json.load(sys.stdin)], sys.stdout)")
 WAIT_FOR_STOPPING = 600  # seconds a run waits for a run that is saving and ending on its files
 THREAD_VARIABLES = ("NUMBA_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS",
                     "MKL_NUM_THREADS")
@@ -147,9 +151,8 @@ def run_folder(folder, lr, seed):
 
 
 def runner_options(extra, lr, seed):
-    """The options that define one run: the user's runner options, its learning rate (repr: the
-    runner parses back the same float) and its seed. A finished run is skipped under the same
-    options only."""
+    """The options of one run: the user's runner options, its learning rate (repr: the runner
+    parses back the same float) and its seed."""
     return list(extra) + ["--lr", repr(lr), "--seed", str(seed)]
 
 
@@ -160,20 +163,6 @@ def runner_files(task, run_dir):
              "--checkpoint", os.path.join(run_dir, "checkpoint.npz"),
              "--status", os.path.join(run_dir, "status.json")]
     return files + (["--noise-log", os.path.join(run_dir, "noise.csv")] if task == "copy" else [])
-
-
-def options_of(argv):
-    """The options that define a run, from the command line its status records: argv without
-    the sweep's settings (SWEEP_SETTINGS: files, threads, how it is supervised)."""
-    options, skip = [], 0
-    for token in argv:
-        if skip:
-            skip -= 1
-        elif token in SWEEP_SETTINGS:
-            skip = SWEEP_SETTINGS[token]
-        else:
-            options.append(token)
-    return options
 
 
 def check_runner_options(extra):
@@ -223,10 +212,27 @@ def run_status(run_dir):
     return runfiles.read_json(os.path.join(run_dir, "status.json")) or {}
 
 
-def is_finished(run_dir, options):
-    """True when the run's runner says it finished, under these options."""
-    status = run_status(run_dir)
-    return status.get("state") == "finished" and options_of(status.get("argv", [])) == options
+def finished_runs(task, runs):
+    """The run folders of runs [(run_dir, options)] whose runner says it finished under the
+    configuration these options resolve to, the sweep's own keys (SWEEP_KEYS) aside: '2e3' and
+    '2000', or options in another order, are the same run. Both the options and the command
+    lines the statuses record are resolved by the runner's own code, in one process."""
+    done = [(run_dir, options, run_status(run_dir)) for run_dir, options in runs]
+    done = [(run_dir, options, status["argv"]) for run_dir, options, status in done
+            if status.get("state") == "finished" and isinstance(status.get("argv"), list)]
+    if not done:
+        return set()
+    argvs = [argv for _, options, stored in done for argv in (options, stored)]
+    answer = subprocess.run([sys.executable, "-c", RESOLVE.format(module=RUNNERS[task][:-3])],
+                            cwd=TOP, input=json.dumps(argvs), capture_output=True, text=True)
+    if answer.returncode:
+        lines = answer.stderr.strip().splitlines() or ["no message"]
+        raise RuntimeError(f"cannot read the runs' configurations with {RUNNERS[task]}: "
+                           f"{lines[-1]}")
+    configs = [None if c is None else {k: v for k, v in c.items() if k not in SWEEP_KEYS}
+               for c in json.loads(answer.stdout)]
+    return {run_dir for (run_dir, _, _), wanted, had in zip(done, configs[::2], configs[1::2])
+            if wanted is not None and wanted == had}
 
 
 def launch(task, options, run_dir, cwd, threads, local):
@@ -444,7 +450,8 @@ def run_sweep(task, folder, grid, extra, backend):
     reported with the runs it was running, which Dask runs again elsewhere."""
     runs = [(lr, seed, run_folder(folder, lr, seed), tuple(runner_options(extra, lr, seed)))
             for lr, seed in grid]  # tuples: a run is a key of sweep["running"]
-    pending = [run for run in runs if not is_finished(run[2], list(run[3]))]
+    finished = finished_runs(task, [(run_dir, list(options)) for _, _, run_dir, options in runs])
+    pending = [run for run in runs if run[2] not in finished]
     print(f"{PROG}: {task}, {plural(len(grid), 'run')} ("
           f"{plural(len({lr for lr, _ in grid}), 'learning rate')} x "
           f"{plural(len({seed for _, seed in grid}), 'seed')}) in {folder}: "
@@ -611,13 +618,13 @@ def wait_for(backend, running):
 # --- The summary: the paper's metric per learning rate, from the runs' status --------------------
 
 
-def run_outcome(run_dir, options):
+def run_outcome(run_dir, finished):
     """One run for the summary: (state, its result, its step), from the status its runner
-    wrote. state: finished (under these options), diverged (counts as the worst value), failed,
-    unfinished or not started."""
+    wrote. state: finished (under the sweep's configuration: run_dir in finished), diverged
+    (counts as the worst value), failed, unfinished or not started."""
     status = run_status(run_dir)
     state, step = status.get("state"), status.get("step")
-    if state == "finished" and options_of(status.get("argv", [])) == options:
+    if state == "finished" and run_dir in finished:
         return "finished", status.get("result") or {}, step
     if state in ("diverged", "failed"):
         return state, {}, step
@@ -636,12 +643,13 @@ def lr_rows(task, folder, lrs, seeds, extra):
     """Per learning rate: its name, per-metric values over the seeds that count (finished under
     the sweep's options extra; diverged as the worst value), and the counts of each state.
     -> list of dicts."""
-    rows = []
+    rows, finished = [], finished_runs(task, [(run_folder(folder, lr, seed),
+                                               runner_options(extra, lr, seed))
+                                              for lr in lrs for seed in seeds])
     for lr in lrs:
         values, states, steps = {key: [] for key, _, _ in METRICS[task]}, {}, set()
         for seed in seeds:
-            state, result, step = run_outcome(run_folder(folder, lr, seed),
-                                              runner_options(extra, lr, seed))
+            state, result, step = run_outcome(run_folder(folder, lr, seed), finished)
             states[state] = states.get(state, 0) + 1
             for key, _, higher in METRICS[task]:
                 value = result.get(key)
@@ -800,7 +808,7 @@ def build_parser():
         "however it ends. 'summary FOLDER' prints the table again.",
         epilog="With --scheduler, the runs are tasks of a Dask cluster (pip install dask "
         "distributed): FOLDER, the folder you start the sweep in and this repository must be on "
-        "storage every worker shares, at the same path (the README's 'Sweeps' shows SLURM and "
+        "storage every worker shares, at the same path (docs/sweeps.md shows SLURM and "
         "PBS).")
     p.add_argument("--lr", default=PAPER_LRS, metavar="LRS",
                    help=f"learning rates, comma-separated: 10^-3.5, 3x10^-3, 1e-3, 3.16e-4; "

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import statistics
 import subprocess
@@ -169,6 +170,7 @@ def test_help_wherever_it_is_asked_for(capsys, argv):
     assert sweep.main(argv) == 0
     out, err = capsys.readouterr()
     assert out.startswith("usage: python -m tools.sweep") and err == ""
+    assert "docs/sweeps.md shows SLURM" in " ".join(out.split())  # where the recipe is
     if argv[0] in sweep.RUNNERS:
         assert f"python {sweep.RUNNERS[argv[0]]} --help lists them" in out
 
@@ -221,9 +223,9 @@ def write_run(folder, lr, seed, state, step=None, result=None, message="", optio
                    "message": message, "pid": 1, "argv": argv}, f)
 
 
-def write_sweep_file(folder, task, lrs, seeds):
+def write_sweep_file(folder, task, lrs, seeds, options=()):
     with open(os.path.join(folder, "sweep.json"), "w") as f:
-        json.dump({"task": task, "lrs": lrs, "seeds": seeds, "runner_options": []}, f)
+        json.dump({"task": task, "lrs": lrs, "seeds": seeds, "runner_options": list(options)}, f)
 
 
 def test_copy_summary_medians_ranges_and_the_paper_pick(tmp_path, capsys):
@@ -269,6 +271,23 @@ def test_a_run_finished_under_other_options_does_not_count(tmp_path):
     assert sweep.main(["summary", folder]) == 0
     assert table_rows(read(os.path.join(folder, "summary.txt")))["3x10^-3"] == [
         "3x10^-3", "1/2", "6", "6 - 6", "at step 4,000; 1 unfinished"]
+
+
+def test_a_run_is_recognised_by_its_configuration_not_its_spelling(tmp_path):
+    """The sweep's options are --hidden 16 --steps 2000. Seed 1 finished under --steps 2e3
+    --hidden 16 (another spelling and order: the same configuration), seed 2 under --hidden 16
+    --steps 2_000 --seed 2 --lr ... given twice over (argparse keeps the last), seed 3 under
+    --steps 2001: only seed 3 is unfinished."""
+    folder = str(tmp_path)
+    for seed, options in ((1, ["--steps", "2e3", "--hidden", "16"]),
+                          (2, ["--hidden", "16", "--steps", "2_000", "--seed", "9"]),
+                          (3, ["--hidden", "16", "--steps", "2001"])):
+        write_run(folder, "3x10^-3", seed, "finished", 2000, {"T": 5 + seed, "avg_bits": 0.2},
+                  options=options)
+    write_sweep_file(folder, "copy", [3e-3], [1, 2, 3], ["--hidden", "16", "--steps", "2000"])
+    assert sweep.main(["summary", folder]) == 0
+    assert table_rows(read(os.path.join(folder, "summary.txt")))["3x10^-3"] == [
+        "3x10^-3", "2/3", "6.5", "6 - 7", "at step 2,000; 1 unfinished"]
 
 
 def test_summary_figure_or_a_note_without_matplotlib(tmp_path, monkeypatch, capsys):
@@ -360,6 +379,26 @@ def checkpoint_step(path):
     import numpy as np
     with np.load(path) as f:
         return json.loads(str(f["counters"]))["step"]
+
+
+def test_the_same_grid_written_differently_runs_nothing_again(local_sweep, tmp_path):
+    """The local sweep's command again on a copy of its folder, its runner options reordered and
+    --steps 4000 written 4e3: every run is recognised as finished, none is started, and no log
+    is touched."""
+    folder = str(tmp_path / "copy")
+    shutil.copytree(local_sweep[0], folder)
+    logs = {run: read(os.path.join(run_dir(folder, *run), "log.csv")) for run in RUNS}
+    respelled = ["--log-every", "500", "--steps", "4e3", "--rank", "2", "--batch", "3",
+                 "--hidden", "8"]
+    assert sorted(respelled) != sorted(TINY_COPY)  # the same runs, not the same tokens
+    done = sweep_command(["copy", folder, "--seeds", "1-2", "--lr", "10^-1.5,10^-1"] + respelled
+                         + ["--workers", "2", "--threads", "1"], cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert "4 finished before, 0 to run" in done.stdout
+    assert "starting" not in done.stdout and "resuming" not in done.stdout
+    assert logs == {run: read(os.path.join(run_dir(folder, *run), "log.csv")) for run in RUNS}
+    assert read(os.path.join(folder, "summary.txt")) == \
+        read(os.path.join(local_sweep[0], "summary.txt"))
 
 
 def test_killed_sweep_reruns_to_the_same_summary_running_nothing_twice(local_sweep, tmp_path):
