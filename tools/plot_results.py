@@ -334,7 +334,8 @@ def draw_ptb(plt, results, path):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog=f"python -m tools.{PROG}", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog=f"python -m tools.{PROG}",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("--table", action="store_true",
                         help="print the table only; draw nothing (needs no matplotlib)")
     parser.add_argument("--results", default=RESULTS, metavar="DIR",

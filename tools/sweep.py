@@ -49,7 +49,7 @@ import uuid
 
 from tools import runfiles
 
-PROG = "sweep"  # its messages' prefix; run it as python -m tools.sweep
+PROG, COMMAND = "sweep", "python -m tools.sweep"  # its messages' prefix; how it is run
 TOP = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # where the runners are
 RUNNERS = {"copy": "run_copy.py", "ptb": "run_ptb.py"}
 TASKS = {"copy": "copy task", "ptb": "character-level PTB"}
@@ -796,8 +796,8 @@ def summarize(folder):
 def build_parser():
     p = argparse.ArgumentParser(
         prog=PROG, allow_abbrev=False,
-        usage=f"python -m tools.{PROG} {{copy,ptb}} FOLDER [--lr LRS] [--seeds SEEDS] [--workers N | --scheduler "
-        f"ADDRESS] [--threads T] [runner options]\n       python -m tools.{PROG} summary FOLDER",
+        usage=f"{COMMAND} {{copy,ptb}} FOLDER [--lr LRS] [--seeds SEEDS] [--workers N | "
+        f"--scheduler ADDRESS] [--threads T] [runner options]\n       {COMMAND} summary FOLDER",
         description="The paper's protocol (Benzing et al. 2019, arXiv 1902.03993): one run of "
         "run_copy.py or run_ptb.py per learning rate and seed, each with its log and checkpoint "
         "in FOLDER/lr=.../seed=.../, then the median and range over the seeds of the paper's "
@@ -883,9 +883,9 @@ def main(argv=None) -> int:
         task = argv[0] if argv else None
         if task not in ("copy", "ptb", "summary"):
             raise UsageError("the first argument is copy, ptb or summary"
-                             + (f", not {task!r}" if task else f" (see python -m tools.{PROG} --help)"))
+                             + (f", not {task!r}" if task else f" (see {COMMAND} --help)"))
         if len(argv) < 2 or argv[1].startswith("-"):
-            raise UsageError(f"give the sweep folder after {task}: python -m tools.{PROG} {task} FOLDER ...")
+            raise UsageError(f"give the sweep folder after {task}: {COMMAND} {task} FOLDER ...")
         folder = argv[1]
         if task == "summary":
             if len(argv) > 2:

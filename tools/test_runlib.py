@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+import types
 
 import numpy as np
 import pytest
@@ -115,6 +116,18 @@ def test_steps_that_are_not_whole_numbers_are_refused(capsys, text):
 
 
 # --- Checkpoints: exact resume after SIGTERM, damaged files --------------------------------------
+
+
+def test_a_runner_module_that_is_not_a_task_is_refused_naming_what_it_lacks():
+    """main checks the runner module against the declared interface, runlib.Task, before it
+    reads a single option; both runners are Tasks."""
+    import run_ptb
+    half = types.ModuleType("run_half")
+    vars(half).update({name: getattr(run_copy, name) for name in runlib.Task.__annotations__
+                       if name not in ("finish", "plot")})
+    with pytest.raises(TypeError, match="^run_half is not a runlib.Task: it lacks finish, plot$"):
+        runlib.main(half, ["--steps", "1"])
+    assert isinstance(run_copy, runlib.Task) and isinstance(run_ptb, runlib.Task)
 
 
 def test_restart_before_any_checkpoint_says_so(tmp_path, capsys):

@@ -98,15 +98,14 @@ def test_curriculum_checks_at_sequence_starts_in_stream_order():
     so the next stream's check in the same step does not raise it again; lengths are
     max(1, T_ - U{0..4})."""
     rng = np.random.default_rng(1)
-    run = {"T": 7, "avg": 0.1, "pos": np.zeros(3, np.int64),
-           "inputs": [np.zeros(0, np.int64)] * 3, "targets": [np.zeros(0, np.int64)] * 3}
-    x, y, reset = run_copy.next_symbols(run, rng)
-    assert run["T"] == 8 and run["avg"] == 0.3
+    streams = run_copy.new_streams(3, T=7, avg=0.1)
+    x, y, reset = run_copy.next_symbols(streams, rng)
+    assert streams.T == 8 and streams.avg == 0.3
     assert reset.all() and x.tolist() == [2, 2, 2] and y.tolist() == [3, 3, 3]
-    lengths = [(len(s) - 2) // 2 for s in run["inputs"]]
+    lengths = [(len(s) - 2) // 2 for s in streams.inputs]
     assert all(4 <= T <= 8 for T in lengths)
-    x, y, reset = run_copy.next_symbols(run, rng)  # mid-sequence: no reset, no check
-    assert not reset.any() and run["T"] == 8
+    x, y, reset = run_copy.next_symbols(streams, rng)  # mid-sequence: no reset, no check
+    assert not reset.any() and streams.T == 8
 
 
 def test_copy_curriculum_rises_above_one(tmp_path, capsys):
