@@ -7,9 +7,9 @@ units reads the training text as B = 32 streams and predicts the next symbol, up
 after every symbol. Validation bits per character (BPC) are measured every 10,000 steps; the test
 BPC of the best-validation weights is the result (the paper's code: best validation 1.740-1.745 on
 its own tokenisation, which read the word-level text as characters and so adds nearly free
-symbols; about 1.77 on the standard files used here, see the README's "Where we differ").
+symbols; about 1.77 on the standard files used here, see docs/results.md, "Where we differ").
 
-    python run_ptb.py --rank 8              # the paper's run; see the README for how long it takes
+    python run_ptb.py --rank 8              # the paper's run; docs/speed.md says how long it takes
     python run_ptb.py --hidden 64 --batch 16 --rank 4 --lr 3e-3 --steps 20000 --eval-every 5000
 
 Data: the Mikolov split ptb.char.{train,valid,test}.txt (50 symbols: 49 in the text plus one
@@ -242,7 +242,7 @@ def stream_resets(positions, reset_every):
     """Which streams start afresh before this step (B,): those whose position in the text is a
     multiple of reset_every, as in the paper's code. Their offsets differ, so the streams reset
     at different steps, each every reset_every characters; resetting all of them at the same
-    steps learns measurably slower (README, "Where we differ")."""
+    steps learns measurably slower (docs/results.md, "Where we differ")."""
     return positions % reset_every == 0
 
 

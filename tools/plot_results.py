@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""One command redraws every figure from the logs in results/ and prints the README's table of
+"""One command redraws every figure from the logs in results/ and prints the tables of
 the runs at the paper's sizes, ours beside the authors' (Benzing et al., ICML 2019, arXiv
 1902.03993).
 
@@ -161,7 +161,7 @@ def authors_runs(results, experiment):
 
 
 def table(results):
-    """The README's markdown tables of the runs at the paper's sizes, and, for each run of ours
+    """docs/results.md's markdown tables of the runs at the paper's sizes, and, for each run of ours
     that reaches a step the authors validated beyond the table's first two, every such step."""
     text = ("**Copy task**, n 128, B 16, OK rank 16, lr 10^-3.5: curriculum T reached\n\n"
             + experiment_table(results, COPY)

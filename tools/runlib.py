@@ -204,7 +204,7 @@ def build_parser(task):
     p.add_argument("--adam", choices=ADAMS, default="kingma-ba",
                    help="Adam as Kingma and Ba write it (default), or as the paper's TensorFlow "
                    "code ran it: eps before the bias correction, on W's gradient divided by B "
-                   "(README, \"Where we differ\")")
+                   "(docs/results.md, \"Where we differ\")")
     p.add_argument("--threads", type=int_at_least(1), default=ok.get_threads(), metavar="N",
                    help="threads of each training step (default: the %(default)s cores this "
                    "process may use). Runs side by side should share the cores out: two runs "
@@ -351,9 +351,9 @@ def train_step(run, config, x, y, reset):
     start afresh before the step. Online methods: one learner step and one Adam update, so one
     loss. TBPTT: the step joins the window; when it holds K steps, BPTT over the window (from
     the carried h) and one update with its gradient divided by K, the scale of one online step
-    (README, "Where we differ"), return their K losses; inside a window there are none. As in
-    the paper's code, the batch-mean W gradient is clipped to norm B (its code divides the mean
-    by B once more and clips to norm 1). A diverged run becomes one line.
+    (docs/results.md, "Where we differ"), return their K losses; inside a window there are
+    none. As in the paper's code, the batch-mean W gradient is clipped to norm B (its code
+    divides the mean by B once more and clips to norm 1). A diverged run becomes one line.
     """
     B, eps = config["batch"], adam_eps(config, run.adam.t + 1)
     try:
@@ -520,7 +520,7 @@ def _load_checkpoint(path, config, keys):
     if missing:  # a key added to the experiment since: the stored run means something else
         raise UserError(f"checkpoint {path} was written by an older version of this program, "
                         f"before {', '.join(missing)} became part of the experiment (see "
-                        "the README's \"Where we differ\"); it cannot be resumed: start afresh "
+                        "docs/results.md, \"Where we differ\"); it cannot be resumed: start afresh "
                         "with another --checkpoint file")
     differ = [k for k in keys if stored.get(k) != config[k]]
     if differ:

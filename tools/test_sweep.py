@@ -697,14 +697,14 @@ def test_the_sweep_folder_of_the_readme_is_ignored_by_git():
 
 
 def test_every_cost_estimate_comes_from_the_speed_table():
-    """docs/sweeps.md's costs and the README's "How long" and "Sweeps" figures are the README's
-    measured OK step times (the Speed table's rows at the copy task's and PTB's sizes) times the
+    """docs/sweeps.md's costs and docs/speed.md's "How long" figures are the measured OK step
+    times (the rows of docs/speed.md's benchmark at the copy task's and PTB's sizes) times the
     paper's steps: hours per run, and days for 20 runs on 1, 4, 10 and 20 machines."""
-    readme = read(os.path.join(ROOT, "README.md"))
+    speed = read(os.path.join(ROOT, "docs", "speed.md"))
     costs = " ".join(read(os.path.join(ROOT, "docs", "sweeps.md")).split())
 
-    def ok_ms(size):  # the OK column, the third of the Speed table
-        return float(re.search(rf"^\| [^|]*\({size}\) \| [^|]* \| ([\d.]+) ms \|", readme,
+    def ok_ms(size):  # the OK column, the third of the benchmark's table
+        return float(re.search(rf"^\| [^|]*\({size}\) \| [^|]* \| ([\d.]+) ms \|", speed,
                                re.M).group(1))
     copy_ms, ptb_ms = ok_ms("copy task"), ok_ms("PTB")
     hours = {"copy": copy_ms * 2_000_000 / 3.6e6, "ptb": ptb_ms * 1_000_000 / 3.6e6}
@@ -716,14 +716,13 @@ def test_every_cost_estimate_comes_from_the_speed_table():
         rounds = math.ceil(20 / machines)
         assert (f"| {machines} | {rounds * hours['copy'] / 24:.1f} days | "
                 f"{rounds * hours['ptb'] / 24:.1f} days |") in costs
-    how_long = " ".join(readme.split("### How long the paper's runs take")[1].split("##")[0].split())
+    how_long = " ".join(speed.split("## How long the paper's runs take")[1].split("##")[0].split())
     assert (f"at {copy_ms:g} ms a step takes {copy_ms * 1e5 / 6e4:.0f} minutes for 100k steps "
             f"and {hours['copy']:.1f} hours") in how_long
     assert (f"at {ptb_ms:g} ms a step takes {ptb_ms * 2e4 / 6e4:.0f} minutes for 20k steps "
             f"and {hours['ptb']:.1f} hours") in how_long
-    sweeps = " ".join(readme.split("## Sweeps")[1].split("## Speed")[0].split())
-    assert (f"{20 * hours['copy'] / 24:.0f} days of this 2-core machine for the copy task's 20 "
-            f"runs and {20 * hours['ptb'] / 24:.0f} for PTB's, or "
+    assert (f"In short: {20 * hours['copy'] / 24:.0f} days of this 2-core machine for the copy "
+            f"task's 20 runs and {20 * hours['ptb'] / 24:.0f} for PTB's, or "
             f"{2 * hours['copy'] / 24:.0f}-{2 * hours['ptb'] / 24:.0f} days on ten such "
-            "machines") in sweeps
+            "machines") in costs
 
