@@ -65,9 +65,10 @@ SET_BY_SWEEP = {"--lr": "give the sweep a list: --lr 10^-3,10^-3.5",  # option: 
                 "--stop-at-eof": "the sweep gives every run a pipe that ends when the sweep does",
                 "--wait-if-held": "a run waits for one that is stopping on its files (up to "
                                   "10 minutes)"}
-# The keys of a run's configuration that the sweep sets per run: they say where and how it
-# runs, not what it is, so a finished run is recognised by its configuration without them.
-SWEEP_KEYS = ("log", "checkpoint", "noise_log", "threads")
+# The options the sweep adds to each run's command line (how many values each takes): they say
+# where and how it runs, not what it is, so a finished run is recognised without them.
+SWEEP_SETTINGS = {"--log": 1, "--checkpoint": 1, "--noise-log": 1, "--status": 1, "--threads": 1,
+                  "--stop-at-eof": 0, "--wait-if-held": 1}
 # Resolves command lines of a runner in a process of its own, as the runner would (runlib.resolve),
 # so that this one never imports numpy or Numba: a JSON list of argv in, of configurations out.
 RESOLVE = ("import json, sys; from tools import runlib; import {module} as task; "
@@ -165,6 +166,21 @@ def runner_files(task, run_dir):
     return files + (["--noise-log", os.path.join(run_dir, "noise.csv")] if task == "copy" else [])
 
 
+def options_of(argv):
+    """The options that define a run, from the command line its status records: argv without
+    the sweep's settings (SWEEP_SETTINGS: files, threads, how it is supervised), so that a
+    sweep folder moved elsewhere still knows its runs."""
+    options, skip = [], 0
+    for token in argv:
+        if skip:
+            skip -= 1
+        elif token in SWEEP_SETTINGS:
+            skip = SWEEP_SETTINGS[token]
+        else:
+            options.append(token)
+    return options
+
+
 def check_runner_options(extra):
     """Refuse runner options that the sweep sets per run (or abbreviations the runner's argparse
     would read as one of them)."""
@@ -214,23 +230,22 @@ def run_status(run_dir):
 
 def finished_runs(task, runs):
     """The run folders of runs [(run_dir, options)] whose runner says it finished under the
-    configuration these options resolve to, the sweep's own keys (SWEEP_KEYS) aside: '2e3' and
-    '2000', or options in another order, are the same run. Both the options and the command
-    lines the statuses record are resolved by the runner's own code, in one process."""
+    configuration these options resolve to: '2e3' and '2000', or options in another order, are
+    the same run. The runner's own code resolves both the options and the command lines the
+    statuses record (options_of: without the sweep's settings), in one process."""
     done = [(run_dir, options, run_status(run_dir)) for run_dir, options in runs]
     done = [(run_dir, options, status["argv"]) for run_dir, options, status in done
             if status.get("state") == "finished" and isinstance(status.get("argv"), list)]
     if not done:
         return set()
-    argvs = [argv for _, options, stored in done for argv in (options, stored)]
+    argvs = [argv for _, options, stored in done for argv in (options, options_of(stored))]
     answer = subprocess.run([sys.executable, "-c", RESOLVE.format(module=RUNNERS[task][:-3])],
                             cwd=TOP, input=json.dumps(argvs), capture_output=True, text=True)
     if answer.returncode:
         lines = answer.stderr.strip().splitlines() or ["no message"]
         raise RuntimeError(f"cannot read the runs' configurations with {RUNNERS[task]}: "
                            f"{lines[-1]}")
-    configs = [None if c is None else {k: v for k, v in c.items() if k not in SWEEP_KEYS}
-               for c in json.loads(answer.stdout)]
+    configs = json.loads(answer.stdout)
     return {run_dir for (run_dir, _, _), wanted, had in zip(done, configs[::2], configs[1::2])
             if wanted is not None and wanted == had}
 

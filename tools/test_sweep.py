@@ -277,13 +277,20 @@ def test_a_run_is_recognised_by_its_configuration_not_its_spelling(tmp_path):
     """The sweep's options are --hidden 16 --steps 2000. Seed 1 finished under --steps 2e3
     --hidden 16 (another spelling and order: the same configuration), seed 2 under --hidden 16
     --steps 2_000 --seed 2 --lr ... given twice over (argparse keeps the last), seed 3 under
-    --steps 2001: only seed 3 is unfinished."""
+    --steps 2001: only seed 3 is unfinished. The files the sweep gave each run are no part of
+    it: seed 1's log was in a folder that is gone (the sweep folder moved)."""
     folder = str(tmp_path)
     for seed, options in ((1, ["--steps", "2e3", "--hidden", "16"]),
                           (2, ["--hidden", "16", "--steps", "2_000", "--seed", "9"]),
                           (3, ["--hidden", "16", "--steps", "2001"])):
         write_run(folder, "3x10^-3", seed, "finished", 2000, {"T": 5 + seed, "avg_bits": 0.2},
                   options=options)
+    status_file = os.path.join(run_dir(folder, "3x10^-3", 1), "status.json")
+    status = json.loads(read(status_file))
+    status["argv"] = [str(tmp_path / "gone" / "log.csv") if arg.endswith("log.csv") else arg
+                      for arg in status["argv"]]
+    with open(status_file, "w") as f:
+        json.dump(status, f)
     write_sweep_file(folder, "copy", [3e-3], [1, 2, 3], ["--hidden", "16", "--steps", "2000"])
     assert sweep.main(["summary", folder]) == 0
     assert table_rows(read(os.path.join(folder, "summary.txt")))["3x10^-3"] == [
