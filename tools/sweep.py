@@ -12,9 +12,9 @@ per (learning rate, seed), on this machine or on a Dask cluster, and summarises 
 
 Every option the sweep does not know goes to each run unchanged (--steps, --hidden, --method...);
 the sweep sets --lr, --seed, --log, --checkpoint and --status (and run_copy.py's --noise-log)
-per run. The runners are run as programs, through their command line, never imported: the sweep
-relies on their options, their exit status and the status each writes as JSON (runlib.py), and
-never on what they print. The sweep folder holds
+per run. The runners are run as programs, through their command line, never imported here: the
+sweep relies on their options, their exit status and the status each writes as JSON (runlib.py),
+and never on what they print. The sweep folder holds
 
     sweep.json                        the grid and runner options of the last command
     lr=10^-3.5/seed=1/log.csv         the run's --log
@@ -23,8 +23,9 @@ never on what they print. The sweep folder holds
                       stdout.txt, stderr.txt   what the runner printed, appended per session
     summary.txt, summary.png          the table and the figure
 
-A run is finished when its status says so under the same options: the runner trained to
---steps, saved its checkpoint and (PTB) measured the test BPC. Rerunning a command skips the
+A run is finished when its status says so under the same configuration, as the runner's own
+parser resolves the options (finished_runs): the runner trained to --steps, saved its checkpoint
+and (PTB) measured the test BPC. docs/sweeps.md has the rest. Rerunning a command skips the
 finished runs without starting their runner (their files stay untouched) and resumes every other
 run from its checkpoint, which the runners do bit for bit.
 
