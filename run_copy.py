@@ -205,7 +205,7 @@ def prepare(config):
 class CopyRun(runlib.Run):
     """runlib's run (weights, Adam, learner) with the streams and curriculum, the curve (step,
     T, avg) of each log row and the noise measurements (record_noise's rows)."""
-    streams: Streams = None
+    streams: Streams | None = None  # new_run gives it the B streams
     history: list = field(default_factory=list)
     noise: list = field(default_factory=list)
 

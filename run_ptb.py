@@ -335,7 +335,7 @@ class PtbRun(runlib.Run):
     points), the loss since the last progress line and, once finished, the test BPC."""
     row_nats: float = 0.0
     row_steps: int = 0
-    best: ok.Params = None  # new_run: the initial weights
+    best: ok.Params | None = None  # new_run: the initial weights
     best_step: int = -1
     best_bpc: float = math.inf
     last_eval: int = -1

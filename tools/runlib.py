@@ -413,7 +413,7 @@ def checkpoint_arrays(config, rng, run, counters, task_arrays):
     ('learner.*') or the TBPTT window, and the task's own arrays (a dict of arrays or
     NamedTuples such as Params)."""
     B, window = config["batch"], run.window
-    carried = run.learner.state() if run.learner else ok.LearnerState(run.h, ())
+    carried = run.learner.state() if run.learner is not None else ok.LearnerState(run.h, ())
     arrays = {"config": json.dumps(config), "rng": json.dumps(rng.bit_generator.state),
               "counters": json.dumps(counters), "h": carried.h,
               "window_x": np.array([w[0] for w in window], np.int64).reshape(-1, B),  # (k, B)
@@ -434,7 +434,7 @@ def restore_run(arrays, run, rng, path, task_tuples=()):
     -> the counters, whose step is restored; the task restores the rest and its arrays."""
     for name in ("params", "adam") + tuple(task_tuples):
         setattr(run, name, _unflatten(name, getattr(run, name), arrays, path))
-    if run.learner:
+    if run.learner is not None:
         carried = run.learner.state()  # its shapes and dtypes, which the checkpoint must have
         run.learner.load(ok.LearnerState(_unflatten("h", carried.h, arrays, path),
                                          _unflatten("learner", carried.influence, arrays, path)))
