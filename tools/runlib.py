@@ -20,6 +20,7 @@ measure_noise compares the gradient of each learner of NOISE_LEARNERS with exact
 task's sequences (gradient_agreement, usable on its own); write_noise_plot draws the result.
 """
 import argparse
+import bisect
 import contextlib
 import io
 import json
@@ -807,12 +808,9 @@ def mib(size):
 
 
 def _largest(fits, high):
-    """The largest k in 1..high with fits(k) (fits must be monotone), or 0 if none."""
-    low = 0
-    while low < high:
-        mid = (low + high + 1) // 2
-        low, high = (mid, high) if fits(mid) else (low, mid - 1)
-    return low
+    """The largest k in 1..high with fits(k) (true up to some k, false after), or 0 if none:
+    the number of ks that fit, found by bisection."""
+    return bisect.bisect_left(range(1, high + 1), True, key=lambda k: not fits(k))
 
 
 def check_memory(config, V):
