@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """One command redraws every figure from the logs in results/ and prints the tables of
 the runs at the paper's sizes, ours beside the authors' (Benzing et al., ICML 2019, arXiv
 1902.03993).

@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """The paper's protocol in one command: a learning-rate grid times seeds, each run by a runner.
 
 Benzing et al., "Optimal Kronecker-Sum Approximation of Real Time Recurrent Learning", ICML 2019
