@@ -14,19 +14,19 @@ Every step each of the B streams feeds one symbol, the learner updates its estim
 influence G, and Adam updates the weights (fully online). With --method tbptt the same streams
 are cut into windows of --trunc steps with one update per window. All randomness (weights,
 strings, the learners' signs) comes from one numpy Generator seeded by --seed, and a checkpoint
-holds its state, so a resumed run is identical to an uninterrupted one. This module is the
-task as runlib.main reads it (runlib.py's docstring lists the names); the command line, the loop,
-checkpoints, the log, signals and the run's status are runlib.py's.
+holds its state, so a resumed run is identical to an uninterrupted one. This module is a
+runlib.Task; the command line, the loop, checkpoints, the log, signals and the run's status are
+tools/runlib.py's. One training step: step() below -> runlib.train_step -> ok_rtrl.
 """
 import math
 import os
 import sys
+from dataclasses import dataclass, field
 
 import numpy as np
 
 import ok_rtrl as ok
-import runfiles
-import runlib
+from tools import runfiles, runlib
 
 TASK, PROG = "copy", "run_copy.py"
 TITLE = f"{PROG}: the copy task of Benzing et al. 2019 (arXiv 1902.03993), with its curriculum"
@@ -61,7 +61,24 @@ def copy_sequence(bits):
     return inputs.astype(np.int64), targets.astype(np.int64)
 
 
-def next_symbols(run, rng):
+@dataclass
+class Streams:
+    """The B streams and their curriculum: T_, the moving average of the loss (bits), and each
+    stream's current sequence (inputs, targets) with the position (B,) of its next step."""
+    T: int
+    avg: float
+    inputs: list
+    targets: list
+    pos: np.ndarray
+
+
+def new_streams(B, T=1, avg=EMA_START):
+    """B streams that each start a sequence at the next step; T_ starts at 1."""
+    empty = np.zeros(0, np.int64)
+    return Streams(T, avg, [empty] * B, [empty] * B, np.zeros(B, np.int64))
+
+
+def next_symbols(streams, rng):
     """The next step's input x (B,), target y (B,) and reset (B,): streams starting a sequence.
 
     Streams run sequences back to back and are visited in order, as in the paper's code. A stream
@@ -69,25 +86,25 @@ def next_symbols(run, rng):
     then draws a length max(1, T_ - U{0..4}) and that many random bits; its h and learner
     state are reset before the step.
     """
-    B = len(run["pos"])
+    s, B = streams, len(streams.pos)
     x, y, reset = np.empty(B, np.int64), np.empty(B, np.int64), np.zeros(B, bool)
     for b in range(B):
-        if run["pos"][b] == len(run["inputs"][b]):
-            if run["avg"] < LEVEL_UP_BELOW:
-                run["T"] += 1
-                run["avg"] = EMA_AFTER_LEVEL_UP
-            length = max(1, run["T"] - int(rng.integers(0, MAX_SHORTENING + 1)))
-            run["inputs"][b], run["targets"][b] = copy_sequence(rng.integers(0, 2, size=length))
-            run["pos"][b] = 0
+        if s.pos[b] == len(s.inputs[b]):
+            if s.avg < LEVEL_UP_BELOW:
+                s.T += 1
+                s.avg = EMA_AFTER_LEVEL_UP
+            length = max(1, s.T - int(rng.integers(0, MAX_SHORTENING + 1)))
+            s.inputs[b], s.targets[b] = copy_sequence(rng.integers(0, 2, size=length))
+            s.pos[b] = 0
             reset[b] = True
-        x[b], y[b] = run["inputs"][b][run["pos"][b]], run["targets"][b][run["pos"][b]]
-        run["pos"][b] += 1
+        x[b], y[b] = s.inputs[b][s.pos[b]], s.targets[b][s.pos[b]]
+        s.pos[b] += 1
     return x, y, reset
 
 
-def update_average(run, nats):
+def update_average(streams, nats):
     """The curriculum's moving average of the per-step loss in bits (batch mean of one step)."""
-    run["avg"] = EMA_DECAY * run["avg"] + (1 - EMA_DECAY) * float(ok.bits(nats))
+    streams.avg = EMA_DECAY * streams.avg + (1 - EMA_DECAY) * float(ok.bits(nats))
 
 
 # --- Gradient noise on fresh copy-task sequences (--measure-noise; runlib measures it) ----------
@@ -103,10 +120,9 @@ def noise_sequences(run, config):
     Sequences of 2T+2 steps give G a Kronecker rank of at most 2T+2 (one term per step since the
     reset), so OK of a higher rank is exact on them: --noise-length shows the noise beyond that.
     """
-    rng = np.random.default_rng([config["seed"], run["step"]])
-    B, empty = config["batch"], np.zeros(0, np.int64)
-    probe = {"T": config["noise_length"] or run["T"], "avg": math.inf,  # inf: T stays
-             "pos": np.zeros(B, np.int64), "inputs": [empty] * B, "targets": [empty] * B}
+    rng = np.random.default_rng([config["seed"], run.step])
+    probe = new_streams(config["batch"], config["noise_length"] or run.streams.T,
+                        avg=math.inf)  # inf: T stays
     steps = [next_symbols(probe, rng) for _ in range(config["noise_steps"])]
     xs, ys, resets = (np.stack(column) for column in zip(*steps))  # (S, B) each
     return xs, ys, resets, rng
@@ -116,13 +132,13 @@ def record_noise(run, config, noise_log):
     """runlib.measure_noise on noise_sequences at the current weights: one row (step, T, learner
     index, median cosine, median relative error) per learner, kept in the run (for the plot),
     written to the CSV and summarised."""
-    cosines, rel_errors = runlib.measure_noise(run["params"], *noise_sequences(run, config))
-    rows = [(run["step"], run["T"], k, cosines[k], rel_errors[k])
+    cosines, rel_errors = runlib.measure_noise(run.params, *noise_sequences(run, config))
+    rows = [(run.step, run.streams.T, k, cosines[k], rel_errors[k])
             for k in range(len(runlib.NOISE_LEARNERS))]
-    run["noise"].extend(rows)
+    run.noise.extend(rows)
     for (method, rank), (step, T, _, cosine, rel_error) in zip(runlib.NOISE_LEARNERS, rows):
         runfiles.write_line(noise_log, f"{step},{T},{method},{rank},{cosine:.6f},{rel_error:.6g}\n")
-    print(f"noise at step {run['step']:,}: median cosine with exact RTRL: " + ", ".join(
+    print(f"noise at step {run.step:,}: median cosine with exact RTRL: " + ", ".join(
         f"{method} {rank} {cosine:.3f}" for (method, rank), cosine in zip(runlib.NOISE_LEARNERS,
                                                                           cosines)), flush=True)
 
@@ -185,39 +201,46 @@ def prepare(config):
     return N_SYMBOLS, None
 
 
+@dataclass
+class CopyRun(runlib.Run):
+    """runlib's run (weights, Adam, learner) with the streams and curriculum, the curve (step,
+    T, avg) of each log row and the noise measurements (record_noise's rows)."""
+    streams: Streams | None = None  # new_run gives it the B streams
+    history: list = field(default_factory=list)
+    noise: list = field(default_factory=list)
+
+
 def new_run(config, rng, V):
     """Fresh weights (drawn first from rng), Adam, learner state, streams and curriculum."""
-    B, empty = config["batch"], np.zeros(0, np.int64)
-    return dict(runlib.new_run(config, rng, V),
-                T=1, avg=EMA_START,  # the curriculum T_ starts at 1
-                inputs=[empty] * B, targets=[empty] * B,  # every stream starts a sequence
-                pos=np.zeros(B, np.int64), history=[], noise=[])
+    return runlib.new_run(config, rng, V, CopyRun, streams=new_streams(config["batch"]))
 
 
 def checkpoint_arrays(config, rng, run):
     """runlib's arrays of the run, the copy task's counters (step, T_, avg) and its own arrays:
     each stream's current sequence and position, the curve, the noise measurements."""
-    B = config["batch"]
-    longest = max(len(s) for s in run["inputs"])
+    B, s = config["batch"], run.streams
+    longest = max(len(sequence) for sequence in s.inputs)
     inputs, targets = np.full((B, longest), -1), np.full((B, longest), -1)  # -1: padding
     for b in range(B):
-        inputs[b, :len(run["inputs"][b])] = run["inputs"][b]
-        targets[b, :len(run["targets"][b])] = run["targets"][b]
-    return runlib.checkpoint_arrays(config, rng, run, ("step", "T", "avg"), {
-        "stream_inputs": inputs, "stream_targets": targets, "stream_pos": run["pos"],
-        "history": np.array(run["history"], np.float64).reshape(-1, 3),  # step, T, avg
-        "noise": np.array(run["noise"], np.float64).reshape(-1, 5)})  # record_noise's rows
+        inputs[b, :len(s.inputs[b])] = s.inputs[b]
+        targets[b, :len(s.targets[b])] = s.targets[b]
+    return runlib.checkpoint_arrays(config, rng, run, {"step": run.step, "T": s.T, "avg": s.avg}, {
+        "stream_inputs": inputs, "stream_targets": targets, "stream_pos": s.pos,
+        "history": np.array(run.history, np.float64).reshape(-1, 3),  # step, T, avg
+        "noise": np.array(run.noise, np.float64).reshape(-1, 5)})  # record_noise's rows
 
 
 def restore_run(arrays, run, rng, path):
     """Overwrite the fresh run and rng with a checkpoint's arrays (shapes checked)."""
-    runlib.restore_run(arrays, run, rng, path)
+    counters = runlib.restore_run(arrays, run, rng, path)
     lengths = (arrays["stream_inputs"] >= 0).sum(axis=1)
-    run["inputs"] = [row[:k].astype(np.int64) for row, k in zip(arrays["stream_inputs"], lengths)]
-    run["targets"] = [row[:k].astype(np.int64) for row, k in zip(arrays["stream_targets"], lengths)]
-    run["pos"] = arrays["stream_pos"].astype(np.int64)
-    run["history"] = [tuple(row) for row in arrays["history"].tolist()]
-    run["noise"] = [tuple(row) for row in arrays["noise"].tolist()]
+    run.streams = Streams(
+        counters["T"], counters["avg"],
+        [row[:k].astype(np.int64) for row, k in zip(arrays["stream_inputs"], lengths)],
+        [row[:k].astype(np.int64) for row, k in zip(arrays["stream_targets"], lengths)],
+        arrays["stream_pos"].astype(np.int64))
+    run.history = [tuple(row) for row in arrays["history"].tolist()]
+    run.noise = [tuple(row) for row in arrays["noise"].tolist()]
 
 
 # --- One step, its log row and progress line, what the run has reached ---------------------------
@@ -226,25 +249,26 @@ def restore_run(arrays, run, rng, path):
 def step(run, config, rng, data):
     """Every stream's next symbol, one training step, the curriculum's average (TBPTT: updated
     by each of the 0 or K losses of its window)."""
-    x, y, reset = next_symbols(run, rng)
+    x, y, reset = next_symbols(run.streams, rng)
     for nats in runlib.train_step(run, config, x, y, reset):
-        update_average(run, nats)
+        update_average(run.streams, nats)
 
 
 def measure(run, config, data, logs):
     """The gradient noise every --measure-noise steps; it asks for no log row of its own."""
-    if config["measure_noise"] and run["step"] % config["measure_noise"] == 0:
+    if config["measure_noise"] and run.step % config["measure_noise"] == 0:
         record_noise(run, config, logs.get("--noise-log"))
 
 
 def log_row(run, config, measured, rate):
     """A point of the curriculum's curve and the CSV row: step, T, avg_bits, steps_per_s."""
-    run["history"].append((run["step"], run["T"], run["avg"]))
-    return f"{run['step']},{run['T']},{run['avg']:.6f},{rate:.2f}\n"
+    s = run.streams
+    run.history.append((run.step, s.T, s.avg))
+    return f"{run.step},{s.T},{s.avg:.6f},{rate:.2f}\n"
 
 
 def progress(run, config, rate):
-    return f"T {run['T']}  avg {run['avg']:.3f} bits  {rate:.1f} steps/s"
+    return f"T {run.streams.T}  avg {run.streams.avg:.3f} bits  {rate:.1f} steps/s"
 
 
 def finish(run, config, data, logs):
@@ -252,21 +276,21 @@ def finish(run, config, data, logs):
 
 
 def result(run):
-    return {"T": run["T"], "avg_bits": run["avg"]}
+    return {"T": run.streams.T, "avg_bits": run.streams.avg}
 
 
 def describe(run):
-    return f"curriculum T {run['T']} (avg {run['avg']:.3f} bits)"
+    return f"curriculum T {run.streams.T} (avg {run.streams.avg:.3f} bits)"
 
 
 def plot(config, run):
     """The curriculum's T against steps; with --measure-noise, each learner's cosine too."""
-    steps, Ts = zip(*[(0, 1)] + [(s, T) for s, T, _ in run["history"]])  # T_ starts at 1
+    steps, Ts = zip(*[(0, 1)] + [(s, T) for s, T, _ in run.history])  # T_ starts at 1
     runlib.write_plot(config["plot"], steps, Ts, "step", "curriculum T",
                       f"copy task, {config['method']}, n {config['hidden']}",
                       drawstyle="steps-post", integer_y=True)
-    if run["noise"]:
-        rows = np.array(run["noise"])  # (measurements x learners, 5): record_noise's rows
+    if run.noise:
+        rows = np.array(run.noise)  # (measurements x learners, 5): record_noise's rows
         K = len(runlib.NOISE_LEARNERS)
         runlib.write_noise_plot(plot_files(config)[1], rows[::K, 0], rows[:, 3].reshape(-1, K))
 

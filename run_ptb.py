@@ -7,17 +7,17 @@ units reads the training text as B = 32 streams and predicts the next symbol, up
 after every symbol. Validation bits per character (BPC) are measured every 10,000 steps; the test
 BPC of the best-validation weights is the result (the paper's code: best validation 1.740-1.745 on
 its own tokenisation, which read the word-level text as characters and so adds nearly free
-symbols; about 1.77 on the standard files used here, see the README's "Where we differ").
+symbols; about 1.77 on the standard files used here, see docs/results.md, "Where we differ").
 
-    python run_ptb.py --rank 8              # the paper's run; see the README for how long it takes
+    python run_ptb.py --rank 8              # the paper's run; docs/speed.md says how long it takes
     python run_ptb.py --hidden 64 --batch 16 --rank 4 --lr 3e-3 --steps 20000 --eval-every 5000
 
 Data: the Mikolov split ptb.char.{train,valid,test}.txt (50 symbols: 49 in the text plus one
 end-of-line symbol per line; 5,017,482 / 393,042 / 442,423 tokens). Looked up in --data-dir, else
 in $OK_RTRL_DATA, else in a per-user cache folder, where it is downloaded on first use from
 Mikolov's "simple-examples" archive and checked against the published sha256 sums. This module
-is the task as runlib.main reads it (runlib.py's docstring lists the names); the command line,
-the loop, checkpoints, the log, signals and the run's status are runlib.py's.
+is a runlib.Task; the command line, the loop, checkpoints, the log, signals and the run's status
+are tools/runlib.py's. One training step: step() below -> runlib.train_step -> ok_rtrl.
 """
 import hashlib
 import http.client
@@ -29,13 +29,13 @@ import tarfile
 import tempfile
 import time
 import urllib.request
+from dataclasses import dataclass, field
 
 import numpy as np
 
 import ok_rtrl as ok
-import runfiles
-import runlib
-from runlib import UserError
+from tools import runfiles, runlib
+from tools.runlib import UserError
 
 TASK, PROG = "ptb", "run_ptb.py"
 TITLE = f"{PROG}: character-level Penn Treebank as in Benzing et al. 2019 (arXiv 1902.03993)"
@@ -55,6 +55,7 @@ FILE_NAMES = ("{}.txt", "ptb.char.{}.txt")  # the shared copy's names; the archi
 EOS = "\n"  # the end-of-line symbol: no whitespace-separated symbol can be equal to it
 DOWNLOAD_TIMEOUT = 30  # seconds without an answer before the download gives up
 EVAL_ROWS = 1024  # validation runs the text as this many chunks side by side (speed)
+MAX_VOCABULARY = 200  # PTB's char files have 50 symbols; a text with far more is not one of them
 
 
 def cache_folder():
@@ -196,13 +197,24 @@ def read_symbols(path):
 
 def load_ptb(paths):
     """{split: symbol ids (N,) int32}, the vocabulary (sorted train symbols, EOS included) and
-    {split: sha256}. A validation or test symbol missing from train is an error."""
+    {split: sha256}. A text that is not character-level (a symbol longer than one character,
+    more than MAX_VOCABULARY symbols) or a validation or test symbol missing from train is an
+    error."""
     symbols, sha = {}, {}
     for split in SPLITS:
         symbols[split], sha[split] = read_symbols(paths[split])
         if len(symbols[split]) < 2:
             raise UserError(f"{paths[split]} holds fewer than 2 symbols: not a char-level text")
+        words = sorted({s for s in symbols[split] if len(s) > 1})
+        if words:
+            raise UserError(f"{paths[split]} is not character-level: {len(words):,} of its "
+                            f"symbols are longer than one character ({', '.join(words[:3])}, "
+                            "...); expected PTB's char files, one character a symbol, separated "
+                            f"by spaces (ptb.char.{split}.txt, 50 symbols)")
     vocab = sorted(set(symbols["train"]))
+    if len(vocab) > MAX_VOCABULARY:
+        raise UserError(f"{paths['train']} has {len(vocab):,} different symbols, expected about "
+                        f"50 (PTB's char files), at most {MAX_VOCABULARY}: not the PTB char text")
     index = {s: i for i, s in enumerate(vocab)}
     ids = {}
     for split in SPLITS:
@@ -230,7 +242,7 @@ def stream_resets(positions, reset_every):
     """Which streams start afresh before this step (B,): those whose position in the text is a
     multiple of reset_every, as in the paper's code. Their offsets differ, so the streams reset
     at different steps, each every reset_every characters; resetting all of them at the same
-    steps learns measurably slower (README, "Where we differ")."""
+    steps learns measurably slower (docs/results.md, "Where we differ")."""
     return positions % reset_every == 0
 
 
@@ -316,31 +328,50 @@ def prepare(config):
     return len(vocab), dict(ids, eos=vocab.index(EOS))
 
 
+@dataclass
+class PtbRun(runlib.Run):
+    """runlib's run (weights, Adam, learner) with the training loss summed since the last log
+    row, the best-validation weights, the last validation's step, the curves ((step, bits)
+    points), the loss since the last progress line and, once finished, the test BPC."""
+    row_nats: float = 0.0
+    row_steps: int = 0
+    best: ok.Params | None = None  # new_run: the initial weights
+    best_step: int = -1
+    best_bpc: float = math.inf
+    last_eval: int = -1
+    train_curve: list = field(default_factory=list)
+    valid_curve: list = field(default_factory=list)
+    shown: tuple = (0.0, 0)  # training nats and steps since the last progress line
+    test_bpc: float | None = None
+
+
+COUNTERS = ("row_nats", "row_steps", "best_step", "best_bpc", "last_eval")  # after the step
+
+
 def new_run(config, rng, V):
     """Fresh weights (drawn first from rng), Adam, learner state, counters."""
-    run = runlib.new_run(config, rng, V)
-    run.update(row_nats=0.0, row_steps=0,  # training loss summed since the last log row
-               best=run["params"], best_step=-1, best_bpc=math.inf, last_eval=-1,
-               train_curve=[], valid_curve=[],  # (step, bits) points
-               shown=[0.0, 0])  # training loss and steps since the last progress line
+    run = runlib.new_run(config, rng, V, PtbRun)
+    run.best = run.params
     return run
 
 
 def checkpoint_arrays(config, rng, run):
     """runlib's arrays of the run, PTB's counters and its own arrays: the best-validation
     weights and the two curves."""
-    counters = ("step", "row_nats", "row_steps", "best_step", "best_bpc", "last_eval")
+    counters = {"step": run.step, **{name: getattr(run, name) for name in COUNTERS}}
     return runlib.checkpoint_arrays(config, rng, run, counters, {
-        "best": run["best"],
-        "train_curve": np.array(run["train_curve"], np.float64).reshape(-1, 2),
-        "valid_curve": np.array(run["valid_curve"], np.float64).reshape(-1, 2)})
+        "best": run.best,
+        "train_curve": np.array(run.train_curve, np.float64).reshape(-1, 2),
+        "valid_curve": np.array(run.valid_curve, np.float64).reshape(-1, 2)})
 
 
 def restore_run(arrays, run, rng, path):
     """Overwrite the fresh run and rng with a checkpoint's arrays (shapes checked)."""
-    runlib.restore_run(arrays, run, rng, path, task_tuples=["best"])
-    run["train_curve"] = [tuple(row) for row in arrays["train_curve"].tolist()]
-    run["valid_curve"] = [tuple(row) for row in arrays["valid_curve"].tolist()]
+    counters = runlib.restore_run(arrays, run, rng, path, task_tuples=["best"])
+    for name in COUNTERS:
+        setattr(run, name, counters[name])
+    run.train_curve = [tuple(row) for row in arrays["train_curve"].tolist()]
+    run.valid_curve = [tuple(row) for row in arrays["valid_curve"].tolist()]
 
 
 # --- One step, validation, the log row and progress line, the test BPC --------------------------
@@ -350,18 +381,18 @@ def step(run, config, rng, data):
     """Every stream's next symbol of the training text, one training step (TBPTT: 0 or K
     losses), the losses summed for the log row and the progress line."""
     text = data["train"]
-    p = stream_positions(run["step"], config["batch"], len(text))
+    p = stream_positions(run.step, config["batch"], len(text))
     reset = stream_resets(p, config["reset_every"])
     nats = runlib.train_step(run, config, text[p], text[p + 1], reset)
-    run["row_nats"] += float(nats.sum())
-    run["row_steps"] += len(nats)
-    run["shown"] = [run["shown"][0] + float(nats.sum()), run["shown"][1] + len(nats)]
+    run.row_nats += float(nats.sum())
+    run.row_steps += len(nats)
+    run.shown = (run.shown[0] + float(nats.sum()), run.shown[1] + len(nats))
 
 
 def measure(run, config, data, logs):
     """The validation BPC every --eval-every steps and at the last one (it asks for a log row
     and a save), else None."""
-    if run["step"] % config["eval_every"] == 0 or run["step"] == config["steps"]:
+    if run.step % config["eval_every"] == 0 or run.step == config["steps"]:
         return validate(run, data, config)
     return None
 
@@ -369,45 +400,44 @@ def measure(run, config, data, logs):
 def validate(run, data, config):
     """Validation BPC of the current weights; keeps them if they are the best so far."""
     started = time.monotonic()
-    bpc = bits_per_character(run["params"], data["valid"], data["eos"], config["reset_every"])
-    run["valid_curve"].append((run["step"], bpc))
-    run["last_eval"] = run["step"]
-    if bpc < run["best_bpc"]:
-        run["best"], run["best_bpc"], run["best_step"] = run["params"], bpc, run["step"]
-    print(f"validation at step {run['step']:,}: {bpc:.4f} BPC (best {run['best_bpc']:.4f} at "
-          f"step {run['best_step']:,}) [{time.monotonic() - started:.1f} s]", flush=True)
+    bpc = bits_per_character(run.params, data["valid"], data["eos"], config["reset_every"])
+    run.valid_curve.append((run.step, bpc))
+    run.last_eval = run.step
+    if bpc < run.best_bpc:
+        run.best, run.best_bpc, run.best_step = run.params, bpc, run.step
+    print(f"validation at step {run.step:,}: {bpc:.4f} BPC (best {run.best_bpc:.4f} at "
+          f"step {run.best_step:,}) [{time.monotonic() - started:.1f} s]", flush=True)
     return bpc
 
 
 def log_row(run, config, bpc, rate):
     """A point of the training curve (mean train bits since the last row) and the CSV row:
     step, train_bits, valid_bpc (empty between validations), chars_per_s."""
-    train_bits = (float(ok.bits(run["row_nats"] / run["row_steps"])) if run["row_steps"]
+    train_bits = (float(ok.bits(run.row_nats / run.row_steps)) if run.row_steps
                   else math.nan)  # nan: no TBPTT window ended since the last row
-    run["train_curve"].append((run["step"], train_bits))
-    run["row_nats"], run["row_steps"] = 0.0, 0
+    run.train_curve.append((run.step, train_bits))
+    run.row_nats, run.row_steps = 0.0, 0
     valid = "" if bpc is None else f"{bpc:.6f}"
-    return f"{run['step']},{train_bits:.6f},{valid},{config['batch'] * rate:.1f}\n"
+    return f"{run.step},{train_bits:.6f},{valid},{config['batch'] * rate:.1f}\n"
 
 
 def progress(run, config, rate):
     """The mean training loss since the last progress line, the best validation, chars/s."""
-    nats, steps = run["shown"]
-    run["shown"] = [0.0, 0]
+    nats, steps = run.shown
+    run.shown = (0.0, 0)
     recent = f"{ok.bits(nats / steps):.3f}" if steps else "-"
-    best = f"  best valid {run['best_bpc']:.3f}" if run["best_step"] >= 0 else ""
+    best = f"  best valid {run.best_bpc:.3f}" if run.best_step >= 0 else ""
     return f"train {recent} bits{best}  {config['batch'] * rate:,.0f} chars/s"
 
 
 def finish(run, config, data, logs):
     """The result: test BPC of the best-validation weights (validating first if the last step
     was not, e.g. --steps 0), printed and written as the log's last line."""
-    if run["last_eval"] != run["step"]:
+    if run.last_eval != run.step:
         validate(run, data, config)
-    run["test_bpc"] = bits_per_character(run["best"], data["test"], data["eos"],
-                                         config["reset_every"])
-    summary = (f"test BPC {run['test_bpc']:.4f} of the best weights (step {run['best_step']:,}, "
-               f"validation {run['best_bpc']:.4f})")
+    run.test_bpc = bits_per_character(run.best, data["test"], data["eos"], config["reset_every"])
+    summary = (f"test BPC {run.test_bpc:.4f} of the best weights (step {run.best_step:,}, "
+               f"validation {run.best_bpc:.4f})")
     print(summary)
     if "--log" in logs:
         runfiles.write_line(logs["--log"], f"# {summary}\n")
@@ -416,22 +446,21 @@ def finish(run, config, data, logs):
 def result(run):
     """The best validation BPC and its step (None before the first validation) and, once the
     run has finished, the test BPC of those weights."""
-    validated = run["best_step"] >= 0
-    return {"best_valid_bpc": run["best_bpc"] if validated else None,
-            "best_step": run["best_step"] if validated else None,
-            "test_bpc": run.get("test_bpc")}
+    validated = run.best_step >= 0
+    return {"best_valid_bpc": run.best_bpc if validated else None,
+            "best_step": run.best_step if validated else None, "test_bpc": run.test_bpc}
 
 
 def describe(run):
-    if run["best_step"] < 0:
+    if run.best_step < 0:
         return "no validation yet"
-    return f"best validation {run['best_bpc']:.4f} BPC at step {run['best_step']:,}"
+    return f"best validation {run.best_bpc:.4f} BPC at step {run.best_step:,}"
 
 
 def plot(config, run):
     """Validation BPC against steps."""
-    if run["valid_curve"]:
-        x, y = zip(*run["valid_curve"])
+    if run.valid_curve:
+        x, y = zip(*run.valid_curve)
         runlib.write_plot(config["plot"], x, y, "step", "validation bits per character",
                           f"char PTB, {config['method']}, n {config['hidden']}")
 

@@ -24,7 +24,7 @@ import pytest
 from hypothesis import assume, example, given, settings, strategies as st
 
 import ok_rtrl as ok
-import runlib
+from tools import runlib
 
 EPS64, EPS32 = np.finfo(np.float64).eps, np.finfo(np.float32).eps
 STOCHASTIC = ("ok", "kf", "kf-avg", "uoro")
@@ -1140,8 +1140,8 @@ def _refused_calls():
 
 
 TYPE_ERRORS = {"float64 h, float32 weights", "h and influence swapped", "h for the state",
-               "a KF state as OK's", "float64 weights", "x of floats", "arguments in the wrong order",
-               "q in float64", "h0 in float64"}
+               "a KF state as OK's", "float64 weights", "x of floats",
+               "arguments in the wrong order", "q in float64", "h0 in float64"}
 
 
 @pytest.mark.parametrize("case", sorted(_refused_calls()))
@@ -1476,11 +1476,12 @@ CONFORMANCE_DESCRIPTION = [
     "  there) and bptt (with the resets); cell.h[t-1] and steps[t-1] are as before the reset,",
     "  and cell.a, cell.H and cell.D of a reset step come from the zeroed h_{t-1}. After a",
     "  reset OK's sum has rank 1 (two zero terms), the next step rank 2.",
-    "adam_tensorflow: --adam tensorflow (runlib.adam_eps), the paper's code's Adam: the steps",
-    "  of adam (same gradients, lr, max_norm, continuing likewise) with eps replaced at step t",
+    "adam_tensorflow: --adam tensorflow (adam_eps in tools/runlib.py), the paper's code's",
+    "  Adam: the steps of adam (same gradients, lr, max_norm, continuing likewise) with eps",
+    "  replaced at step t",
     "  by eps_W = batch eps / sqrt(1 - beta2^t) for W and eps_W_out = eps / sqrt(1 - beta2^t)",
     "  for W_out (batch = B); each update gives the pair it used.",
-    "tbptt: TBPTT-K on the main case's params, xs, ys and h0 (runlib.train_step's window):",
+    "tbptt: TBPTT-K on the main case's params, xs, ys and h0 (tools/runlib.py: train_step):",
     "  windows[w] is BPTT over steps wK..wK+K-1 from the h_T of windows[w-1] (h0 for w = 0),",
     "  with the weights and Adam state windows[w-1] left: losses (K,) batch-mean, dW, dW_out the",
     "  window's gradient divided by K, norm, h_T, then apply_gradients (lr, max_norm, beta1,",

@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """The paper's protocol in one command: a learning-rate grid times seeds, each run by a runner.
 
 Benzing et al., "Optimal Kronecker-Sum Approximation of Real Time Recurrent Learning", ICML 2019
@@ -6,15 +5,15 @@ Benzing et al., "Optimal Kronecker-Sum Approximation of Real Time Recurrent Lear
 median over five repeats. This script runs that grid with run_copy.py or run_ptb.py, one process
 per (learning rate, seed), on this machine or on a Dask cluster, and summarises it:
 
-    python sweep.py copy sweeps/copy --lr 10^-2.5,10^-3,10^-3.5,10^-4 --seeds 1-5 --steps 1e5
-    python sweep.py ptb sweeps/ptb --steps 20000 --eval-every 2000 --scheduler tcp://HOST:8786
-    python sweep.py summary sweeps/copy
+    python -m tools.sweep copy sweeps/copy --lr 10^-2.5,10^-3,10^-3.5,10^-4 --seeds 1-5 --steps 1e5
+    python -m tools.sweep ptb sweeps/ptb --steps 20000 --eval-every 2000 --scheduler tcp://HOST:8786
+    python -m tools.sweep summary sweeps/copy
 
 Every option the sweep does not know goes to each run unchanged (--steps, --hidden, --method...);
 the sweep sets --lr, --seed, --log, --checkpoint and --status (and run_copy.py's --noise-log)
-per run. The runners are run as programs, through their command line, never imported: the sweep
-relies on their options, their exit status and the status each writes as JSON (runlib.py), and
-never on what they print. The sweep folder holds
+per run. The runners are run as programs, through their command line, never imported here: the
+sweep relies on their options, their exit status and the status each writes as JSON (runlib.py),
+and never on what they print. The sweep folder holds
 
     sweep.json                        the grid and runner options of the last command
     lr=10^-3.5/seed=1/log.csv         the run's --log
@@ -23,8 +22,9 @@ never on what they print. The sweep folder holds
                       stdout.txt, stderr.txt   what the runner printed, appended per session
     summary.txt, summary.png          the table and the figure
 
-A run is finished when its status says so under the same options: the runner trained to
---steps, saved its checkpoint and (PTB) measured the test BPC. Rerunning a command skips the
+A run is finished when its status says so under the same configuration, as the runner's own
+parser resolves the options (finished_runs): the runner trained to --steps, saved its checkpoint
+and (PTB) measured the test BPC. docs/sweeps.md has the rest. Rerunning a command skips the
 finished runs without starting their runner (their files stay untouched) and resumes every other
 run from its checkpoint, which the runners do bit for bit.
 
@@ -35,6 +35,7 @@ of a lost worker to another worker, whose runner waits for the old one to save a
 """
 import argparse
 import contextlib
+import json
 import math
 import os
 import queue
@@ -46,10 +47,10 @@ import sys
 import time
 import uuid
 
-import runfiles
+from tools import runfiles
 
-PROG = "sweep.py"
-HERE = os.path.dirname(os.path.abspath(__file__))
+PROG, COMMAND = "sweep", "python -m tools.sweep"  # its messages' prefix; how it is run
+TOP = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # where the runners are
 RUNNERS = {"copy": "run_copy.py", "ptb": "run_ptb.py"}
 TASKS = {"copy": "copy task", "ptb": "character-level PTB"}
 PAPER_LRS = "10^-2.5,10^-3,10^-3.5,10^-4"  # the paper's grid
@@ -65,9 +66,13 @@ SET_BY_SWEEP = {"--lr": "give the sweep a list: --lr 10^-3,10^-3.5",  # option: 
                 "--wait-if-held": "a run waits for one that is stopping on its files (up to "
                                   "10 minutes)"}
 # The options the sweep adds to each run's command line (how many values each takes): they say
-# where and how it runs, not what it is, so a run's status is compared without them.
+# where and how it runs, not what it is, so a finished run is recognised without them.
 SWEEP_SETTINGS = {"--log": 1, "--checkpoint": 1, "--noise-log": 1, "--status": 1, "--threads": 1,
                   "--stop-at-eof": 0, "--wait-if-held": 1}
+# Resolves command lines of a runner in a process of its own, as the runner would (runlib.resolve),
+# so that this one never imports numpy or Numba: a JSON list of argv in, of configurations out.
+RESOLVE = ("import json, sys; from tools import runlib; import {module} as task; "
+           "json.dump([runlib.resolve(task, argv) for argv in json.load(sys.stdin)], sys.stdout)")
 WAIT_FOR_STOPPING = 600  # seconds a run waits for a run that is saving and ending on its files
 THREAD_VARIABLES = ("NUMBA_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS",
                     "MKL_NUM_THREADS")
@@ -147,9 +152,8 @@ def run_folder(folder, lr, seed):
 
 
 def runner_options(extra, lr, seed):
-    """The options that define one run: the user's runner options, its learning rate (repr: the
-    runner parses back the same float) and its seed. A finished run is skipped under the same
-    options only."""
+    """The options of one run: the user's runner options, its learning rate (repr: the runner
+    parses back the same float) and its seed."""
     return list(extra) + ["--lr", repr(lr), "--seed", str(seed)]
 
 
@@ -164,7 +168,8 @@ def runner_files(task, run_dir):
 
 def options_of(argv):
     """The options that define a run, from the command line its status records: argv without
-    the sweep's settings (SWEEP_SETTINGS: files, threads, how it is supervised)."""
+    the sweep's settings (SWEEP_SETTINGS: files, threads, how it is supervised), so that a
+    sweep folder moved elsewhere still knows its runs."""
     options, skip = [], 0
     for token in argv:
         if skip:
@@ -223,10 +228,26 @@ def run_status(run_dir):
     return runfiles.read_json(os.path.join(run_dir, "status.json")) or {}
 
 
-def is_finished(run_dir, options):
-    """True when the run's runner says it finished, under these options."""
-    status = run_status(run_dir)
-    return status.get("state") == "finished" and options_of(status.get("argv", [])) == options
+def finished_runs(task, runs):
+    """The run folders of runs [(run_dir, options)] whose runner says it finished under the
+    configuration these options resolve to: '2e3' and '2000', or options in another order, are
+    the same run. The runner's own code resolves both the options and the command lines the
+    statuses record (options_of: without the sweep's settings), in one process."""
+    done = [(run_dir, options, run_status(run_dir)) for run_dir, options in runs]
+    done = [(run_dir, options, status["argv"]) for run_dir, options, status in done
+            if status.get("state") == "finished" and isinstance(status.get("argv"), list)]
+    if not done:
+        return set()
+    argvs = [argv for _, options, stored in done for argv in (options, options_of(stored))]
+    answer = subprocess.run([sys.executable, "-c", RESOLVE.format(module=RUNNERS[task][:-3])],
+                            cwd=TOP, input=json.dumps(argvs), capture_output=True, text=True)
+    if answer.returncode:
+        lines = answer.stderr.strip().splitlines() or ["no message"]
+        raise RuntimeError(f"cannot read the runs' configurations with {RUNNERS[task]}: "
+                           f"{lines[-1]}")
+    configs = json.loads(answer.stdout)
+    return {run_dir for (run_dir, _, _), wanted, had in zip(done, configs[::2], configs[1::2])
+            if wanted is not None and wanted == had}
 
 
 def launch(task, options, run_dir, cwd, threads, local):
@@ -241,7 +262,7 @@ def launch(task, options, run_dir, cwd, threads, local):
     terminal reaches the sweep only and the sweep forwards it once (a second signal makes a
     runner quit without saving). On a Dask worker it stays in the worker's process group, where
     the batch system's signals reach it."""
-    script = os.path.join(HERE, RUNNERS[task])
+    script = os.path.join(TOP, RUNNERS[task])
     out = open(os.path.join(run_dir, "stdout.txt"), "ab")
     err = open(os.path.join(run_dir, "stderr.txt"), "ab")
     offset = err.tell()  # this session's errors start here
@@ -444,7 +465,8 @@ def run_sweep(task, folder, grid, extra, backend):
     reported with the runs it was running, which Dask runs again elsewhere."""
     runs = [(lr, seed, run_folder(folder, lr, seed), tuple(runner_options(extra, lr, seed)))
             for lr, seed in grid]  # tuples: a run is a key of sweep["running"]
-    pending = [run for run in runs if not is_finished(run[2], list(run[3]))]
+    finished = finished_runs(task, [(run_dir, list(options)) for _, _, run_dir, options in runs])
+    pending = [run for run in runs if run[2] not in finished]
     print(f"{PROG}: {task}, {plural(len(grid), 'run')} ("
           f"{plural(len({lr for lr, _ in grid}), 'learning rate')} x "
           f"{plural(len({seed for _, seed in grid}), 'seed')}) in {folder}: "
@@ -611,13 +633,13 @@ def wait_for(backend, running):
 # --- The summary: the paper's metric per learning rate, from the runs' status --------------------
 
 
-def run_outcome(run_dir, options):
+def run_outcome(run_dir, finished):
     """One run for the summary: (state, its result, its step), from the status its runner
-    wrote. state: finished (under these options), diverged (counts as the worst value), failed,
-    unfinished or not started."""
+    wrote. state: finished (under the sweep's configuration: run_dir in finished), diverged
+    (counts as the worst value), failed, unfinished or not started."""
     status = run_status(run_dir)
     state, step = status.get("state"), status.get("step")
-    if state == "finished" and options_of(status.get("argv", [])) == options:
+    if state == "finished" and run_dir in finished:
         return "finished", status.get("result") or {}, step
     if state in ("diverged", "failed"):
         return state, {}, step
@@ -636,12 +658,13 @@ def lr_rows(task, folder, lrs, seeds, extra):
     """Per learning rate: its name, per-metric values over the seeds that count (finished under
     the sweep's options extra; diverged as the worst value), and the counts of each state.
     -> list of dicts."""
-    rows = []
+    rows, finished = [], finished_runs(task, [(run_folder(folder, lr, seed),
+                                               runner_options(extra, lr, seed))
+                                              for lr in lrs for seed in seeds])
     for lr in lrs:
         values, states, steps = {key: [] for key, _, _ in METRICS[task]}, {}, set()
         for seed in seeds:
-            state, result, step = run_outcome(run_folder(folder, lr, seed),
-                                              runner_options(extra, lr, seed))
+            state, result, step = run_outcome(run_folder(folder, lr, seed), finished)
             states[state] = states.get(state, 0) + 1
             for key, _, higher in METRICS[task]:
                 value = result.get(key)
@@ -788,8 +811,8 @@ def summarize(folder):
 def build_parser():
     p = argparse.ArgumentParser(
         prog=PROG, allow_abbrev=False,
-        usage=f"{PROG} {{copy,ptb}} FOLDER [--lr LRS] [--seeds SEEDS] [--workers N | --scheduler "
-        f"ADDRESS] [--threads T] [runner options]\n       {PROG} summary FOLDER",
+        usage=f"{COMMAND} {{copy,ptb}} FOLDER [--lr LRS] [--seeds SEEDS] [--workers N | "
+        f"--scheduler ADDRESS] [--threads T] [runner options]\n       {COMMAND} summary FOLDER",
         description="The paper's protocol (Benzing et al. 2019, arXiv 1902.03993): one run of "
         "run_copy.py or run_ptb.py per learning rate and seed, each with its log and checkpoint "
         "in FOLDER/lr=.../seed=.../, then the median and range over the seeds of the paper's "
@@ -800,7 +823,7 @@ def build_parser():
         "however it ends. 'summary FOLDER' prints the table again.",
         epilog="With --scheduler, the runs are tasks of a Dask cluster (pip install dask "
         "distributed): FOLDER, the folder you start the sweep in and this repository must be on "
-        "storage every worker shares, at the same path (the README's 'Sweeps' shows SLURM and "
+        "storage every worker shares, at the same path (docs/sweeps.md shows SLURM and "
         "PBS).")
     p.add_argument("--lr", default=PAPER_LRS, metavar="LRS",
                    help=f"learning rates, comma-separated: 10^-3.5, 3x10^-3, 1e-3, 3.16e-4; "
@@ -875,9 +898,9 @@ def main(argv=None) -> int:
         task = argv[0] if argv else None
         if task not in ("copy", "ptb", "summary"):
             raise UsageError("the first argument is copy, ptb or summary"
-                             + (f", not {task!r}" if task else f" (see {PROG} --help)"))
+                             + (f", not {task!r}" if task else f" (see {COMMAND} --help)"))
         if len(argv) < 2 or argv[1].startswith("-"):
-            raise UsageError(f"give the sweep folder after {task}: {PROG} {task} FOLDER ...")
+            raise UsageError(f"give the sweep folder after {task}: {COMMAND} {task} FOLDER ...")
         folder = argv[1]
         if task == "summary":
             if len(argv) > 2:

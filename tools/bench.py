@@ -1,7 +1,7 @@
 """Benchmark: one training step of every learner against OK's floor, the r products H_t A_k.
 
-    python bench_ok_rtrl.py [--repeats 5] [--dtype float32] [--baseline OLD_ok_rtrl.py]
-    python bench_ok_rtrl.py --profile
+    python -m tools.bench [--repeats 5] [--dtype float32] [--baseline OLD_ok_rtrl.py]
+    python -m tools.bench --profile
 
 Prints a markdown table: per configuration (n, B, r), the median time of the batched H A
 products alone (the floor), of one full training step (cell, learner update, gradient, clipping,
@@ -33,6 +33,7 @@ import numpy as np
 
 import ok_rtrl as ok
 
+TOP = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the processes start there
 CONFIGS = [  # (n, B, r, V): sizes of the two paper tasks and two smaller networks
     (32, 16, 16, 4),
     (64, 16, 16, 4),
@@ -141,10 +142,9 @@ def compile_seconds():
             "    xs = rng.integers(0, 3, (2, 2))\n"
             "    ok.sequence_grad(p, xs, xs, 'ok', rank=2, rng=rng)\n"
             "print(time.perf_counter() - t)")
-    here = os.path.dirname(os.path.abspath(__file__))
     with tempfile.TemporaryDirectory() as cache:
         env = dict(os.environ, NUMBA_CACHE_DIR=cache)
-        run = lambda: float(subprocess.run([sys.executable, "-c", code], cwd=here, env=env,
+        run = lambda: float(subprocess.run([sys.executable, "-c", code], cwd=TOP, env=env,
                                            check=True, capture_output=True, text=True).stdout)
         return run(), run()
 
@@ -175,9 +175,8 @@ ENTRY_POINTS = {"your script (numpy first)": "import numpy",
 
 
 def start_loop(imports, threads, steps):
-    here = os.path.dirname(os.path.abspath(__file__))
     code = LOOP.format(imports=imports, threads=threads, steps=steps, warmup=LOOP_WARMUP)
-    return subprocess.Popen([sys.executable, "-c", code], cwd=here, stdout=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, "-c", code], cwd=TOP, stdout=subprocess.PIPE,
                             text=True)
 
 
@@ -284,7 +283,8 @@ def load_module(path):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.bench",
+                                     description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5, help="timed steps per measurement")
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     parser.add_argument("--rounds", type=int, default=5, help="with --baseline: alternations of "

@@ -1,45 +1,28 @@
-"""What an experiment runner is made of beyond its task, written once for both runners.
+"""The runners' shared machinery, written once: run_copy.py and run_ptb.py are the two
+experiments of Benzing et al., ICML 2019 (arXiv 1902.03993), each written as its task.
 
-run_copy.py and run_ptb.py are the two experiments of Benzing et al., ICML 2019 (arXiv
-1902.03993), each written as its task: the data or the task generator, the paper's defaults,
-what one training step reads and what the run measures. main(task, argv) is the rest, shared and
-tested once (test_runlib.py): the command line, the files, the loop, checkpoints and exact
-resume, the status, signals. No algorithm (ok_rtrl.py has the math) and nothing that knows a
-task. The files of a run (atomic writes, the lock, the CSV log) are runfiles.py's.
+A runner module is a Task (the Protocol below, checked when the runner starts): its data or
+task generator, the paper's defaults, one training step and what the run measures. main(task,
+argv) is the rest, tested once (test_runlib.py): the command line, the loop, checkpoints and
+exact resume, the run's status, signals, the memory estimate, plots. No algorithm (ok_rtrl.py
+has the math) and nothing that knows a task; the files of a run (atomic writes, the lock, the
+CSV log) are runfiles.py's. A run's state is a Run, a dataclass each task extends.
 
-A runner module is the task, and main reads these names from it:
-
-- TASK ('copy'), PROG, TITLE (a run's first line), DESCRIPTION (--help's), DEFAULTS of --rank,
-  --trunc, --hidden, --batch, --steps, and WORDS: how its help names the paper's setting
-  ("copy-task"), its streams, its curves, what its checkpoint keeps beyond the current run.
-  add_options(p) adds its own options; config(args) -> its own configuration keys as three
-  dicts (experiment: they define the run, after the network's keys; data: folders of this
-  machine, after --steps and never in a log's header; measurements: last); EXPERIMENT_KEYS,
-  the keys a checkpoint resumes only under (data_sha256 identifies data files). COLUMNS, the
-  CSV log's; outputs(config) -> [(option, path, CSV columns or None)], its files beyond
-  --checkpoint, --log and --status.
-- prepare(config) -> (V, data): reads its data, if it has any, and says which; V symbols in and
-  out. new_run(config, rng, V) -> the run, a dict (runlib.new_run's and the task's entries);
-  checkpoint_arrays(config, rng, run) and restore_run(arrays, run, rng, path), around
-  runlib.checkpoint_arrays and runlib.restore_run, bit for bit.
-- step(run, config, rng, data): one training step of every stream (its inputs, targets and
-  resets through runlib.train_step). measure(run, config, data, logs) after each step: a value
-  for the log row when the task measured something that asks for a row and a save (PTB's
-  validation), else None. log_row(run, config, value, rate) -> the CSV row; progress(run, config,
-  rate) -> the middle of a progress line; finish(run, config, data, logs) after the last step
-  (not after a stop); result(run) -> what the run has reached, for its status (JSON) and
-  describe(run) for people; plot(config, run) draws its --plot.
+One training step, from the runner's file: its step() gives every stream's input, target and
+reset to train_step here, which runs the learner's step (or TBPTT's window) and Adam; the
+learners and Adam are ok_rtrl.py's.
 
 The run's configuration is a JSON-able dict: print_config shows it, check_memory refuses a run
 that cannot fit, runfiles.log_header writes it into the CSV log naming no folder of the machine.
 A run stops after a step on Ctrl-C, SIGTERM or, with --stop-at-eof, at the end of its standard
 input (a supervisor that died), and saves; with --status it writes how it stands as JSON.
-Sequences of a task at the current weights: measure_noise compares the gradient of each learner
-of NOISE_LEARNERS with exact RTRL's on them (gradient_agreement, usable on its own);
-write_noise_plot draws the result.
+measure_noise compares the gradient of each learner of NOISE_LEARNERS with exact RTRL's on a
+task's sequences (gradient_agreement, usable on its own); write_noise_plot draws the result.
 """
 import argparse
+import bisect
 import contextlib
+import io
 import json
 import math
 import os
@@ -49,12 +32,14 @@ import tempfile
 import threading
 import time
 import zipfile
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol, runtime_checkable
 
 import numpy as np
 
 import ok_rtrl as ok
-import runfiles
-from runfiles import PAST_DEFAULTS, UserError
+from tools import runfiles
+from tools.runfiles import PAST_DEFAULTS, UserError
 
 METHODS = ok.METHODS + ("tbptt",)  # --method's choices
 ADAMS = ("kingma-ba", "tensorflow")  # --adam's choices: see adam_eps
@@ -64,6 +49,83 @@ PROGRESS_SECONDS = 5.0  # a progress line at most this often
 class Diverged(UserError):
     """A training step whose loss or weights are no longer finite: one line, exit status 1,
     and the status says diverged."""
+
+
+@dataclass
+class Run:
+    """A run's state beside its config and rng, all a checkpoint holds: weights, Adam, the step,
+    and an online method's learner (which carries h and the influence) or TBPTT's h and the
+    steps of its window so far. A task's run extends it with the task's own fields."""
+    params: ok.Params
+    adam: ok.AdamState
+    step: int = 0
+    learner: ok.Learner | None = None  # online methods
+    h: np.ndarray | None = None  # TBPTT: (B, n), carried from window to window
+    window: list = field(default_factory=list)  # TBPTT: (x, y, reset) of each step, (B,) each
+
+
+@runtime_checkable
+class Task(Protocol):
+    """What a runner module gives main: these names, checked when the runner starts (a module
+    is a Task when it has them all). config is the run's configuration dict, data what prepare
+    returned, logs the open CSV logs by option ('--log', the task's own)."""
+    TASK: str  # 'copy': the task a checkpoint must be of
+    PROG: str  # 'run_copy.py'
+    TITLE: str  # a run's first line
+    DESCRIPTION: str  # --help's
+    DEFAULTS: dict  # --rank, --trunc, --hidden, --batch, --steps: the paper's
+    WORDS: dict  # how the shared options' help names its setting, streams, rows, curve, keeps
+    COLUMNS: tuple  # the CSV log's
+    EXPERIMENT_KEYS: tuple  # the config keys a checkpoint resumes only under
+
+    add_options: Callable[[argparse.ArgumentParser], None]  # its own options
+    config: Callable[[argparse.Namespace], tuple]  # -> its config keys as three dicts: experiment
+    # (they define the run), data (this machine's folders, never in a log's header), measurements
+    outputs: Callable[[dict], list]  # config -> [(option, path, CSV columns or None)] beyond
+    # --checkpoint, --log and --status
+    prepare: Callable[[dict], tuple]  # config -> (V symbols in and out, data); reads its data
+    new_run: Callable[[dict, np.random.Generator, int], Run]  # config, rng, V -> a fresh run
+    checkpoint_arrays: Callable[[dict, np.random.Generator, Run], dict]  # around runlib's
+    restore_run: Callable[[dict, Run, np.random.Generator, str], None]  # ... and back, exactly
+    step: Callable[[Run, dict, np.random.Generator, Any], None]  # one training step of every
+    # stream, through train_step
+    measure: Callable[[Run, dict, Any, dict], Any]  # after each step: a value that asks for a
+    # log row and a save (PTB's validation BPC), else None
+    log_row: Callable[[Run, dict, Any, float], str]  # (run, config, measured, rate) -> CSV row
+    progress: Callable[[Run, dict, float], str]  # the middle of a progress line
+    finish: Callable[[Run, dict, Any, dict], None]  # after the last step (not after a stop)
+    result: Callable[[Run], dict]  # what the run has reached, for its status (JSON)
+    describe: Callable[[Run], str]  # ... and for people
+    plot: Callable[[dict, Run], None]  # draws its --plot
+
+
+@dataclass
+class Stop:
+    """Whether the run was asked to stop after its current step: by which signal (0: not
+    asked; the exit status is then 128 + it), after how many signals, and tell(state), which
+    says so to the runs waiting for its files (runfiles.claim_outputs)."""
+    signal: int = 0
+    signals: int = 0
+    tell: Callable[[str], None] | None = None
+
+
+@dataclass
+class Session:
+    """This process's part of a run: --status's file, the command line, the config keys that
+    name this machine's data folders (left out of the log's header), --wait-if-held's seconds."""
+    status: str | None
+    argv: list
+    local: list
+    wait: float
+
+
+def check_task(task):
+    """Refuse a runner module that is not a Task, naming what it lacks."""
+    if not isinstance(task, Task):
+        names = list(Task.__annotations__)
+        missing = [name for name in names if not hasattr(task, name)]
+        raise TypeError(f"{getattr(task, '__name__', task)} is not a runlib.Task: it lacks "
+                        f"{', '.join(missing)}")
 
 
 # --- Command line: argument types, the options every runner has, errors as one line -------------
@@ -143,7 +205,7 @@ def build_parser(task):
     p.add_argument("--adam", choices=ADAMS, default="kingma-ba",
                    help="Adam as Kingma and Ba write it (default), or as the paper's TensorFlow "
                    "code ran it: eps before the bias correction, on W's gradient divided by B "
-                   "(README, \"Where we differ\")")
+                   "(docs/results.md, \"Where we differ\")")
     p.add_argument("--threads", type=int_at_least(1), default=ok.get_threads(), metavar="N",
                    help="threads of each training step (default: the %(default)s cores this "
                    "process may use). Runs side by side should share the cores out: two runs "
@@ -164,7 +226,7 @@ def build_parser(task):
                    help=f"{words['curve']} (needs matplotlib)")
     task.add_options(p)
     supervised = p.add_argument_group(
-        "a run under a supervisor", "sweep.py runs every runner with these three")
+        "a run under a supervisor", "python -m tools.sweep runs every runner with these three")
     supervised.add_argument("--status", type=output_path, metavar="FILE.json",
                             help="how the run stands, as JSON: written when it starts training, "
                             "at each save and when it ends (state running, finished, stopped, "
@@ -216,9 +278,23 @@ def resolve_config(task, parser, args):
             "plot": args.plot, **measurements}, list(data)
 
 
+def resolve(task, argv):
+    """The configuration argv gives a run of task, as main resolves it before the run starts
+    (no data read, no file touched), or None when argv does not parse. A supervisor compares
+    runs by it, whatever the spelling or order of their options (python -m tools.sweep)."""
+    parser = build_parser(task)
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        try:
+            return resolve_config(task, parser, parser.parse_args(argv))[0]
+        except SystemExit:
+            return None
+
+
 def main(task, argv=None):
     """A runner's main: parse argv, run the experiment. A user error becomes one line and exit
-    status 1 (files that another run holds: runfiles.BUSY_EXIT); a stop, 128 + its signal."""
+    status 1 (files that another run holds: runfiles.BUSY_EXIT); a stop, 128 + its signal.
+    task is the runner module, checked first (check_task)."""
+    check_task(task)
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(task)
     try:
@@ -226,9 +302,7 @@ def main(task, argv=None):
         config, local = resolve_config(task, parser, args)
     except SystemExit as e:  # usage and one error line are printed (2), or --help (0)
         return e.code
-    session = {"status": args.status, "argv": argv, "local": local,
-               "wait": args.wait_if_held or 0.0}
-    stop = {"signal": 0, "signals": 0, "tell": None}
+    session, stop = Session(args.status, argv, local, args.wait_if_held or 0.0), Stop()
     if args.stop_at_eof:
         stop_at_end_of_input(stop)
     try:
@@ -258,16 +332,17 @@ def print_config(title, config):
 # --- The run: weights, Adam, learner, h, TBPTT window; one training step -----------------------
 
 
-def new_run(config, rng, V):
-    """A fresh run: weights drawn first from rng (V symbols in and out), Adam, step 0, and for
-    an online method its ok.Learner (which carries h and draws its signs from rng), for TBPTT
-    h = 0 and an empty window. The task adds its own entries to the dict."""
+def new_run(config, rng, V, kind=Run, **fields):
+    """A fresh run of kind (Run or a task's extension of it, with its fields): weights drawn
+    first from rng (V symbols in and out), Adam, step 0, and for an online method its
+    ok.Learner (which carries h and draws its signs from rng), for TBPTT h = 0."""
     B, n = config["batch"], config["hidden"]
     params = ok.init_params(V, n, V, rng, dtype=np.dtype(config["dtype"]))
-    run = {"params": params, "adam": ok.adam_init(params), "step": 0}
+    adam = ok.adam_init(params)
     if config["method"] == "tbptt":
-        return dict(run, h=np.zeros((B, n), params.W.dtype), window=[])
-    return dict(run, learner=ok.Learner(params, B, config["method"], config["rank"] or 1, rng))
+        return kind(params, adam, h=np.zeros((B, n), params.W.dtype), **fields)
+    learner = ok.Learner(params, B, config["method"], config["rank"] or 1, rng)
+    return kind(params, adam, learner=learner, **fields)
 
 
 def train_step(run, config, x, y, reset):
@@ -277,29 +352,29 @@ def train_step(run, config, x, y, reset):
     start afresh before the step. Online methods: one learner step and one Adam update, so one
     loss. TBPTT: the step joins the window; when it holds K steps, BPTT over the window (from
     the carried h) and one update with its gradient divided by K, the scale of one online step
-    (README, "Where we differ"), return their K losses; inside a window there are none. As in
-    the paper's code, the batch-mean W gradient is clipped to norm B (its code divides the mean
-    by B once more and clips to norm 1). A diverged run becomes one line.
+    (docs/results.md, "Where we differ"), return their K losses; inside a window there are
+    none. As in the paper's code, the batch-mean W gradient is clipped to norm B (its code
+    divides the mean by B once more and clips to norm 1). A diverged run becomes one line.
     """
-    B, eps = config["batch"], adam_eps(config, run["adam"].t + 1)
+    B, eps = config["batch"], adam_eps(config, run.adam.t + 1)
     try:
         if config["method"] == "tbptt":
-            run["window"].append((x, y, reset))
-            if len(run["window"]) < config["trunc"]:
+            run.window.append((x, y, reset))
+            if len(run.window) < config["trunc"]:
                 return np.zeros(0)
-            xs, ys, resets = (np.stack(column) for column in zip(*run["window"]))  # (K, B) each
-            run["window"] = []
-            losses, dW, dW_out, run["h"] = ok.bptt(run["params"], xs, ys, run["h"], resets)
+            xs, ys, resets = (np.stack(column) for column in zip(*run.window))  # (K, B) each
+            run.window = []
+            losses, dW, dW_out, run.h = ok.bptt(run.params, xs, ys, run.h, resets)
             dW, dW_out = dW / len(losses), dW_out / len(losses)
         else:
-            stream_losses, dW, dW_out = run["learner"].step(run["params"], x, y, reset)
+            stream_losses, dW, dW_out = run.learner.step(run.params, x, y, reset)
             losses = np.array([stream_losses.mean()], dtype=np.float64)
-        run["params"], run["adam"], _ = ok.apply_gradients(run["params"], run["adam"], dW, dW_out,
-                                                           config["lr"], max_norm=B, eps=eps)
+        run.params, run.adam, _ = ok.apply_gradients(run.params, run.adam, dW, dW_out,
+                                                     config["lr"], max_norm=B, eps=eps)
         if not np.all(np.isfinite(losses)):
             raise FloatingPointError("the loss is not finite: the run diverged; lower the "
                                      "learning rate or train in float64")
-        if not all(np.isfinite(p).all() for p in run["params"]):  # e.g. an lr beyond float32
+        if not all(np.isfinite(p).all() for p in run.params):  # e.g. an lr beyond float32
             raise FloatingPointError("the weights are not finite (NaN or inf) after the update: "
                                      "the run diverged; lower the learning rate or train in "
                                      "float64")
@@ -310,7 +385,7 @@ def train_step(run, config, x, y, reset):
             e = (f"the learner's update failed ({e}): its state is no longer finite, the run "
                  "diverged; lower the learning rate or train in float64")
         kept = f"; {config['checkpoint']} keeps the last save" if config["checkpoint"] else ""
-        raise UserError(f"step {run['step'] + 1}: {e}{kept}") from None
+        raise UserError(f"step {run.step + 1}: {e}{kept}") from None
     return losses
 
 
@@ -334,19 +409,19 @@ def adam_eps(config, t, eps=1e-8, beta2=0.999):
 
 def checkpoint_arrays(config, rng, run, counters, task_arrays):
     """Everything a run needs to go on exactly where it stopped, as named arrays for np.savez:
-    the config, the rng's state, the run's entries named in counters (as JSON, which keeps floats
-    exactly, Infinity included), weights, Adam, h, the learner's influence ('learner.*') or the
-    TBPTT window, and the task's own arrays (a dict of arrays or NamedTuples such as Params)."""
-    B = config["batch"]
-    window = run.get("window", [])
-    carried = run["learner"].state() if "learner" in run else ok.LearnerState(run["h"], ())
+    the config, the rng's state, counters, a dict that starts with the step (as JSON, which
+    keeps floats exactly, Infinity included), weights, Adam, h, the learner's influence
+    ('learner.*') or the TBPTT window, and the task's own arrays (a dict of arrays or
+    NamedTuples such as Params)."""
+    B, window = config["batch"], run.window
+    carried = run.learner.state() if run.learner is not None else ok.LearnerState(run.h, ())
     arrays = {"config": json.dumps(config), "rng": json.dumps(rng.bit_generator.state),
-              "counters": json.dumps({k: run[k] for k in counters}), "h": carried.h,
+              "counters": json.dumps(counters), "h": carried.h,
               "window_x": np.array([w[0] for w in window], np.int64).reshape(-1, B),  # (k, B)
               "window_y": np.array([w[1] for w in window], np.int64).reshape(-1, B),
               "window_reset": np.array([w[2] for w in window], bool).reshape(-1, B)}
-    arrays.update(_flatten("params", run["params"]))
-    arrays.update(_flatten("adam", run["adam"]))
+    arrays.update(_flatten("params", run.params))
+    arrays.update(_flatten("adam", run.adam))
     if carried.influence:
         arrays.update(_flatten("learner", carried.influence))
     for name, value in task_arrays.items():
@@ -356,19 +431,21 @@ def checkpoint_arrays(config, rng, run, counters, task_arrays):
 
 def restore_run(arrays, run, rng, path, task_tuples=()):
     """Overwrite a fresh run (new_run's) and rng with what checkpoint_arrays saved, shapes and
-    dtypes checked, with the run's NamedTuples named in task_tuples (PTB's best weights); the
-    task restores its other arrays."""
+    dtypes checked, with the run's NamedTuples named in task_tuples (PTB's best weights).
+    -> the counters, whose step is restored; the task restores the rest and its arrays."""
     for name in ("params", "adam") + tuple(task_tuples):
-        run[name] = _unflatten(name, run[name], arrays, path)
-    if "learner" in run:
-        carried = run["learner"].state()  # its shapes and dtypes, which the checkpoint must have
-        run["learner"].load(ok.LearnerState(_unflatten("h", carried.h, arrays, path),
-                                            _unflatten("learner", carried.influence, arrays, path)))
+        setattr(run, name, _unflatten(name, getattr(run, name), arrays, path))
+    if run.learner is not None:
+        carried = run.learner.state()  # its shapes and dtypes, which the checkpoint must have
+        run.learner.load(ok.LearnerState(_unflatten("h", carried.h, arrays, path),
+                                         _unflatten("learner", carried.influence, arrays, path)))
     else:
-        run["h"] = _unflatten("h", run["h"], arrays, path)
-        run["window"] = list(zip(arrays["window_x"], arrays["window_y"], arrays["window_reset"]))
-    run.update(json.loads(str(arrays["counters"])))
+        run.h = _unflatten("h", run.h, arrays, path)
+        run.window = list(zip(arrays["window_x"], arrays["window_y"], arrays["window_reset"]))
+    counters = json.loads(str(arrays["counters"]))
+    run.step = counters["step"]
     rng.bit_generator.state = json.loads(str(arrays["rng"]))
+    return counters
 
 
 def _flatten(prefix, value):
@@ -444,7 +521,7 @@ def _load_checkpoint(path, config, keys):
     if missing:  # a key added to the experiment since: the stored run means something else
         raise UserError(f"checkpoint {path} was written by an older version of this program, "
                         f"before {', '.join(missing)} became part of the experiment (see "
-                        "the README's \"Where we differ\"); it cannot be resumed: start afresh "
+                        "docs/results.md, \"Where we differ\"); it cannot be resumed: start afresh "
                         "with another --checkpoint file")
     differ = [k for k in keys if stored.get(k) != config[k]]
     if differ:
@@ -514,14 +591,14 @@ STOP_SIGNALS = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}  # SIGTERM: 
 
 
 def request_stop(stop, signum, reason, note=""):
-    """Ask the run to stop after its current step and save, as signal signum would: stop
-    ["signal"] (the exit status is 128 + it), and the runs waiting for its files are told."""
-    if stop["signal"]:
+    """Ask the run to stop after its current step and save, as signal signum would (stop.signal:
+    the exit status is 128 + it), and tell the runs waiting for its files."""
+    if stop.signal:
         return
-    stop["signal"] = signum
+    stop.signal = signum
     print(f"\n{reason}: stopping after this step and saving{note}", file=sys.stderr, flush=True)
-    if stop["tell"] is not None:
-        stop["tell"]("stopping")
+    if stop.tell is not None:
+        stop.tell("stopping")
 
 
 def stop_at_end_of_input(stop):
@@ -544,8 +621,8 @@ def stop_on_signals(stop):
     ends after the current step and the run saves, so a step is never cut in half and no work
     is lost. A second signal raises KeyboardInterrupt at once (quit without saving)."""
     def on_signal(signum, frame):
-        stop["signals"] += 1
-        if stop["signals"] > 1:
+        stop.signals += 1
+        if stop.signals > 1:
             raise KeyboardInterrupt
         request_stop(stop, signum, STOP_SIGNALS[signum], " (a second one quits without saving)")
 
@@ -574,7 +651,7 @@ def run_experiment(task, config, session, stop):
     ok.set_threads(config["threads"])
     outputs = ([("--checkpoint", config["checkpoint"], None), ("--log", config["log"],
                                                                task.COLUMNS)]
-               + task.outputs(config) + [("--status", session["status"], None)])
+               + task.outputs(config) + [("--status", session.status, None)])
     if (any(path for option, path, _ in outputs if option == "--plot")
             and runfiles.matplotlib_pyplot() is None):
         print("note: matplotlib is not installed, so --plot will be skipped "
@@ -583,20 +660,20 @@ def run_experiment(task, config, session, stop):
 
     def report(state, message=""):
         """The run's status as JSON in --status: for sweep.py, or whoever watches the run."""
-        if session["status"]:
-            status = {"state": state, "step": run["step"] if run else None,
+        if session.status:
+            status = {"state": state, "step": run.step if run else None,
                       "steps": config["steps"],
                       "result": task.result(run) if run else {}, "message": message,
-                      "pid": os.getpid(), "argv": session["argv"]}
+                      "pid": os.getpid(), "argv": session.argv}
             try:
-                runfiles.write_json(session["status"], status, "status")
+                runfiles.write_json(session.status, status, "status")
             except UserError as e:
                 print(f"warning: {e}; the run goes on", file=sys.stderr, flush=True)
 
-    with runfiles.claim_outputs([output[:2] for output in outputs], session["wait"],
-                                lambda: stop["signal"]) as tell:
-        stop["tell"] = tell
-        if stop["signal"]:  # asked before the files were ours: those waiting for them know now
+    with runfiles.claim_outputs([output[:2] for output in outputs], session.wait,
+                                lambda: stop.signal) as tell:
+        stop.tell = tell
+        if stop.signal:  # asked before the files were ours: those waiting for them know now
             tell("stopping")
         try:
             V, data = task.prepare(config)
@@ -606,11 +683,11 @@ def run_experiment(task, config, session, stop):
 
             def restore(arrays):
                 task.restore_run(arrays, run, rng, config["checkpoint"])
-                print(f"resuming from {config['checkpoint']} at step {run['step']:,}: "
+                print(f"resuming from {config['checkpoint']} at step {run.step:,}: "
                       f"{task.describe(run)}")
-                return run["step"]
+                return run.step
             resume_step = resume_or_start(config, task.EXPERIMENT_KEYS, restore)
-            header = runfiles.log_header(task.PROG, config, local=session["local"])
+            header = runfiles.log_header(task.PROG, config, local=session.local)
             for option, path, columns in outputs:
                 if path and columns:
                     logs[option] = runfiles.open_log(path, header, columns, resume_step)
@@ -623,14 +700,14 @@ def run_experiment(task, config, session, stop):
                 report("running")  # once a signal would stop it with a save
                 try:
                     train(task, config, run, rng, data, logs, stop, report)
-                    if not stop["signal"]:
+                    if not stop.signal:
                         task.finish(run, config, data, logs)
                 finally:
                     for log in logs.values():
                         runfiles.close_log(log)
                 if config["checkpoint"]:
                     final_save(config["checkpoint"], task.checkpoint_arrays(config, rng, run),
-                               run["step"])
+                               run.step)
             if config["plot"]:
                 task.plot(config, run)
         except UserError as e:
@@ -639,10 +716,10 @@ def run_experiment(task, config, session, stop):
         except KeyboardInterrupt:
             report("interrupted", "quit without saving: the checkpoint holds the last save")
             raise
-        report("stopped" if stop["signal"] else "finished")
-    print(f"{'stopped' if stop['signal'] else 'finished'} at step {run['step']:,}: "
+        report("stopped" if stop.signal else "finished")
+    print(f"{'stopped' if stop.signal else 'finished'} at step {run.step:,}: "
           f"{task.describe(run)}")
-    return 128 + stop["signal"] if stop["signal"] else 0
+    return 128 + stop.signal if stop.signal else 0
 
 
 def train(task, config, run, rng, data, logs, stop, report):
@@ -650,17 +727,17 @@ def train(task, config, run, rng, data, logs, stop, report):
     measurement (task.measure), a log row every --log-every steps and after a measurement, a
     progress line at most every PROGRESS_SECONDS, a save every --checkpoint-every seconds and
     after a measurement. Rates count the seconds inside training steps only."""
-    steps, started, step0 = config["steps"], time.monotonic(), run["step"]
+    steps, started, step0 = config["steps"], time.monotonic(), run.step
     busy = 0.0  # seconds inside training steps: the log's rate leaves out measurements and saves
     row_mark, print_mark, last_save = [busy, step0], [started, step0], started
-    while run["step"] < steps and not stop["signal"]:
+    while run.step < steps and not stop.signal:
         begun = time.monotonic()
         try:
             task.step(run, config, rng, data)
         except UserError as e:  # train_step's one error: the loss or the weights are not finite
             raise Diverged(str(e)) from None
-        run["step"] += 1
-        step, now = run["step"], time.monotonic()
+        run.step += 1
+        step, now = run.step, time.monotonic()
         busy += now - begun
         measured = task.measure(run, config, data, logs)
         if step % config["log_every"] == 0 or measured is not None:
@@ -679,8 +756,8 @@ def train(task, config, run, rng, data, logs, stop, report):
             if save_or_warn(config["checkpoint"], task.checkpoint_arrays(config, rng, run), step):
                 report("running")
             last_save = time.monotonic()
-    if run["step"] > step0:
-        print(f"{run['step'] - step0:,} steps in {duration(time.monotonic() - started)}")
+    if run.step > step0:
+        print(f"{run.step - step0:,} steps in {duration(time.monotonic() - started)}")
 
 
 # --- Memory: refuse a run that cannot fit, before anything is allocated --------------------------
@@ -731,12 +808,9 @@ def mib(size):
 
 
 def _largest(fits, high):
-    """The largest k in 1..high with fits(k) (fits must be monotone), or 0 if none."""
-    low = 0
-    while low < high:
-        mid = (low + high + 1) // 2
-        low, high = (mid, high) if fits(mid) else (low, mid - 1)
-    return low
+    """The largest k in 1..high with fits(k) (true up to some k, false after), or 0 if none:
+    the number of ks that fit, found by bisection."""
+    return bisect.bisect_left(range(1, high + 1), True, key=lambda k: not fits(k))
 
 
 def check_memory(config, V):

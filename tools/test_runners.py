@@ -25,9 +25,8 @@ import pytest
 import ok_rtrl as ok
 import run_copy
 import run_ptb
-import runfiles
-import runlib
-from test_runlib import (TINY_COPY, assert_same_run, checkpoint_contents, log_rows,
+from tools import runfiles, runlib
+from tools.test_runlib import (TINY_COPY, assert_same_run, checkpoint_contents, log_rows,
                          one_error_line)
 
 TINY_PTB = ["--hidden", "8", "--batch", "4", "--rank", "2", "--lr", "0.01", "--reset-every", "20"]
@@ -99,15 +98,14 @@ def test_curriculum_checks_at_sequence_starts_in_stream_order():
     so the next stream's check in the same step does not raise it again; lengths are
     max(1, T_ - U{0..4})."""
     rng = np.random.default_rng(1)
-    run = {"T": 7, "avg": 0.1, "pos": np.zeros(3, np.int64),
-           "inputs": [np.zeros(0, np.int64)] * 3, "targets": [np.zeros(0, np.int64)] * 3}
-    x, y, reset = run_copy.next_symbols(run, rng)
-    assert run["T"] == 8 and run["avg"] == 0.3
+    streams = run_copy.new_streams(3, T=7, avg=0.1)
+    x, y, reset = run_copy.next_symbols(streams, rng)
+    assert streams.T == 8 and streams.avg == 0.3
     assert reset.all() and x.tolist() == [2, 2, 2] and y.tolist() == [3, 3, 3]
-    lengths = [(len(s) - 2) // 2 for s in run["inputs"]]
+    lengths = [(len(s) - 2) // 2 for s in streams.inputs]
     assert all(4 <= T <= 8 for T in lengths)
-    x, y, reset = run_copy.next_symbols(run, rng)  # mid-sequence: no reset, no check
-    assert not reset.any() and run["T"] == 8
+    x, y, reset = run_copy.next_symbols(streams, rng)  # mid-sequence: no reset, no check
+    assert not reset.any() and streams.T == 8
 
 
 def test_copy_curriculum_rises_above_one(tmp_path, capsys):
@@ -498,6 +496,25 @@ def test_data_file_that_is_not_utf8_is_one_line(tmp_path, capsys):
     assert "line 2" in line and f"byte {offset}" in line and "not the PTB" in line
 
 
+@pytest.mark.parametrize("text, says", [
+    (" the cat sat \n a dog ran \n", "not character-level: 5 of its symbols are longer than one "
+     "character (cat, dog, ran, ...); expected PTB's char files, one character a symbol"),
+    (" ".join(chr(0x100 + k) for k in range(300)) + "\n", "has 301 different symbols, expected "
+     "about 50 (PTB's char files), at most 200: not the PTB char text")],
+    ids=["word-level", "too many symbols"])
+def test_a_text_that_is_not_character_level_is_refused_in_one_line(tmp_path, capsys, text, says):
+    """A word-level train.txt (or one of hundreds of symbols) is not trained on as if its symbols
+    were characters: the run stops before training with one line saying what it expected."""
+    data = tmp_path / "data"
+    write_corpus(str(data))
+    (data / "train.txt").write_text(text, encoding="utf-8")
+    assert run_ptb.main(TINY_PTB + ["--steps", "5", "--data-dir", str(data)]) == 1
+    out, err = capsys.readouterr()
+    line = one_error_line(err, "run_ptb.py")
+    assert str(data / "train.txt") in line and says in line, line
+    assert "step 1" not in out
+
+
 @pytest.mark.parametrize("cache", ["a file", "under /proc"])
 def test_cache_folder_that_cannot_be_made_is_one_line(tmp_path, monkeypatch, capsys, cache):
     """$XDG_CACHE_HOME naming a file, or a place where no folder can be made: one line naming
@@ -590,7 +607,7 @@ def test_nothing_cites_a_document_the_repository_lacks(runner, capsys):
         with pytest.raises(SystemExit):
             runlib.build_parser(runner).parse_args(["--help"])
         assert word not in capsys.readouterr().out
-    here = os.path.dirname(os.path.abspath(__file__))
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     for name in (runner.__file__, __file__, os.path.join(here, "README.md")):
         with open(name) as f:
             assert word not in f.read(), name
@@ -611,6 +628,6 @@ def test_missing_data_says_which_file_or_that_the_folder_does_not_exist(tmp_path
 
 
 def test_gitignore_keeps_virtual_environments_out():
-    here = os.path.dirname(os.path.abspath(__file__))
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     with open(os.path.join(here, ".gitignore")) as f:
         assert ".venv/" in f.read().split()

@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+import types
 
 import numpy as np
 import pytest
@@ -23,11 +24,10 @@ from hypothesis import example, given, strategies as st
 
 import ok_rtrl as ok
 import run_copy
-import runfiles
-import runlib
+from tools import runfiles, runlib
 from test_ok_rtrl import ZERO_PARAMS, make_problem, problems
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository's top
 NEEDS_FLOCK = pytest.mark.skipif(runfiles.fcntl is None, reason="no fcntl here: runs go unlocked")
 TINY_COPY = ["--hidden", "8", "--batch", "3", "--rank", "2", "--lr", "0.01"]
 
@@ -118,6 +118,18 @@ def test_steps_that_are_not_whole_numbers_are_refused(capsys, text):
 # --- Checkpoints: exact resume after SIGTERM, damaged files --------------------------------------
 
 
+def test_a_runner_module_that_is_not_a_task_is_refused_naming_what_it_lacks():
+    """main checks the runner module against the declared interface, runlib.Task, before it
+    reads a single option; both runners are Tasks."""
+    import run_ptb
+    half = types.ModuleType("run_half")
+    vars(half).update({name: getattr(run_copy, name) for name in runlib.Task.__annotations__
+                       if name not in ("finish", "plot")})
+    with pytest.raises(TypeError, match="^run_half is not a runlib.Task: it lacks finish, plot$"):
+        runlib.main(half, ["--steps", "1"])
+    assert isinstance(run_copy, runlib.Task) and isinstance(run_ptb, runlib.Task)
+
+
 def test_restart_before_any_checkpoint_says_so(tmp_path, capsys):
     path = str(tmp_path / "run.npz")
     assert run_copy.main(TINY_COPY + ["--steps", "5", "--checkpoint", path]) == 0
@@ -146,8 +158,8 @@ def test_sigterm_saves_like_ctrl_c_and_resumes_identically(tmp_path):
     whole, parts = str(tmp_path / "whole.npz"), str(tmp_path / "parts.npz")
     assert run_copy.main(argv + ["--checkpoint", whole]) == 0
     script = SIGTERM_AT_STEP.format(call=170, argv=argv + ["--checkpoint", parts])
-    child = subprocess.run([sys.executable, "-c", script], cwd=HERE, capture_output=True,
-                           text=True, timeout=300, env=dict(os.environ, PYTHONPATH=HERE))
+    child = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
+                           text=True, timeout=300, env=dict(os.environ, PYTHONPATH=ROOT))
     assert child.returncode == 128 + signal.SIGTERM, child.stderr
     assert "SIGTERM" in child.stderr and "Traceback" not in child.stderr
     assert checkpoint_contents(parts)[1]["counters"].item().startswith('{"step": 170,')
@@ -287,15 +299,15 @@ def test_same_command_twice_the_second_is_refused_and_the_first_goes_on(tmp_path
     holding, release = str(tmp_path / "holding"), str(tmp_path / "release")
     script = HOLD_MID_RUN.format(call=170, holding=holding, release=release, argv=same)
     with open(tmp_path / "first.out", "w") as out, open(tmp_path / "first.err", "w") as err:
-        first = subprocess.Popen([sys.executable, "-c", script], cwd=HERE, stdout=out,
-                                 stderr=err, env=dict(os.environ, PYTHONPATH=HERE))
+        first = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=out,
+                                 stderr=err, env=dict(os.environ, PYTHONPATH=ROOT))
     try:
         deadline = time.monotonic() + 300
         while not os.path.exists(holding):  # the first run is at step 170, holding its files
             assert first.poll() is None, (tmp_path / "first.err").read_text()
             assert time.monotonic() < deadline, "the first run did not reach step 170"
             time.sleep(0.01)
-        second = subprocess.run([sys.executable, "run_copy.py"] + same, cwd=HERE,
+        second = subprocess.run([sys.executable, "run_copy.py"] + same, cwd=ROOT,
                                 capture_output=True, text=True, timeout=300)
         with open(os.path.realpath(path) + ".lock") as f:  # the first still holds its checkpoint
             assert f.read() == f"{first.pid} {socket.gethostname()} running\n"
@@ -318,7 +330,7 @@ def test_same_command_twice_the_second_is_refused_and_the_first_goes_on(tmp_path
 
 HOLD_UNTIL_KILLED = """
 import time
-import runfiles
+from tools import runfiles
 with runfiles.claim_outputs([("--log", {path!r})]):
     print("held", flush=True)
     time.sleep(600)
@@ -333,8 +345,8 @@ def test_the_hold_dies_with_its_process(tmp_path):
     path = str(tmp_path / "run.csv")
     lock = os.path.realpath(path) + ".lock"
     holder = subprocess.Popen([sys.executable, "-c", HOLD_UNTIL_KILLED.format(path=path)],
-                              cwd=HERE, stdout=subprocess.PIPE, text=True,
-                              env=dict(os.environ, PYTHONPATH=HERE))
+                              cwd=ROOT, stdout=subprocess.PIPE, text=True,
+                              env=dict(os.environ, PYTHONPATH=ROOT))
     try:
         assert holder.stdout.readline() == "held\n"
         with pytest.raises(runfiles.Busy, match=f"held by process {holder.pid}, "):
@@ -419,9 +431,9 @@ def test_the_end_of_standard_input_stops_and_saves_like_sigterm(tmp_path):
                                  argv=argv + ["--checkpoint", path, "--log", log, "--status",
                                               status, "--stop-at-eof"])
     with open(tmp_path / "child.err", "w") as err:
-        child = subprocess.Popen([sys.executable, "-c", script], cwd=HERE, stdin=subprocess.PIPE,
+        child = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdin=subprocess.PIPE,
                                  stdout=subprocess.DEVNULL, stderr=err,
-                                 env=dict(os.environ, PYTHONPATH=HERE))
+                                 env=dict(os.environ, PYTHONPATH=ROOT))
     try:
         wait_for_file(holding, child, tmp_path / "child.err")
         child.stdin.close()  # as when the supervisor's process ends
@@ -461,9 +473,9 @@ def test_a_run_waits_for_the_one_that_is_stopping_then_resumes_it(tmp_path, monk
     script = HOLD_MID_RUN.format(call=170, holding=str(holding), release=str(release),
                                  argv=same + ["--stop-at-eof"])
     with open(tmp_path / "first.err", "w") as err:
-        first = subprocess.Popen([sys.executable, "-c", script], cwd=HERE, stdin=subprocess.PIPE,
+        first = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdin=subprocess.PIPE,
                                  stdout=subprocess.DEVNULL, stderr=err,
-                                 env=dict(os.environ, PYTHONPATH=HERE))
+                                 env=dict(os.environ, PYTHONPATH=ROOT))
     second = None
     try:
         wait_for_file(holding, first, tmp_path / "first.err")
@@ -475,7 +487,7 @@ def test_a_run_waits_for_the_one_that_is_stopping_then_resumes_it(tmp_path, monk
         assert time.monotonic() - began < 30  # the grace, not the whole wait
         first.stdin.close()
         second = subprocess.Popen([sys.executable, "run_copy.py"] + same
-                                  + ["--wait-if-held", "120"], cwd=HERE, stdout=subprocess.PIPE,
+                                  + ["--wait-if-held", "120"], cwd=ROOT, stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True)
         said = ""
         while "waiting up to 120 s" not in said:
@@ -501,9 +513,9 @@ def test_a_run_waits_for_the_one_that_is_stopping_then_resumes_it(tmp_path, monk
 def test_the_files_module_and_its_users_import_neither_numpy_nor_numba():
     """runfiles.py, sweep.py (whose functions run on Dask workers) and plot_results.py (whose
     table is text) work without numpy and Numba."""
-    code = ("import sys, runfiles, sweep, plot_results; "
+    code = ("import sys; from tools import runfiles, sweep, plot_results; "
             "print([name for name in ('numpy', 'numba') if name in sys.modules])")
-    done = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                           timeout=120)
     assert done.stdout == "[]\n", done.stderr
 

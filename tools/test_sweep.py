@@ -14,6 +14,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import statistics
 import subprocess
@@ -23,15 +24,15 @@ import time
 import pytest
 from hypothesis import example, given, strategies as st
 
-import sweep
+from tools import sweep
 
 try:
     import distributed
 except ImportError:
     distributed = None
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-SWEEP = os.path.join(HERE, "sweep.py")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository's top
+SWEEP = [sys.executable, "-m", "tools.sweep"]  # as a user runs it, from the top
 TINY_COPY = ["--hidden", "8", "--batch", "3", "--rank", "2", "--steps", "4000", "--log-every",
              "500"]
 GRID = ["--lr", "10^-1,10^-1.5", "--seeds", "1-2"]
@@ -44,8 +45,8 @@ needs_dask = pytest.mark.skipif(distributed is None, reason="Dask is not install
 
 
 def sweep_command(args, cwd, env=None):
-    """Run `python sweep.py ARGS` as a user would; -> the CompletedProcess."""
-    return subprocess.run([sys.executable, SWEEP] + args, cwd=cwd, capture_output=True,
+    """Run `python -m tools.sweep ARGS` as a user would; -> the CompletedProcess."""
+    return subprocess.run(SWEEP + args, cwd=cwd, capture_output=True,
                           text=True, timeout=600, env=env)
 
 
@@ -68,8 +69,8 @@ def assert_run_equals_runner_by_hand(runner, options, sweep_log, tmp_path):
     """The sweep's log of one run has the rows of the runner run by hand with the same options
     (the rate column aside): the sweep runs each run through the runner's own code path."""
     by_hand = str(tmp_path / "by-hand.csv")
-    done = subprocess.run([sys.executable, os.path.join(HERE, runner)] + options
-                          + ["--log", by_hand], cwd=HERE, capture_output=True, text=True,
+    done = subprocess.run([sys.executable, os.path.join(ROOT, runner)] + options
+                          + ["--log", by_hand], cwd=ROOT, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stderr
     assert log_rows(by_hand) == log_rows(sweep_log)
@@ -122,7 +123,7 @@ def local_sweep(tmp_path_factory):
     -> (folder, what the sweep printed)."""
     folder = str(tmp_path_factory.mktemp("local") / "copy")
     done = sweep_command(["copy", folder] + GRID + TINY_COPY + ["--workers", "2", "--threads",
-                                                                "1"], cwd=HERE)
+                                                                "1"], cwd=ROOT)
     assert done.returncode == 0, done.stderr
     return folder, done.stdout
 
@@ -168,7 +169,8 @@ def test_help_wherever_it_is_asked_for(capsys, argv):
     runner's own options are listed."""
     assert sweep.main(argv) == 0
     out, err = capsys.readouterr()
-    assert out.startswith("usage: sweep.py") and err == ""
+    assert out.startswith("usage: python -m tools.sweep") and err == ""
+    assert "docs/sweeps.md shows SLURM" in " ".join(out.split())  # where the recipe is
     if argv[0] in sweep.RUNNERS:
         assert f"python {sweep.RUNNERS[argv[0]]} --help lists them" in out
 
@@ -192,7 +194,7 @@ def test_options_the_sweep_sets_are_refused_before_anything_is_written(tmp_path,
     folder = str(tmp_path / "sweep")
     assert sweep.main(["copy", folder] + extra) == 2
     lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("sweep.py: error: ") and says in lines[0]
+    assert len(lines) == 1 and lines[0].startswith("sweep: error: ") and says in lines[0]
     assert not os.path.exists(folder)
     sweep.check_runner_options(["--log-every", "5", "--checkpoint-every", "60", "--steps", "1e5"])
 
@@ -202,7 +204,7 @@ def test_without_dask_the_scheduler_option_says_what_to_install(tmp_path, monkey
     folder = str(tmp_path / "sweep")
     assert sweep.main(["copy", folder, "--scheduler", "tcp://127.0.0.1:8786"]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
-    assert lines == ["sweep.py: error: --scheduler needs Dask: pip install dask distributed"]
+    assert lines == ["sweep: error: --scheduler needs Dask: pip install dask distributed"]
     assert not os.path.exists(folder)
 
 
@@ -221,9 +223,9 @@ def write_run(folder, lr, seed, state, step=None, result=None, message="", optio
                    "message": message, "pid": 1, "argv": argv}, f)
 
 
-def write_sweep_file(folder, task, lrs, seeds):
+def write_sweep_file(folder, task, lrs, seeds, options=()):
     with open(os.path.join(folder, "sweep.json"), "w") as f:
-        json.dump({"task": task, "lrs": lrs, "seeds": seeds, "runner_options": []}, f)
+        json.dump({"task": task, "lrs": lrs, "seeds": seeds, "runner_options": list(options)}, f)
 
 
 def test_copy_summary_medians_ranges_and_the_paper_pick(tmp_path, capsys):
@@ -269,6 +271,30 @@ def test_a_run_finished_under_other_options_does_not_count(tmp_path):
     assert sweep.main(["summary", folder]) == 0
     assert table_rows(read(os.path.join(folder, "summary.txt")))["3x10^-3"] == [
         "3x10^-3", "1/2", "6", "6 - 6", "at step 4,000; 1 unfinished"]
+
+
+def test_a_run_is_recognised_by_its_configuration_not_its_spelling(tmp_path):
+    """The sweep's options are --hidden 16 --steps 2000. Seed 1 finished under --steps 2e3
+    --hidden 16 (another spelling and order: the same configuration), seed 2 under --hidden 16
+    --steps 2_000 --seed 2 --lr ... given twice over (argparse keeps the last), seed 3 under
+    --steps 2001: only seed 3 is unfinished. The files the sweep gave each run are no part of
+    it: seed 1's log was in a folder that is gone (the sweep folder moved)."""
+    folder = str(tmp_path)
+    for seed, options in ((1, ["--steps", "2e3", "--hidden", "16"]),
+                          (2, ["--hidden", "16", "--steps", "2_000", "--seed", "9"]),
+                          (3, ["--hidden", "16", "--steps", "2001"])):
+        write_run(folder, "3x10^-3", seed, "finished", 2000, {"T": 5 + seed, "avg_bits": 0.2},
+                  options=options)
+    status_file = os.path.join(run_dir(folder, "3x10^-3", 1), "status.json")
+    status = json.loads(read(status_file))
+    status["argv"] = [str(tmp_path / "gone" / "log.csv") if arg.endswith("log.csv") else arg
+                      for arg in status["argv"]]
+    with open(status_file, "w") as f:
+        json.dump(status, f)
+    write_sweep_file(folder, "copy", [3e-3], [1, 2, 3], ["--hidden", "16", "--steps", "2000"])
+    assert sweep.main(["summary", folder]) == 0
+    assert table_rows(read(os.path.join(folder, "summary.txt")))["3x10^-3"] == [
+        "3x10^-3", "2/3", "6.5", "6 - 7", "at step 2,000; 1 unfinished"]
 
 
 def test_summary_figure_or_a_note_without_matplotlib(tmp_path, monkeypatch, capsys):
@@ -329,7 +355,7 @@ def test_local_sweep_runs_each_run_through_its_runner(local_sweep, tmp_path):
     best = max(medians.values())
     assert f"picks lr {[lr for lr in medians if medians[lr] == best][0]}" in summary
     assert summary in out
-    again = sweep_command(["summary", folder], cwd=HERE)
+    again = sweep_command(["summary", folder], cwd=ROOT)
     assert again.returncode == 0 and again.stdout.startswith(summary)
 
 
@@ -344,7 +370,7 @@ def test_dask_cluster_gives_the_same_runs_and_summary(local_sweep, tmp_path):
         address = cluster.scheduler_address
         assert address.startswith("tcp://127.0.0.1:")
         done = sweep_command(["copy", folder] + GRID + TINY_COPY + ["--scheduler", address,
-                                                                    "--threads", "1"], cwd=HERE)
+                                                                    "--threads", "1"], cwd=ROOT)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "the Dask cluster at tcp://127.0.0.1:" in done.stdout
     for lr, seed in RUNS:
@@ -362,6 +388,26 @@ def checkpoint_step(path):
         return json.loads(str(f["counters"]))["step"]
 
 
+def test_the_same_grid_written_differently_runs_nothing_again(local_sweep, tmp_path):
+    """The local sweep's command again on a copy of its folder, its runner options reordered and
+    --steps 4000 written 4e3: every run is recognised as finished, none is started, and no log
+    is touched."""
+    folder = str(tmp_path / "copy")
+    shutil.copytree(local_sweep[0], folder)
+    logs = {run: read(os.path.join(run_dir(folder, *run), "log.csv")) for run in RUNS}
+    respelled = ["--log-every", "500", "--steps", "4e3", "--rank", "2", "--batch", "3",
+                 "--hidden", "8"]
+    assert sorted(respelled) != sorted(TINY_COPY)  # the same runs, not the same tokens
+    done = sweep_command(["copy", folder, "--seeds", "1-2", "--lr", "10^-1.5,10^-1"] + respelled
+                         + ["--workers", "2", "--threads", "1"], cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert "4 finished before, 0 to run" in done.stdout
+    assert "starting" not in done.stdout and "resuming" not in done.stdout
+    assert logs == {run: read(os.path.join(run_dir(folder, *run), "log.csv")) for run in RUNS}
+    assert read(os.path.join(folder, "summary.txt")) == \
+        read(os.path.join(local_sweep[0], "summary.txt"))
+
+
 def test_killed_sweep_reruns_to_the_same_summary_running_nothing_twice(local_sweep, tmp_path):
     """SIGTERM to the sweep while some runs have finished and others are half-way: it stops them
     (exit 143, they save) and reports each where its checkpoint is, and the rerun of the same
@@ -374,7 +420,7 @@ def test_killed_sweep_reruns_to_the_same_summary_running_nothing_twice(local_swe
     folder = str(tmp_path / "copy")
     argv = ["copy", folder] + GRID + TINY_COPY + ["--workers", "2", "--threads", "1"]
     env = dict(os.environ, **{name: "7" for name in sweep.THREAD_VARIABLES})
-    process = subprocess.Popen([sys.executable, SWEEP] + argv, cwd=HERE, env=env,
+    process = subprocess.Popen(SWEEP + argv, cwd=ROOT, env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     runner_env, deadline = None, time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -414,7 +460,7 @@ def test_killed_sweep_reruns_to_the_same_summary_running_nothing_twice(local_swe
     saved = {run: os.path.exists(os.path.join(run_dir(folder, *run), "checkpoint.npz"))
              for run in unfinished}
     assert all(rows_before.get(run) for run in halfway)
-    rerun = sweep_command(argv, cwd=HERE)
+    rerun = sweep_command(argv, cwd=ROOT)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     assert f"{len(finished)} finished before" in rerun.stdout
     for (run, name), (content, mtime) in before.items():
@@ -485,7 +531,7 @@ def test_a_sweep_killed_outright_leaves_no_runner_going(local_sweep, tmp_path):
     folder = str(tmp_path / "copy")
     argv = ["copy", folder] + GRID + TINY_COPY + ["--workers", "2", "--threads", "1"]
     with open(tmp_path / "sweep.out", "w") as out:
-        process = subprocess.Popen([sys.executable, SWEEP] + argv, cwd=HERE, stdout=out,
+        process = subprocess.Popen(SWEEP + argv, cwd=ROOT, stdout=out,
                                    stderr=subprocess.STDOUT)
     try:
         wait_until(lambda: halfway_runs(folder), 300, "no run was half-way")
@@ -501,7 +547,7 @@ def test_a_sweep_killed_outright_leaves_no_runner_going(local_sweep, tmp_path):
         assert (status["state"], status["step"]) == ("stopped", step)
         assert "standard input has ended" in read(os.path.join(run_dir(folder, lr, seed),
                                                                "stderr.txt"))
-    rerun = sweep_command(argv, cwd=HERE)
+    rerun = sweep_command(argv, cwd=ROOT)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     for lr, seed in halfway:
         assert f"resuming lr {lr} seed {seed}" in rerun.stdout
@@ -520,7 +566,7 @@ def dask_workers(address, count, nanny, logs):
     try:
         for k in range(count):
             with open(logs / f"worker-{k}.log", "w") as log:
-                started.append(subprocess.Popen(command, cwd=HERE, stdout=log,
+                started.append(subprocess.Popen(command, cwd=ROOT, stdout=log,
                                                 stderr=subprocess.STDOUT))
         with distributed.Client(address, timeout="60s") as client:
             client.wait_for_workers(count, timeout=120)
@@ -559,9 +605,9 @@ def test_a_dask_worker_killed_mid_run_loses_nothing(local_sweep, tmp_path, nanny
             dask_workers(cluster.scheduler_address, 3, nanny, tmp_path) as workers:
         with open(tmp_path / "sweep.out", "w") as out:
             process = subprocess.Popen(
-                [sys.executable, SWEEP, "copy", folder, "--lr", "10^-1", "--seeds", "1-2"]
+                SWEEP + ["copy", folder, "--lr", "10^-1", "--seeds", "1-2"]
                 + TINY_COPY + ["--scheduler", cluster.scheduler_address, "--threads", "1"],
-                cwd=HERE, stdout=out, stderr=subprocess.STDOUT)
+                cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
         try:
             wait_until(lambda: halfway_runs(folder, [victim], most=5), 300,
                        "the run was not seen half-way")
@@ -581,7 +627,7 @@ def test_a_dask_worker_killed_mid_run_loses_nothing(local_sweep, tmp_path, nanny
     assert "  retrying lr 10^-1 seed 1 on another worker" in out
     assert re.search(r"  done     lr 10\^-1 seed 1: T \d+ at step 4,000 \(retried after a lost "
                      r"worker\)\n", out), out
-    assert (f"sweep.py: lost 1 Dask worker ({lost}); 1 run retried: lr 10^-1 seed 1; 1 of them "
+    assert (f"sweep: lost 1 Dask worker ({lost}); 1 run retried: lr 10^-1 seed 1; 1 of them "
             "finished\n") in out
     # The killed run's runner stopped at the end of its pipe, and the next one resumed there.
     assert "standard input has ended" in read(os.path.join(run_dir(folder, *victim),
@@ -597,10 +643,10 @@ def test_bad_runner_option_is_one_error_and_one_run_started(tmp_path):
     runner's line once, exit 2, and no other run is started."""
     folder = str(tmp_path / "copy")
     done = sweep_command(["copy", folder, "--seeds", "1-3", "--hidden", "many", "--threads", "1"],
-                         cwd=HERE)
+                         cwd=ROOT)
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("sweep.py: error: the first run failed")
+    assert len(lines) == 1 and lines[0].startswith("sweep: error: the first run failed")
     assert "run_copy.py: error: argument --hidden" in lines[0]
     started = [os.path.join(lr, seed) for lr in os.listdir(folder) if lr.startswith("lr=")
                for seed in os.listdir(os.path.join(folder, lr))]
@@ -634,7 +680,7 @@ def test_ptb_sweep_reports_the_best_validation_and_its_test_bpc(tmp_path):
             "--eval-every", "20", "--log-every", "10", "--data-dir", data]
     folder = str(tmp_path / "ptb")
     done = sweep_command(["ptb", folder, "--lr", "10^-1.5,10^-2", "--seeds", "3"] + tiny
-                         + ["--threads", "1"], cwd=HERE)
+                         + ["--threads", "1"], cwd=ROOT)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "2 runs (2 learning rates x 1 seed) in" in done.stdout
     assert_run_equals_runner_by_hand("run_ptb.py", tiny + ["--lr", "0.01", "--seed", "3"],
@@ -653,19 +699,19 @@ def test_ptb_sweep_reports_the_best_validation_and_its_test_bpc(tmp_path):
 
 
 def test_the_sweep_folder_of_the_readme_is_ignored_by_git():
-    with open(os.path.join(HERE, ".gitignore")) as f:
+    with open(os.path.join(ROOT, ".gitignore")) as f:
         assert "sweeps/" in f.read().split()
 
 
 def test_every_cost_estimate_comes_from_the_speed_table():
-    """docs/sweeps.md's costs and the README's "How long" and "Sweeps" figures are the README's
-    measured OK step times (the Speed table's rows at the copy task's and PTB's sizes) times the
+    """docs/sweeps.md's costs and docs/speed.md's "How long" figures are the measured OK step
+    times (the rows of docs/speed.md's benchmark at the copy task's and PTB's sizes) times the
     paper's steps: hours per run, and days for 20 runs on 1, 4, 10 and 20 machines."""
-    readme = read(os.path.join(HERE, "README.md"))
-    costs = " ".join(read(os.path.join(HERE, "docs", "sweeps.md")).split())
+    speed = read(os.path.join(ROOT, "docs", "speed.md"))
+    costs = " ".join(read(os.path.join(ROOT, "docs", "sweeps.md")).split())
 
-    def ok_ms(size):  # the OK column, the third of the Speed table
-        return float(re.search(rf"^\| [^|]*\({size}\) \| [^|]* \| ([\d.]+) ms \|", readme,
+    def ok_ms(size):  # the OK column, the third of the benchmark's table
+        return float(re.search(rf"^\| [^|]*\({size}\) \| [^|]* \| ([\d.]+) ms \|", speed,
                                re.M).group(1))
     copy_ms, ptb_ms = ok_ms("copy task"), ok_ms("PTB")
     hours = {"copy": copy_ms * 2_000_000 / 3.6e6, "ptb": ptb_ms * 1_000_000 / 3.6e6}
@@ -677,14 +723,13 @@ def test_every_cost_estimate_comes_from_the_speed_table():
         rounds = math.ceil(20 / machines)
         assert (f"| {machines} | {rounds * hours['copy'] / 24:.1f} days | "
                 f"{rounds * hours['ptb'] / 24:.1f} days |") in costs
-    how_long = " ".join(readme.split("### How long the paper's runs take")[1].split("##")[0].split())
+    how_long = " ".join(speed.split("## How long the paper's runs take")[1].split("##")[0].split())
     assert (f"at {copy_ms:g} ms a step takes {copy_ms * 1e5 / 6e4:.0f} minutes for 100k steps "
             f"and {hours['copy']:.1f} hours") in how_long
     assert (f"at {ptb_ms:g} ms a step takes {ptb_ms * 2e4 / 6e4:.0f} minutes for 20k steps "
             f"and {hours['ptb']:.1f} hours") in how_long
-    sweeps = " ".join(readme.split("## Sweeps")[1].split("## Speed")[0].split())
-    assert (f"{20 * hours['copy'] / 24:.0f} days of this 2-core machine for the copy task's 20 "
-            f"runs and {20 * hours['ptb'] / 24:.0f} for PTB's, or "
+    assert (f"In short: {20 * hours['copy'] / 24:.0f} days of this 2-core machine for the copy "
+            f"task's 20 runs and {20 * hours['ptb'] / 24:.0f} for PTB's, or "
             f"{2 * hours['copy'] / 24:.0f}-{2 * hours['ptb'] / 24:.0f} days on ten such "
-            "machines") in sweeps
+            "machines") in costs
 

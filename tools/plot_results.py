@@ -1,10 +1,9 @@
-#!/usr/bin/env python3
-"""One command redraws every figure from the logs in results/ and prints the README's table of
+"""One command redraws every figure from the logs in results/ and prints the tables of
 the runs at the paper's sizes, ours beside the authors' (Benzing et al., ICML 2019, arXiv
 1902.03993).
 
-    python plot_results.py          # results/copy-paper-size.png, results/ptb-paper-size.png, table
-    python plot_results.py --table  # the table only (needs no matplotlib)
+    python -m tools.plot_results          # results/*-paper-size.png and the table
+    python -m tools.plot_results --table  # the table only (needs no matplotlib)
 
 Our logs are the CSV files the runners write with --log: a '#' line holding the run's config as
 JSON, the column names, a row every --log-every steps and, for PTB, a last '#' line with the test
@@ -23,10 +22,10 @@ import os
 import statistics
 import sys
 
-from runfiles import UserError, log_config, matplotlib_pyplot, read_log, save_figure
+from tools.runfiles import UserError, log_config, matplotlib_pyplot, read_log, save_figure
 
-PROG = "plot_results.py"
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+PROG = "plot_results"  # its messages' prefix; run it as python -m tools.plot_results
+RESULTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "results")
 PAPER_LR = 10 ** -3.5
 
 # The two experiments at the paper's sizes: which of our logs belong (task, size; the learning
@@ -161,7 +160,7 @@ def authors_runs(results, experiment):
 
 
 def table(results):
-    """The README's markdown tables of the runs at the paper's sizes, and, for each run of ours
+    """docs/results.md's markdown tables of the runs at the paper's sizes, and, for each run of ours
     that reaches a step the authors validated beyond the table's first two, every such step."""
     text = ("**Copy task**, n 128, B 16, OK rank 16, lr 10^-3.5: curriculum T reached\n\n"
             + experiment_table(results, COPY)
@@ -334,7 +333,8 @@ def draw_ptb(plt, results, path):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog=f"python -m tools.{PROG}",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("--table", action="store_true",
                         help="print the table only; draw nothing (needs no matplotlib)")
     parser.add_argument("--results", default=RESULTS, metavar="DIR",

@@ -9,9 +9,9 @@ import sys
 
 import pytest
 
-import plot_results
-from plot_results import COPY, PTB, our_runs, table
-from runfiles import read_log
+from tools import plot_results
+from tools.plot_results import COPY, PTB, our_runs, table
+from tools.runfiles import read_log
 
 PAPER_LR = 10 ** -3.5
 
@@ -219,7 +219,7 @@ def test_without_matplotlib_the_figures_are_skipped_with_one_line(tmp_path, monk
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
     assert plot_results.main(["--results", str(tmp_path)]) == 1
     assert capsys.readouterr() == (
-        "", "plot_results.py needs matplotlib: pip install matplotlib\n")
+        "", "plot_results needs matplotlib: pip install matplotlib\n")
     assert not [name for name in os.listdir(tmp_path) if name.endswith(".png")]
 
 
@@ -243,7 +243,7 @@ def test_a_damaged_or_missing_file_gives_one_line(tmp_path, capsys, damage, mess
         os.unlink(tmp_path / COPY["paper"])
     assert plot_results.main(["--table", "--results", str(tmp_path)]) == 1
     out, err = capsys.readouterr()
-    assert out == "" and err.startswith("plot_results.py: error: ") and message in err
+    assert out == "" and err.startswith("plot_results: error: ") and message in err
     assert err.count("\n") == 1
 
 
@@ -274,14 +274,17 @@ def test_the_committed_logs_read_as_the_readme_quotes_them():
 
 def test_the_readme_quotes_the_100k_ptb_run_as_its_log_has_it():
     """Issue 27's run, seed 1 to 100k steps: every row of the table plot_results prints for it
-    (ours at each of the authors' ten validation steps) stands in the README as printed, and its
-    row of the README's PTB table has the log's values (2.098 at 100k, under the 2.14 we set
-    ourselves; test 2.061 from the log's last line)."""
+    (ours at each of the authors' ten validation steps) stands in docs/results.md as printed, and
+    its row of the full PTB table there has the log's values (2.098 at 100k, under the 2.14 we
+    set ourselves; test 2.061 from the log's last line), as does the README's short table."""
     [long_run] = plot_results.points_tables(plot_results.RESULTS, PTB)
     rows = [line for line in long_run.splitlines() if line.startswith("| ")]
-    with open(os.path.join(os.path.dirname(plot_results.RESULTS), "README.md")) as f:
+    top = os.path.dirname(plot_results.RESULTS)
+    with open(os.path.join(top, "docs", "results.md")) as f:
+        results = f.read()
+    with open(os.path.join(top, "README.md")) as f:
         readme = f.read()
-    assert len(rows) == 11 and [row for row in rows if row not in readme] == []
+    assert len(rows) == 11 and [row for row in rows if row not in results] == []
     log = os.path.join(plot_results.RESULTS, "ptb-n256-ok8-seed1-100k.csv")
     [curve] = [curve for config, curve in our_runs(plot_results.RESULTS, PTB)
                if config["log"] == os.path.basename(log)]
@@ -289,7 +292,9 @@ def test_the_readme_quotes_the_100k_ptb_run_as_its_log_has_it():
     test_bpc = read_log(log).comments[-1].split()[2]
     assert values == ["3.039", "2.774", "2.359", "2.098"] and curve[100000] <= 2.14
     assert (f"| OK rank 8 (ours), seed 1, 100k steps | {' | '.join(values)} | "
-            f"{float(test_bpc):.3f} | `ptb-n256-ok8-seed1-100k.csv` |") in readme
+            f"{float(test_bpc):.3f} | `ptb-n256-ok8-seed1-100k.csv` |") in results
+    assert (f"| ours, seed 1 to 100k steps | {' | '.join(values)} | {float(test_bpc):.3f} |"
+            in readme)
 
 
 # --- The figures (only with matplotlib) ---------------------------------------------------------
