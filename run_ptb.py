@@ -246,7 +246,7 @@ def stream_resets(positions, reset_every):
     return positions % reset_every == 0
 
 
-def bits_per_character(params, ids, eos_id, warmup, rows=EVAL_ROWS):
+def bits_per_character(params, ids, eos_id, warmup, rows=EVAL_ROWS, spec=False):
     """Mean loss in bits over every symbol of a text, the state carried through the text.
 
     For speed the text is cut into `rows` chunks run side by side, one per batch row. Chunk i
@@ -265,7 +265,7 @@ def bits_per_character(params, ids, eos_id, warmup, rows=EVAL_ROWS):
     inside = position < N  # the last chunk may run past the end: padding, not counted
     counted = inside & ((t >= warmup) | (np.arange(rows)[None, :] == 0))  # (L + warmup, rows)
     position = np.where(inside, position, 0)
-    losses, _ = ok.evaluate(params, inputs[position], ids[position])  # (L + warmup, rows) nats
+    losses, _ = ok.evaluate(params, inputs[position], ids[position], spec=spec)  # (L+warmup, rows)
     assert counted.sum() == N  # every symbol predicted exactly once
     return float(ok.bits(losses[counted].sum(dtype=np.float64) / N))
 
@@ -400,7 +400,8 @@ def measure(run, config, data, logs):
 def validate(run, data, config):
     """Validation BPC of the current weights; keeps them if they are the best so far."""
     started = time.monotonic()
-    bpc = bits_per_character(run.params, data["valid"], data["eos"], config["reset_every"])
+    bpc = bits_per_character(run.params, data["valid"], data["eos"], config["reset_every"],
+                             spec=config.get("spec", False))
     run.valid_curve.append((run.step, bpc))
     run.last_eval = run.step
     if bpc < run.best_bpc:
@@ -435,7 +436,8 @@ def finish(run, config, data, logs):
     was not, e.g. --steps 0), printed and written as the log's last line."""
     if run.last_eval != run.step:
         validate(run, data, config)
-    run.test_bpc = bits_per_character(run.best, data["test"], data["eos"], config["reset_every"])
+    run.test_bpc = bits_per_character(run.best, data["test"], data["eos"], config["reset_every"],
+                                      spec=config.get("spec", False))
     summary = (f"test BPC {run.test_bpc:.4f} of the best weights (step {run.best_step:,}, "
                f"validation {run.best_bpc:.4f})")
     print(summary)

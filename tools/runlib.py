@@ -210,6 +210,10 @@ def build_parser(task):
                    help="threads of each training step (default: the %(default)s cores this "
                    "process may use). Runs side by side should share the cores out: two runs "
                    "on 2 cores, --threads 1 each. The results do not depend on it")
+    p.add_argument("--spec", action="store_true",
+                   help="train with ok_rtrl.py's Part I, the plain-numpy spec of the paper's "
+                   "algorithm, instead of its engine: the same numbers up to rounding, slower "
+                   "(for reading along, or checking a port)")
     p.add_argument("--log", type=output_path, metavar="FILE.csv",
                    help=f"CSV log: {', '.join(task.COLUMNS)}, a row every --log-every steps"
                    f"{words['rows']}; the config in a first '#' line")
@@ -272,7 +276,8 @@ def resolve_config(task, parser, args):
     experiment, data, measurements = task.config(args)
     return {"task": task.TASK, "method": args.method, "rank": rank, "trunc": trunc,
             "hidden": args.hidden, "batch": args.batch, "lr": args.lr, "seed": args.seed,
-            "dtype": args.dtype, "adam": args.adam, "threads": args.threads, **experiment,
+            "dtype": args.dtype, "adam": args.adam, "threads": args.threads,
+            **({"spec": True} if args.spec else {}), **experiment,
             "steps": args.steps, **data, "log": args.log, "log_every": args.log_every,
             "checkpoint": args.checkpoint, "checkpoint_every": args.checkpoint_every,
             "plot": args.plot, **measurements}, list(data)
@@ -341,7 +346,8 @@ def new_run(config, rng, V, kind=Run, **fields):
     adam = ok.adam_init(params)
     if config["method"] == "tbptt":
         return kind(params, adam, h=np.zeros((B, n), params.W.dtype), **fields)
-    learner = ok.Learner(params, B, config["method"], config["rank"] or 1, rng)
+    learner = ok.Learner(params, B, config["method"], config["rank"] or 1, rng,
+                         spec=config.get("spec", False))
     return kind(params, adam, learner=learner, **fields)
 
 
@@ -364,7 +370,8 @@ def train_step(run, config, x, y, reset):
                 return np.zeros(0)
             xs, ys, resets = (np.stack(column) for column in zip(*run.window))  # (K, B) each
             run.window = []
-            losses, dW, dW_out, run.h = ok.bptt(run.params, xs, ys, run.h, resets)
+            losses, dW, dW_out, run.h = ok.bptt(run.params, xs, ys, run.h, resets,
+                                                spec=config.get("spec", False))
             dW, dW_out = dW / len(losses), dW_out / len(losses)
         else:
             stream_losses, dW, dW_out = run.learner.step(run.params, x, y, reset)

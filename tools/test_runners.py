@@ -160,6 +160,26 @@ def test_copy_extending_a_finished_run_is_identical(tmp_path):
     assert_same_run(whole, parts)
 
 
+@pytest.mark.parametrize("method", ["ok", "tbptt"])
+def test_spec_trains_as_the_engine_does(tmp_path, method):
+    """--spec trains with ok_rtrl.py's plain-numpy Part I: in float64, 300 steps of the copy task
+    reach the weights of the engine's run to rounding (each step's results agree to ~1e-15, and
+    the weights' gradient descent does not amplify that over 300 steps beyond 1e-9), and the
+    config records it, so that a run is never resumed with the other."""
+    argv = ["--hidden", "8", "--batch", "3", "--lr", "0.01", "--steps", "300", "--dtype",
+            "float64", "--method", method] + (["--trunc", "5"] if method == "tbptt" else
+                                              ["--rank", "2"])
+    engine, spec = str(tmp_path / "engine.npz"), str(tmp_path / "spec.npz")
+    assert run_copy.main(argv + ["--checkpoint", engine]) == 0
+    assert run_copy.main(argv + ["--checkpoint", spec, "--spec"]) == 0
+    (config_engine, arrays_engine), (config_spec, arrays_spec) = map(checkpoint_contents,
+                                                                      (engine, spec))
+    assert config_spec.pop("spec") is True and "spec" not in config_engine
+    for name in ("params.W", "params.W_out"):
+        np.testing.assert_allclose(arrays_spec[name], arrays_engine[name], rtol=0, atol=1e-9,
+                                   err_msg=name)
+
+
 def test_measure_noise_leaves_training_unchanged_and_logs_every_learner(tmp_path):
     """--measure-noise draws from its own Generator, so the run trains exactly as without it; each
     measurement logs one row per learner, and OK of rank 16 >= the Kronecker rank of G (m = 13
