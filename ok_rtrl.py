@@ -645,7 +645,6 @@ class Learner:
             self.influence = UORO(B, m, N, P, **kwargs)
         else:
             self.influence = KF(B, m, N, P, 1 if method == "kf" else rank, **kwargs)
-        self._cell = (cell_step, jacobians) if spec else (_fast_cell_step, _fast_jacobians)
         self._h = np.zeros((B, n), dtype)
 
     def step(self, params, x, y, reset=None, signs=None):
@@ -667,7 +666,8 @@ class Learner:
         if reset is not None and reset.any():
             h = np.where(reset[:, None], 0.0, h).astype(h.dtype)
             influence.reset(reset)
-        step, jacobians_of = self._cell
+        step, jacobians_of = (cell_step, jacobians) if self.spec else (_fast_cell_step,
+                                                                       _fast_jacobians)
         with _one_blas_thread():  # the step's own threads do its per-stream work (§9d)
             h, a, f, alpha, beta = step(W, x, h)
             H, D = jacobians_of(W, f, alpha, beta)

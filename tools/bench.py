@@ -64,7 +64,7 @@ def time_floor(n, B, r, dtype, rng, repeats):
     As = rng.standard_normal((B, r, n, 2 * n)).astype(dtype)
     out = np.empty_like(As)
     batched = median_seconds(lambda: np.matmul(H[:, None], As, out=out), repeats)
-    with ok._one_blas_thread():  # the step's own way: ok_rtrl.py section 6
+    with ok._one_blas_thread():  # the step's own way: ok_rtrl.py section 9d
         split = median_seconds(lambda: ok._by_streams(
             lambda s: np.matmul(H[s, None], As[s], out=out[s]), B), repeats)
     return min(batched, split)
@@ -222,8 +222,8 @@ def time_side_by_side(rounds, steps=SIDE_BY_SIDE_STEPS):
 PARTS = [(ok, "_gram", "Gram"), (ok, "_combine_rows", "rotation + map-back"),
          (ok.KroneckerSum, "_grad", "q A_k"), (np.linalg, "eigh", "eigh, SVD, signs"),
          (np.linalg, "svd", "eigh, SVD, signs"), (ok, "_fix_svd_signs", "eigh, SVD, signs"),
-         (ok, "apply_gradients", "Adam, H_t, cell"), (ok, "jacobians", "Adam, H_t, cell"),
-         (ok, "cell_step", "Adam, H_t, cell"), (ok, "readout", "Adam, H_t, cell")]
+         (ok, "apply_gradients", "Adam, H_t, cell"), (ok, "_fast_jacobians", "Adam, H_t, cell"),
+         (ok, "_fast_cell_step", "Adam, H_t, cell"), (ok, "readout", "Adam, H_t, cell")]
 
 
 def profile(n, B, r, V, rng, steps=20):
