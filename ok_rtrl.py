@@ -149,7 +149,10 @@ def readout(W_out, h, y):
     W_out (N + 1, O), h (B, N), y (B,) ints -> losses (B,) in nats, and dlogits (B, O) =
     softmax - onehot(y), the gradient of each stream's own loss with respect to its logits.
     """
-    W_out, h, y = _check_readout(W_out, h, y)
+    return _readout(*_check_readout(W_out, h, y))
+
+
+def _readout(W_out, h, y):  # readout, unchecked: the learner and bptt have checked its inputs
     B = h.shape[0]
     logits = h @ W_out[:-1] + W_out[-1]  # (B, O)
     logits = logits - logits.max(axis=1, keepdims=True)  # log-sum-exp shift: exp stays <= 1
@@ -163,7 +166,10 @@ def readout(W_out, h, y):
 def readout_grads(W_out, h, dlogits):
     """Gradients of the batch-mean loss from readout's dlogits: q = dL/dh (B, N), which an
     influence turns into dL/dW (Influence.grad), and the exact dL/dW_out (N + 1, O)."""
-    W_out, h, dlogits = _check_readout(W_out, h, dlogits=dlogits)
+    return _readout_grads(*_check_readout(W_out, h, dlogits=dlogits))
+
+
+def _readout_grads(W_out, h, dlogits):  # readout_grads, unchecked, as _readout
     B = h.shape[0]
     dlogits = dlogits / B
     q = dlogits @ W_out[:-1].T  # (B, N)
@@ -182,7 +188,7 @@ def evaluate(params, xs, ys, h0=None, *, spec=False):
     losses = np.empty((T, B), dtype=np.float64)
     for t in range(T):
         h = step(W, xs[t], h)[0]
-        losses[t] = readout(W_out, h, ys[t])[0]
+        losses[t] = _readout(W_out, h, ys[t])[0]
     return losses, h
 
 
@@ -315,8 +321,8 @@ def bptt(params, xs, ys, h0=None, resets=None, *, spec=False):
         if resets is not None:
             h = np.where(resets[t][:, None], 0.0, h).astype(W.dtype)
         h, a, f, alpha, beta = step(W, xs[t], h)
-        losses, dlogits = readout(W_out, h, ys[t])
-        qs[t], dW_out_t = readout_grads(W_out, h, dlogits)
+        losses, dlogits = _readout(W_out, h, ys[t])
+        qs[t], dW_out_t = _readout_grads(W_out, h, dlogits)
         step_losses[t] = losses.mean()
         dW_out += dW_out_t
         tape.append((a, f, alpha, beta))
@@ -672,8 +678,8 @@ class Learner:
             h, a, f, alpha, beta = step(W, x, h)
             H, D = jacobians_of(W, f, alpha, beta)
             influence._update(a, H, D, signs)  # a, H, D are finite: see _check_params
-            losses, dlogits = readout(W_out, h, y)
-            q, dW_out = readout_grads(W_out, h, dlogits)
+            losses, dlogits = _readout(W_out, h, y)
+            q, dW_out = _readout_grads(W_out, h, dlogits)
             dW = influence._grad(q)
         self._h = h
         return losses, dW, dW_out

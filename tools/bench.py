@@ -223,7 +223,7 @@ PARTS = [(ok, "_gram", "Gram"), (ok, "_combine_rows", "rotation + map-back"),
          (ok.KroneckerSum, "_grad", "q A_k"), (np.linalg, "eigh", "eigh, SVD, signs"),
          (np.linalg, "svd", "eigh, SVD, signs"), (ok, "_fix_svd_signs", "eigh, SVD, signs"),
          (ok, "apply_gradients", "Adam, H_t, cell"), (ok, "_fast_jacobians", "Adam, H_t, cell"),
-         (ok, "_fast_cell_step", "Adam, H_t, cell"), (ok, "readout", "Adam, H_t, cell")]
+         (ok, "_fast_cell_step", "Adam, H_t, cell"), (ok, "_readout", "Adam, H_t, cell")]
 
 
 def profile(n, B, r, V, rng, steps=20):
