@@ -179,7 +179,7 @@ def _readout_grads(W_out, h, dlogits):  # readout_grads, unchecked, as _readout
 
 def evaluate(params, xs, ys, h0=None, *, spec=False):
     """Forward pass only: per-symbol losses (T, B) in nats and the final state h_T (B, n)."""
-    W, W_out = _check_params(params)
+    W, W_out = params = _check_params(params)
     V, n, O = sizes(params)
     xs, ys = _check_sequences(xs, ys, V, O)
     T, B = xs.shape
@@ -307,7 +307,7 @@ def bptt(params, xs, ys, h0=None, resets=None, *, spec=False):
     of each step, (dW, dW_out) the gradient of their sum. Called once per window with h0 = the last
     window's h_T, this is TBPTT-k (§6).
     """
-    W, W_out = _check_params(params)
+    W, W_out = params = _check_params(params)
     V, n, O = sizes(params)
     xs, ys = _check_sequences(xs, ys, V, O)
     T, B = xs.shape
@@ -635,7 +635,7 @@ class Learner:
     """
 
     def __init__(self, params, B, method="ok", rank=1, rng=None, *, spec=False):
-        W, _ = _check_params(params)
+        W, _ = params = _check_params(params)
         _check_method(method, METHODS)
         _check_positive_int("B", B)
         _check_positive_int("rank", rank)
@@ -664,7 +664,7 @@ class Learner:
         """
         h = self._h
         (B, n), influence = h.shape, self.influence
-        W, W_out = _check_params(params, like=(influence.m, n, h.dtype))
+        W, W_out = params = _check_params(params, like=(influence.m, n, h.dtype))
         V, _, O = sizes(params)
         x, y = _check_symbols("x", x, (B,), V), _check_symbols("y", y, (B,), O)
         reset = None if reset is None else _check_mask("reset", reset, B)
@@ -706,7 +706,7 @@ def sequence_grad(params, xs, ys, method, rank=1, rng=None, *, signs=None, spec=
     when given, which lets tests enumerate every sign sequence.
     """
     _check_method(method, ("bptt",) + METHODS)
-    W, W_out = _check_params(params)
+    W, W_out = params = _check_params(params)
     if method == "bptt":
         losses, dW, dW_out, _ = bptt(params, xs, ys, spec=spec)
         return losses.sum(), dW, dW_out
@@ -1290,7 +1290,7 @@ def _check_params(params, like=None):
     _check_array("params.W_out", W_out, (n + 1, W_out.shape[1]), dtype, "(n + 1, O)")
     if m < n + 2:
         raise ValueError(f"params.W must have m = V + n + 1 >= n + 2 rows, got {m} for n = {n}")
-    return W, W_out
+    return Params(W, W_out)
 
 
 def _check_h0(h0, B, n, dtype):

@@ -1252,6 +1252,15 @@ def test_public_functions_take_array_likes_seeds_and_any_memory_order():
         estimator.update(a.tolist(), H.tolist(), D.tolist())
         twin.update(a, H, D)
         np.testing.assert_array_equal(estimator.grad(q.tolist()), twin.grad(q))
+    listed = ok.Params(p.W.tolist(), p.W_out.tolist())
+    xs, ys = [[0, 1], [1, 1]], [[2, 0], [1, 2]]
+    for got, want in ((ok.evaluate(listed, xs, ys), ok.evaluate(p, np.array(xs), np.array(ys))),
+                      (ok.bptt(listed, xs, ys), ok.bptt(p, np.array(xs), np.array(ys))),
+                      (ok.Learner(listed, 2, "ok", 2, rng=3).step(listed, xs[0], ys[0]),
+                       ok.Learner(p, 2, "ok", 2, rng=3).step(p, np.array(xs[0]),
+                                                             np.array(ys[0])))):
+        for g, w in zip(got, want):
+            np.testing.assert_array_equal(g, w)
     us, As = np.random.default_rng(2).standard_normal((3, 4)), np.ones((3, 2, 5))
     As[1] *= 2.0
     As[2, 0] = -1.0
