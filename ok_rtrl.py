@@ -442,7 +442,7 @@ def ok_reduce(us, As, signs):
 
 def _sign_convention(QU):
     """The sign convention of OK's step 3: flips (k,) that make the largest-magnitude entry of each
-    column QU_i (the first, on exact ties) positive; a zero column (sigma_i = 0) keeps its sign.
+    column QU_i (the first, on exact ties) positive; a zero column (padding) keeps its sign.
 
     A pair (QU_i, QV_i) and its negation are the same singular pair, and the two give the same
     signs two realisations of one distribution: the convention makes the realisation independent
