@@ -186,9 +186,10 @@ def evaluate(params, xs, ys, h0=None, *, spec=False):
     h = np.zeros((B, n), W.dtype) if h0 is None else _check_h0(h0, B, n, W.dtype)
     step = cell_step if spec else _fast_cell_step
     losses = np.empty((T, B), dtype=np.float64)
-    for t in range(T):
-        h = step(W, xs[t], h)[0]
-        losses[t] = _readout(W_out, h, ys[t])[0]
+    with _one_blas_thread():  # small products, one after the other (§9d)
+        for t in range(T):
+            h = step(W, xs[t], h)[0]
+            losses[t] = _readout(W_out, h, ys[t])[0]
     return losses, h
 
 
@@ -315,27 +316,28 @@ def bptt(params, xs, ys, h0=None, resets=None, *, spec=False):
     if resets is not None:
         resets = _check_mask("resets", resets, T, B)
     step = cell_step if spec else _fast_cell_step
-    step_losses, dW_out = np.empty(T), np.zeros_like(W_out)
-    tape, qs = [], np.empty((T, B, n), W.dtype)
-    for t in range(T):  # forward, keeping what the backward pass needs
-        if resets is not None:
-            h = np.where(resets[t][:, None], 0.0, h).astype(W.dtype)
-        h, a, f, alpha, beta = step(W, xs[t], h)
-        losses, dlogits = _readout(W_out, h, ys[t])
-        qs[t], dW_out_t = _readout_grads(W_out, h, dlogits)
-        step_losses[t] = losses.mean()
-        dW_out += dW_out_t
-        tape.append((a, f, alpha, beta))
-    dW, dh = np.zeros_like(W), np.zeros((B, n), W.dtype)
-    W_h = W[V:V + n]  # (n, 2n): how h_{t-1} enters z_t
-    for t in reversed(range(T)):
-        a, f, alpha, beta = tape[t]
-        dh = dh + qs[t]  # dL/dh_t: from the read-out at t and from step t+1
-        dz = np.hstack([dh * alpha, dh * beta])  # (B, 2n) = dh D_t
-        dW += a.T @ dz
-        dh = dh * f + dz @ W_h.T  # dL/dh_{t-1} = dL/dh_t H_t
-        if resets is not None:
-            dh[resets[t]] = 0.0  # those streams read zeros, not h_{t-1}
+    with _one_blas_thread():  # small products, one after the other (§9d)
+        step_losses, dW_out = np.empty(T), np.zeros_like(W_out)
+        tape, qs = [], np.empty((T, B, n), W.dtype)
+        for t in range(T):  # forward, keeping what the backward pass needs
+            if resets is not None:
+                h = np.where(resets[t][:, None], 0.0, h).astype(W.dtype)
+            h, a, f, alpha, beta = step(W, xs[t], h)
+            losses, dlogits = _readout(W_out, h, ys[t])
+            qs[t], dW_out_t = _readout_grads(W_out, h, dlogits)
+            step_losses[t] = losses.mean()
+            dW_out += dW_out_t
+            tape.append((a, f, alpha, beta))
+        dW, dh = np.zeros_like(W), np.zeros((B, n), W.dtype)
+        W_h = W[V:V + n]  # (n, 2n): how h_{t-1} enters z_t
+        for t in reversed(range(T)):
+            a, f, alpha, beta = tape[t]
+            dh = dh + qs[t]  # dL/dh_t: from the read-out at t and from step t+1
+            dz = np.hstack([dh * alpha, dh * beta])  # (B, 2n) = dh D_t
+            dW += a.T @ dz
+            dh = dh * f + dz @ W_h.T  # dL/dh_{t-1} = dL/dh_t H_t
+            if resets is not None:
+                dh[resets[t]] = 0.0  # those streams read zeros, not h_{t-1}
     return step_losses, dW, dW_out, h
 
 
