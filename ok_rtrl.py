@@ -106,10 +106,9 @@ def cell_step(W, x, h_prev):
     n = h_prev.shape[1]
     a = _cell_input(W, x, h_prev)  # (B, m)
     z = a @ W  # (B, 2n)
-    s, f = _sigmoid(z[:, :n]), _sigmoid(z[:, n:])
-    c = 2 * s - 1
+    c, f = 2 * _sigmoid(z[:, :n]) - 1, _sigmoid(z[:, n:])  # c = tanh(z_c / 2)
     h = f * h_prev + (1 - f) * c
-    alpha = (1 - f) * 2 * s * (1 - s)  # c' = 2 s (1 - s)
+    alpha = (1 - f) * (1 - c) * (1 + c) / 2  # c' = (1 - c^2) / 2
     beta = (h_prev - c) * f * (1 - f)  # f' = f (1 - f)
     return h, a, f, alpha, beta
 
@@ -476,8 +475,8 @@ def opt(sigma, signs):
     sigma (r+1,) non-negative, descending; signs (r+1,) of +-1. Column j of X is x_j = y_j: the
     construction is symmetric in both sides (the paper's released code scales the two sides
     differently and stays above V_min). Kept: x_i = sqrt(sigma_i) e_i for i < p. Mixed: the
-    other q + 1 = r + 1 - p values, with c = S / q and the unit vector v_i = signs_i
-    sqrt(1 - sigma_i / c), become q columns sqrt(c) w_j spanning the complement of v, so that
+    other n_mix + 1 = r + 1 - p values, with c = S / n_mix and the unit vector v_i = signs_i
+    sqrt(1 - sigma_i / c), become n_mix columns sqrt(c) w_j spanning v's complement, so that
     sum_j x_j x_j^T = c (I - v v^T) there, whose mean over the signs is diag(sigma).
     """
     k = len(sigma)
@@ -487,18 +486,19 @@ def opt(sigma, signs):
     X[:p, :p] = np.diag(np.sqrt(sigma[:p]))  # the kept values, exactly
     if S <= 0.0:
         return X  # nothing left to mix: the mixed block is zero
-    q = r - p
-    c = S / q
+    n_mix = r - p  # terms to mix the last n_mix + 1 values into (q in docs/porting.md)
+    c = S / n_mix  # the mixing level
     d = np.maximum(1 - sigma[p:] / c, 0.0)  # >= 0 in exact arithmetic: clip the rounding
     v = signs[p:] * np.sqrt(d)
     v = v / np.sqrt(np.sum(v * v))  # sum(d) = 1 in exact arithmetic; renormalise the rounding
-    # The Householder reflection P = I - 2 w w^T / (w^T w), w = v + sign(v_0) e_0 (sign(0) = +1),
-    # maps v to a multiple of e_0, so P's columns 1..q are an orthonormal basis of v's complement.
+    # The Householder reflection I - 2 w w^T / (w^T w), w = v + sign(v_0) e_0 (sign(0) = +1),
+    # maps v to a multiple of e_0, so its columns 1..n_mix are an orthonormal basis of v's
+    # complement.
     # The sign avoids cancellation, and w^T w = 2 (1 + |v_0|) >= 2: no division by zero.
     w = v.copy()
     w[0] += 1.0 if v[0] >= 0.0 else -1.0
-    P = np.eye(q + 1) - np.outer(2 / np.sum(w * w) * w, w)  # (q+1, q+1)
-    X[p:, p:] = np.sqrt(c) * P[:, 1:]
+    reflection = np.eye(n_mix + 1) - np.outer(2 / np.sum(w * w) * w, w)  # (n_mix+1, n_mix+1)
+    X[p:, p:] = np.sqrt(c) * reflection[:, 1:]
     return X
 
 
@@ -804,10 +804,10 @@ def _fast_jacobians(W, f, alpha, beta):
 
 @njit(cache=True)
 def _highway_gates(z, h_prev):
-    """The cell's elementwise part: z (B, 2n), h_prev (B, n) -> h, f, alpha, beta (B, n), i.e.
-        s, f = sigmoid(z[:, :n]), sigmoid(z[:, n:]);  c = 2 s - 1;  h = f * h_prev + (1 - f) * c
-        alpha = (1 - f) * 2 s (1 - s);  beta = (h_prev - c) * f (1 - f)
-    in one pass, without numpy's temporaries."""
+    """cell_step's elementwise part (§1): z (B, 2n), h_prev (B, n) -> h, f, alpha, beta (B, n),
+    in one pass without numpy's temporaries, with the sigmoid of z_c (sig) kept, so that
+    c' = 2 sig (1 - sig); its float literals make the scalar arithmetic float64, where the spec
+    rounds in the data's dtype."""
     B, n = h_prev.shape
     h = np.empty_like(h_prev)
     f = np.empty_like(h_prev)
@@ -815,12 +815,12 @@ def _highway_gates(z, h_prev):
     beta = np.empty_like(h_prev)
     for b in range(B):
         for i in range(n):
-            s = 1.0 / (1.0 + np.exp(-z[b, i]))  # exp overflows to inf, s to 0: no NaN
-            c = 2.0 * s - 1.0
+            sig = 1.0 / (1.0 + np.exp(-z[b, i]))  # exp overflows to inf, sig to 0: no NaN
+            c = 2.0 * sig - 1.0
             g = 1.0 / (1.0 + np.exp(-z[b, n + i]))
             h[b, i] = g * h_prev[b, i] + (1.0 - g) * c
             f[b, i] = g
-            alpha[b, i] = (1.0 - g) * 2.0 * s * (1.0 - s)
+            alpha[b, i] = (1.0 - g) * 2.0 * sig * (1.0 - sig)
             beta[b, i] = (h_prev[b, i] - c) * g * (1.0 - g)
     return h, f, alpha, beta
 
@@ -1008,29 +1008,29 @@ def _gram(terms):
 
 @njit(cache=True, nogil=True, fastmath=_FASTMATH)
 def _combine_rows(terms, M):
-    """In place, terms[:, :p] = np.einsum("bkp,bkd->bpd", M, terms), in the terms' dtype, and
-    returns the new rows' squared norms (B, p), summed in float64 from the rows as stored.
+    """In place, terms[:, :n_out] = np.einsum("bko,bkd->bod", M, terms), in the terms' dtype, and
+    returns the new rows' squared norms (B, n_out), summed in float64 from the rows as stored.
 
-    terms (B, k, d), M (B, k, p) float64 with p <= k. Each column block of the terms is copied
+    terms (B, k, d), M (B, k, n_out) float64 with n_out <= k. Each column block of the terms is copied
     before it is overwritten, and its new rows are built 4 at a time from 4 terms per sweep.
     """
     B, k, d = terms.shape
-    p = M.shape[2]
-    k4, p4 = (k + 3) // 4 * 4, (p + 3) // 4 * 4
-    sq_norms = np.empty((B, p))
+    n_out = M.shape[2]
+    k4, out4 = (k + 3) // 4 * 4, (n_out + 3) // 4 * 4
+    sq_norms = np.empty((B, n_out))
     for b in range(B):
-        M4 = np.zeros((k4, p4), terms.dtype)  # zero padding: padded terms contribute nothing
-        M4[:k, :p] = M[b]
-        acc = np.zeros(p4)
+        M4 = np.zeros((k4, out4), terms.dtype)  # zero padding: padded terms contribute nothing
+        M4[:k, :n_out] = M[b]
+        acc = np.zeros(out4)
         rows = np.zeros((k4, _BLOCK), terms.dtype)
         y = np.empty((4, _BLOCK), terms.dtype)
         for c0 in range(0, d, _BLOCK):
             width = _load_block(terms[b], c0, rows)
-            for i in range(0, p4, 4):
+            for i in range(0, out4, 4):
                 y[:, :width] = 0.0
                 for l in range(0, k4, 4):
                     _combine_4x4(rows, M4, l, i, width, y)
-                for t in range(min(4, p - i)):
+                for t in range(min(4, n_out - i)):
                     dst = terms[b, i + t, c0:c0 + width]
                     total = 0.0
                     for c in range(width):
@@ -1038,7 +1038,7 @@ def _combine_rows(terms, M):
                         stored = np.float64(dst[c])  # ... and its square summed in float64
                         total += stored * stored
                     acc[i + t] += total
-        sq_norms[b] = acc[:p]
+        sq_norms[b] = acc[:n_out]
     return sq_norms
 
 
