@@ -1170,9 +1170,11 @@ def _products(H, X):
 def _describe(value):
     """What a value is, for an error message, without printing a whole array."""
     if isinstance(value, np.ndarray):
-        return f"a {value.dtype} array of shape {value.shape}"
-    text = repr(value)
-    return f"a {type(value).__name__}" + (f" ({text})" if len(text) <= 40 else "")
+        what = f"{value.dtype} array of shape {value.shape}"
+    else:
+        text = repr(value)
+        what = type(value).__name__ + (f" ({text})" if len(text) <= 40 else "")
+    return ("an " if what[0] in "aeiou" else "a ") + what
 
 
 def _check_positive_int(name, value):
