@@ -400,7 +400,7 @@ class OK(KroneckerSum):
 
     def _update(self, a, H, D, signs):
         if not self.spec:
-            self._state = KronState(*self._engine.update(*self._state, a, H, D, signs))
+            self._state = KronState(*self._engine.update(a, H, D, signs))
             return
         us, As = self._state
         # 1. The r+1 terms: (u_k, H_t A_k) for k <= r, and (a_t, D_t).
@@ -862,8 +862,9 @@ class _OKEngine:
         """The current factors us (B, r, m), As (B, r, N, P): views of the current slot."""
         return [slot[self._current, :, :self._r] for slot in self._slots]
 
-    def update(self, us, As, a, H, D, signs):
-        """One step of OK from the current factors us, As; returns the new ones (views)."""
+    def update(self, a, H, D, signs):
+        """One step of OK from the current factors; returns the new ones (views)."""
+        us, As = self.factors()  # (B, r, m), (B, r, N, P): the current slot
         terms_u, terms_A = (slot[1 - self._current] for slot in self._slots)  # (B, r+1, ...)
         r = self._r
 
