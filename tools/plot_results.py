@@ -2,16 +2,19 @@
 the runs at the paper's sizes, ours beside the authors' (Benzing et al., ICML 2019, arXiv
 1902.03993).
 
-    python -m tools.plot_results          # results/*-paper-size.png and the table
-    python -m tools.plot_results --table  # the table only (needs no matplotlib)
+    python -m tools.plot_results          # results/*.png and the tables
+    python -m tools.plot_results --table  # the tables only (needs no matplotlib)
 
 Our logs are the CSV files the runners write with --log: a '#' line holding the run's config as
 JSON, the column names, a row every --log-every steps and, for PTB, a last '#' line with the test
 BPC. Each log is recognised by its config (task, size, learning rate, method, rank, seed), not by
 its file name; logs of other sizes and the noise logs are left out. A run still going is drawn as
-far as it has got. The authors' numbers are results/paper-copy-n128-ok16-T.csv and
+far as it has got. results/*.csv are the first 100k steps at the paper's learning rate (the
+figures *-paper-size.png); results/1m/ holds the runs to 1M steps that test the paper's two
+claims against truncated BPTT, PTB's TBPTT on the paper's grid of learning rates (*-1m.png).
+The authors' numbers are results/paper-copy-n128-ok16-T.csv and
 results/paper-ptb-n256-ok8-valid.csv; their '#' lines say where they come from. The logs are read
-by runfiles.py (standard library only), so the table needs neither numpy nor Numba; only drawing
+by runfiles.py (standard library only), so the tables need neither numpy nor Numba; only drawing
 needs matplotlib.
 """
 import argparse
@@ -23,6 +26,7 @@ import statistics
 import sys
 
 from tools.runfiles import UserError, log_config, matplotlib_pyplot, read_log, save_figure
+from tools.sweep import METRICS, lr_name, pick
 
 PROG = "plot_results"  # its messages' prefix; run it as python -m tools.plot_results
 RESULTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "results")
@@ -47,10 +51,28 @@ PTB = {"task": "ptb", "hidden": 256, "batch": 32, "rank": 8,
        "paper_points": True}  # validated every 10k steps: points, which a line would make a curve
 PTB_GAP = (-0.04, 0.06)  # the right panel's range: ours minus the authors' median, in BPC
 
+# The paper's two claims against truncated BPTT, to 1M steps: our runs in results/1m/ at any
+# learning rate (PTB's TBPTT ran the paper's grid), drawn and tabulated beside the authors' OK
+# and ours of 100k steps or more from the first 100k steps' experiment ("base"). "best" finds a
+# run's best value (the lowest validation BPC, the highest T); the README's table ("glance")
+# has the columns "glance_steps".
+COPY_1M = {**COPY, "base": COPY, "folder": "1m", "any_lr": True, "best": max,
+           "table_steps": (100_000, 250_000, 500_000, 1_000_000),
+           "glance": "copy task, n 128, B 16: curriculum T",
+           "glance_steps": (25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000),
+           "figure": "copy-1m.png", "max_step": 1_000_000}
+PTB_1M = {**PTB, "base": PTB, "folder": "1m", "any_lr": True, "best": min,
+          "table_steps": (10_000, 20_000, 100_000, 250_000, 500_000, 1_000_000),
+          "glance": "character PTB, n 256, B 32: validation BPC",
+          "glance_steps": (100_000, 500_000, 1_000_000),
+          "figure": "ptb-1m.png", "max_step": 1_000_000, "paper_points": True, "paper_ms": 4}
+PTB_1M_ZOOM = ((300_000, 1_000_000), (1.74, 1.96))  # the right panel's steps and BPC
+
 METHOD_ORDER = ("ok", "kf", "kf-avg", "uoro", "rtrl", "tbptt")
 # One colour per baseline in both figures; OK at the paper's rank is C0, the authors' runs grey.
 COLOURS = {"OK rank 1": "C1", "KF-RTRL": "C2", "UORO": "C3", "TBPTT-5": "C4", "TBPTT-10": "C5",
-           "TBPTT-20": "C6", "exact RTRL": "C7", "OK rank 8, TensorFlow's Adam": "C9"}
+           "TBPTT-20": "C6", "exact RTRL": "C7", "OK rank 8, TensorFlow's Adam": "C9",
+           "TBPTT-25": "C3", "TBPTT-50": "C8"}  # TBPTT-25 and -50: PTB's figure to 1M only
 LINESTYLES = ("-", "--", ":", "-.", (0, (6, 2, 1, 2, 1, 2)))  # run after run of one method ...
 MARKERS = ("o", "s", "^", "D", "v")  # ... and, where points are marked, its marker
 LEGEND_HANDLE = 4.0  # font sizes: long enough to show a dashed line's gaps beside its marker
@@ -97,26 +119,34 @@ def method_label(config):
 
 
 def our_runs(results, experiment):
-    """Our logs of an experiment at the paper's size and learning rate, sorted: OK at the paper's
-    rank first, then the baselines, each by seed -> list of (config, curve), curve = {step:
-    value} of T (copy) or of the validation BPC (PTB, rows with a validation only)."""
-    runs = []
-    for path in sorted(glob.glob(os.path.join(results, "*.csv"))):
+    """Our logs of an experiment at the paper's size and learning rate (any learning rate for
+    the runs to 1M), sorted: OK at the paper's rank first, then the baselines, each by
+    truncation, learning rate (largest first) and seed -> list of (config, curve), curve =
+    {step: value} of T (copy) or of the validation BPC (PTB, rows with a validation only). The
+    config's "log" is the log's path inside results/, "last_step" its last row's step (below
+    "steps" while the run is going), and a PTB run's "test_bpc" the test BPC of its last line
+    (None before it has one)."""
+    runs, folder = [], experiment.get("folder", "")
+    for path in sorted(glob.glob(os.path.join(results, folder, "*.csv"))):
         log = read_csv(path)
         prog, config = log_config(path, log) or (None, None)
         if (prog not in ("run_copy.py", "run_ptb.py") or log.columns != experiment["columns"]
                 or any(config.get(key) != experiment[key] for key in ("task", "hidden", "batch"))
-                or not math.isclose(config.get("lr", 0), PAPER_LR)):
+                or not (experiment.get("any_lr") or math.isclose(config.get("lr", 0), PAPER_LR))):
             continue
         at = log.columns.index(experiment["value"])
         with numbers(path):
             curve = {int(row[0]): experiment["convert"](row[at]) for _, row in log.rows
                      if row[at]}
-        runs.append(({**config, "log": os.path.basename(path)}, curve))
+            test = [float(line.split()[2]) for line in log.comments
+                    if line.startswith("test BPC ")]
+            last = int(log.rows[-1][1][0]) if log.rows else 0
+        runs.append(({**config, "log": os.path.join(folder, os.path.basename(path)),
+                      "test_bpc": test[-1] if test else None, "last_step": last}, curve))
     return sorted(runs, key=lambda run: (not is_main(run[0], experiment),
                                          METHOD_ORDER.index(run[0]["method"]),
                                          run[0]["rank"] or 0, run[0]["trunc"] or 0,
-                                         run[0]["seed"], run[0].get("steps", 0)))
+                                         -run[0]["lr"], run[0]["seed"], run[0].get("steps", 0)))
 
 
 def main_runs(results, experiment):
@@ -129,7 +159,12 @@ def run_name(config, runs):
     """'seed 1', or 'seed 1, 100k steps' where runs (the configs of one method's runs) hold more
     than one run of config's seed, such as a longer run made later."""
     repeated = sum(c["seed"] == config["seed"] for c in runs) > 1
-    return f"seed {config['seed']}" + (f", {config['steps'] // 1000}k steps" if repeated else "")
+    return f"seed {config['seed']}" + (f", {steps_name(config['steps'])} steps" if repeated else "")
+
+
+def steps_name(steps):
+    """10k, 250k, 1M, 1.5M."""
+    return f"{steps / 1e6:g}M" if steps >= 1_000_000 else f"{steps // 1000}k"
 
 
 def is_main(config, experiment):
@@ -160,15 +195,25 @@ def authors_runs(results, experiment):
 
 
 def table(results):
-    """docs/results.md's markdown tables of the runs at the paper's sizes, and, for each run of ours
-    that reaches a step the authors validated beyond the table's first two, every such step."""
+    """docs/results.md's markdown tables of the runs at the paper's sizes: the first 100k steps
+    and, for each run of ours that reaches a step the authors validated beyond the table's first
+    two, every such step; then the runs to 1M steps against TBPTT (long_table)."""
     text = ("**Copy task**, n 128, B 16, OK rank 16, lr 10^-3.5: curriculum T reached\n\n"
             + experiment_table(results, COPY)
             + "\n\n**Character-level PTB**, n 256, B 32, OK rank 8, lr 10^-3.5: validation BPC on "
               "the standard files\n\n" + experiment_table(results, PTB))
     for long_run in points_tables(results, PTB):
         text += "\n\n" + long_run
-    return text
+    return (text + "\n\n**Copy task to 1M steps**, n 128, B 16, lr 10^-3.5: curriculum T "
+                   "reached\n\n" + long_table(results, COPY_1M)
+            + "\n\n**Character-level PTB to 1M steps**, n 256, B 32, OK at lr 10^-3.5, TBPTT on "
+              "the paper's grid: validation BPC on the standard files\n\n"
+            + long_table(results, PTB_1M))
+
+
+def glance(results):
+    """The README's two tables against TBPTT (glance_table)."""
+    return glance_table(results, COPY_1M) + "\n\n" + glance_table(results, PTB_1M)
 
 
 def points_tables(results, experiment):
@@ -190,7 +235,7 @@ def points_tables(results, experiment):
         for s in at:
             values = [c[s] for c in theirs if s in c]
             above = max(curve[s] - max(values), 0.0) - max(min(values) - curve[s], 0.0)
-            lines.append(f"| {s // 1000}k | {fmt(curve[s])} | {spread(values, fmt)} | "
+            lines.append(f"| {steps_name(s)} | {fmt(curve[s])} | {spread(values, fmt)} | "
                          f"{fmt(above)} |")
         tables.append("\n".join(lines))
     return tables
@@ -201,8 +246,8 @@ def experiment_table(results, experiment):
     one column per table step; '-' where a run has not reached the step (a median needs every
     seed there)."""
     steps, fmt, rank = experiment["table_steps"], experiment["fmt"], experiment["rank"]
-    head = [f"{experiment['what']} {steps[0] // 1000}k steps"] + [f"{s // 1000}k"
-                                                                  for s in steps[1:]]
+    head = [f"{experiment['what']} {steps_name(steps[0])} steps"] + [steps_name(s)
+                                                                    for s in steps[1:]]
     lines = ["| run | " + " | ".join(head) + " | log |", "|---" * (len(steps) + 2) + "|"]
 
     def row(name, values, log):
@@ -233,15 +278,175 @@ def spread(values, fmt):
     return low if low == high else f"{low}-{high}"
 
 
+# --- The runs to 1M steps: the paper's claims against TBPTT --------------------------------------
+
+
+def long_ok_runs(results, experiment):
+    """Our runs of OK at the paper's rank of 100k steps or more: the 100k runs of results/,
+    then those of results/1m/ -> list of (config, curve)."""
+    return ([run for run in main_runs(results, experiment["base"]) if run[0]["steps"] >= 100_000]
+            + main_runs(results, experiment))
+
+
+def tbptt_picks(results, experiment):
+    """Per truncation K of our TBPTT runs, the learning rate that the paper's rule picks among the
+    runs of seed 1 (tools.sweep.pick: the best median of each run's best value), with that
+    learning rate's runs -> list of (K, lr, runs)."""
+    key = METRICS[experiment["task"]][0][0]
+    runs = [(config, curve) for config, curve in our_runs(results, experiment)
+            if config["method"] == "tbptt" and curve]
+    picks = []
+    for K in sorted({config["trunc"] for config, _ in runs}):
+        rows = [{"lr": config["lr"], "values": {key: [experiment["best"](curve.values())]}}
+                for config, curve in runs if config["trunc"] == K and config["seed"] == 1]
+        best, _ = pick(experiment["task"], rows)
+        if best is not None:
+            picks.append((K, best["lr"], [(config, curve) for config, curve in runs
+                                          if config["trunc"] == K and config["lr"] == best["lr"]]))
+    return picks
+
+
+def best_tbptt_at(results, experiment, step):
+    """The TBPTT run of ours with the best value at step (lowest BPC, highest T; the first in
+    our_runs' order of equals), or None."""
+    sign = 1 if experiment["best"] is min else -1
+    runs = [(config, curve) for config, curve in our_runs(results, experiment)
+            if config["method"] == "tbptt" and step in curve]
+    return min(runs, key=lambda run: sign * run[1][step], default=None)
+
+
+def extra_columns(experiment):
+    """The columns after the steps': PTB's best validation and test BPC of its weights."""
+    return ["best valid", "test"] if experiment["task"] == "ptb" else []
+
+
+def authors_cells(theirs, experiment, steps):
+    """The authors' row: their min-max at each step, then (PTB) their best validation up to the
+    experiment's last step; they have no test BPC."""
+    fmt, last = experiment["fmt"], experiment["max_step"]
+    cells = [spread([curve[s] for curve in theirs if s in curve], fmt) for s in steps]
+    if extra_columns(experiment):
+        cells += [spread([experiment["best"](v for s, v in curve.items() if s <= last)
+                          for curve in theirs], fmt), None]
+    return cells
+
+
+def long_cells(runs, experiment, steps):
+    """A row's cells over runs (one run, or the seeds of one): at each step the value, or the
+    min-max of the runs, None unless every run has reached it; for PTB then the best validation
+    and the test BPC of its weights, the same way."""
+    fmt, curves = experiment["fmt"], [curve for _, curve in runs]
+    cells = [spread([curve[s] for curve in curves], fmt) if all(s in c for c in curves)
+             else None for s in steps]
+    if experiment["task"] == "ptb":
+        cells.append(spread([experiment["best"](curve.values()) for curve in curves], fmt)
+                     if all(curves) else None)
+        tests = [config["test_bpc"] for config, _ in runs]
+        cells.append(spread(tests, fmt) if None not in tests else None)
+    return cells
+
+
+def long_name(runs):
+    """'TBPTT-25 (ours), lr 10^-3, seed 1', 'TBPTT-25 (ours), lr 10^-3, seeds 1-3 (min-max)', 'OK
+    rank 16 (ours), seed 1, 1M steps (running: at 130k)' for one run or the seeds of one."""
+    config, seeds = runs[0][0], sorted(config["seed"] for config, _ in runs)
+    name = method_label(config) + " (ours)"
+    if config["method"] == "tbptt":
+        name += f", lr {lr_name(config['lr'])}"
+    if len(runs) == 1:
+        name += f", seed {config['seed']}"
+    elif seeds == list(range(seeds[0], seeds[-1] + 1)):
+        name += f", seeds {seeds[0]}-{seeds[-1]} (min-max)"
+    else:
+        name += f", seeds {', '.join(map(str, seeds))} (min-max)"
+    if config["method"] == "ok":  # OK's runs differ in length, TBPTT's do not
+        name += f", {steps_name(config['steps'])} steps"
+    return name + running(min((config for config, _ in runs), key=lambda c: c["last_step"]))
+
+
+def running(config):
+    """' (running: at 130k)' for a run that has not reached its steps, else ''."""
+    last = config["last_step"]
+    return f" (running: at {steps_name(last)})" if last < config["steps"] else ""
+
+
+def long_table(results, experiment):
+    """docs/results.md's table of the runs to 1M steps: OK's (ours, each run, and the authors'),
+    then every TBPTT run and, per truncation, the seeds of the learning rate the paper's rule
+    picks; for PTB also each run's best validation and the test BPC of its weights."""
+    steps, theirs = experiment["table_steps"], authors_runs(results, experiment)
+    extra = extra_columns(experiment)
+    lines = ["| run | " + " | ".join([f"{experiment['what']} {steps_name(steps[0])} steps"]
+                                     + [steps_name(s) for s in steps[1:]] + extra) + " | log |",
+             "|---" * (len(steps) + len(extra) + 2) + "|"]
+
+    def row(name, cells, log=""):
+        lines.append(f"| {name} | " + " | ".join("-" if c is None else c for c in cells)
+                     + f" | {log} |")
+
+    for run in long_ok_runs(results, experiment):
+        row(long_name([run]), long_cells([run], experiment, steps), f"`results/{run[0]['log']}`")
+    row(f"OK rank {experiment['rank']}, authors' code, {len(theirs)} runs (min-max)",
+        authors_cells(theirs, experiment, steps), f"`results/{experiment['paper']}`")
+    picks = {K: runs for K, _, runs in tbptt_picks(results, experiment)}
+    for run in our_runs(results, experiment):
+        if run[0]["method"] == "tbptt":
+            row(long_name([run]), long_cells([run], experiment, steps),
+                f"`results/{run[0]['log']}`")
+            group = picks.get(run[0]["trunc"], [])
+            if len(group) > 1 and run == group[-1]:  # the picked seeds' row after the last
+                row(long_name(group).replace(", seeds", " (picked), seeds"),
+                    long_cells(group, experiment, steps))
+    return "\n".join(lines)
+
+
+def glance_table(results, experiment):
+    """The README's table of an experiment against TBPTT, at experiment["glance_steps"]: OK's runs
+    (ours, the seeds of one length together; the authors'), TBPTT at each truncation's picked
+    learning rate, the TBPTT run best at the first step if it is not one of those, and our
+    other baselines together."""
+    steps, theirs = experiment["glance_steps"], authors_runs(results, experiment)
+    extra = extra_columns(experiment)
+    lines = [f"| {experiment['glance']} | " + " | ".join(
+                [f"{steps_name(steps[0])} steps"] + [steps_name(s) for s in steps[1:]] + extra)
+             + " |", "|---" * (len(steps) + len(extra) + 1) + "|"]
+
+    def row(name, cells):
+        if any(cells):
+            lines.append(f"| {name} | " + " | ".join(c or "" for c in cells) + " |")
+
+    ok = long_ok_runs(results, experiment)
+    for length in dict.fromkeys(config["steps"] for config, _ in ok):
+        group = [run for run in ok if run[0]["steps"] == length]
+        row(long_name(group), long_cells(group, experiment, steps))
+    row(f"OK rank {experiment['rank']}, authors' code, {len(theirs)} runs (min-max)",
+        authors_cells(theirs, experiment, steps))
+    picks = tbptt_picks(results, experiment)
+    for _, _, group in picks:
+        row(long_name(group), long_cells(group, experiment, steps))
+    first = best_tbptt_at(results, experiment, steps[0])
+    if first and all(first not in group for _, _, group in picks):
+        row(long_name([first]) + f", the best TBPTT at {steps_name(steps[0])}",
+            long_cells([first], experiment, steps))
+    base = experiment["base"]
+    others = [(config, curve) for config, curve in our_runs(results, base)
+              if config["method"] != "tbptt" and config["seed"] == 1
+              and not (config["method"] == "ok" and config["rank"] == base["rank"])]
+    if others:
+        row(", ".join(method_label(config) for config, _ in others) + " (ours), seed 1",
+            long_cells(others, experiment, steps)[:len(steps)] + [None] * len(extra))
+    return "\n".join(lines)
+
+
 # --- The figures --------------------------------------------------------------------------------
 
 
-def draw_runs(ax, results, experiment, drawstyle, marked, minus=None):
+def draw_runs(ax, results, experiment, drawstyle, marked, minus=None, runs=None):
     """Ours and the authors' runs up to the figure's last step, in the legend's order: OK at the
     paper's rank (C0, one line style per seed and, where points are marked, one marker), the
     authors' runs (thin, grey, one entry; points where the experiment says so), our baselines
     (each in its colour). With minus ({step: value}), each run is drawn at those steps only, as
-    its value minus minus[step]."""
+    its value minus minus[step]. runs: ours to draw (default: our_runs)."""
     last, theirs = experiment["max_step"], authors_runs(results, experiment)
 
     def draw(curve, **style):
@@ -249,7 +454,7 @@ def draw_runs(ax, results, experiment, drawstyle, marked, minus=None):
         ax.plot(steps, [curve[s] - (minus[s] if minus else 0) for s in steps],
                 drawstyle=drawstyle, **style)
 
-    ours, seeds_drawn = our_runs(results, experiment), {}
+    ours, seeds_drawn = our_runs(results, experiment) if runs is None else runs, {}
 
     def draw_ours(config, curve, **style):
         """One of our runs, in the next line style (and marker) for its method."""
@@ -262,8 +467,10 @@ def draw_runs(ax, results, experiment, drawstyle, marked, minus=None):
     for config, curve in ours:
         if is_main(config, experiment):
             draw_ours(config, curve, color="C0", lw=2.0, zorder=3,
-                      label=f"{method_label(config)} (ours), {run_name(config, main)}")
-    authors = (dict(ls="none", marker="x", ms=7, mew=1.2) if experiment["paper_points"]
+                      label=f"{method_label(config)} (ours), {run_name(config, main)}"
+                      + running(config))
+    authors = (dict(ls="none", marker="x", ms=experiment.get("paper_ms", 7), mew=1.2)
+               if experiment["paper_points"]
                else dict(lw=0.9, marker="o" if marked else None, ms=3))
     for i, curve in enumerate(theirs):
         draw(curve, color=AUTHORS, zorder=1, **authors, label=None if i else
@@ -271,15 +478,17 @@ def draw_runs(ax, results, experiment, drawstyle, marked, minus=None):
     for config, curve in ours:
         if not is_main(config, experiment):
             draw_ours(config, curve, color=COLOURS.get(method_label(config), "C8"), lw=1.2,
-                      zorder=2, label=f"{method_label(config)}, seed {config['seed']}")
+                      zorder=2, label=f"{method_label(config)}"
+                      + (f", lr {lr_name(config['lr'])}" if experiment.get("any_lr") else "")
+                      + f", seed {config['seed']}" + running(config))
 
 
 def steps_axis(ax, low, high, every):
     """Steps low to high on the x axis (and 2% more, so a last point is not on the frame), a
-    tick every `every` steps, written 0, 10k, 20k, ..."""
+    tick every `every` steps, written 0, 10k, 20k, ..., 1M"""
     ax.set_xticks(range(-(-low // every) * every, high + 1, every))
     ax.set_xlim(low, high + (high - low) * 0.02)  # after the ticks, which would widen it
-    ax.xaxis.set_major_formatter(lambda x, _: f"{x / 1000:g}k" if x else "0")
+    ax.xaxis.set_major_formatter(lambda x, _: steps_name(int(x)) if x else "0")
 
 
 def draw_copy(plt, results, path):
@@ -329,6 +538,57 @@ def draw_ptb(plt, results, path):
     print(f"plot: {path}")
 
 
+def long_runs_drawn(results, experiment):
+    """Ours in the figures to 1M steps: OK's long runs, every TBPTT run at its truncation's
+    picked learning rate, and the TBPTT run best at the README's first step."""
+    runs = long_ok_runs(results, experiment)
+    for _, _, group in tbptt_picks(results, experiment):
+        runs += group
+    first = best_tbptt_at(results, experiment, experiment["glance_steps"][0])
+    return runs + ([first] if first and first not in runs else [])
+
+
+def draw_copy_1m(plt, results, path):
+    """Curriculum T against training steps, 0-1M: OK (ours and the authors') against TBPTT."""
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    draw_runs(ax, results, COPY_1M, "steps-post", marked=False,
+              runs=long_runs_drawn(results, COPY_1M))
+    ax.set(ylim=(0, None), xlabel="training steps", ylabel="curriculum length T reached",
+           title="Copy task, n 128, batch 16, lr 10^-3.5: OK against TBPTT to 1M steps")
+    ax.yaxis.get_major_locator().set_params(integer=True)
+    steps_axis(ax, 0, COPY_1M["max_step"], 100_000)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", handlelength=LEGEND_HANDLE)
+    fig.tight_layout()
+    save_figure(plt, fig, path)
+    print(f"plot: {path}")
+
+
+def draw_ptb_1m(plt, results, path):
+    """Validation BPC against training steps, 0-1M (left) and the last stretch (right, where
+    the runs lie a few hundredths apart): OK (ours to 100k, the authors') against TBPTT."""
+    fig, (full, zoom) = plt.subplots(1, 2, figsize=(12, 6))
+    runs = long_runs_drawn(results, PTB_1M)
+    for ax in (full, zoom):
+        draw_runs(ax, results, PTB_1M, "default", marked=False, runs=runs)
+        ax.grid(alpha=0.3)
+    steps_axis(full, 0, PTB_1M["max_step"], 100_000)
+    (low, high), bpc = PTB_1M_ZOOM
+    steps_axis(zoom, low, high, 100_000)
+    full.set(title="all steps", xlabel="training steps", ylabel="validation BPC (standard files)")
+    zoom.set(ylim=bpc, title=f"from {steps_name(low)} steps", xlabel="training steps",
+             ylabel="validation BPC (standard files)")
+    handles, labels = full.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 3), fontsize=9,
+               handlelength=LEGEND_HANDLE)
+    fig.suptitle("Character-level PTB, n 256, batch 32: OK (lr 10^-3.5) against TBPTT to 1M "
+                 "steps")
+    rows = -(-len(labels) // 3)
+    fig.tight_layout(rect=(0, 0.04 + 0.035 * rows, 1, 1))
+    save_figure(plt, fig, path)
+    print(f"plot: {path}")
+
+
 # --- Command line -------------------------------------------------------------------------------
 
 
@@ -350,13 +610,14 @@ def main(argv=None) -> int:
             raise UserError(f"no folder {args.results}; give the folder of the logs with --results")
         text = table(args.results)
         if not args.table:
-            for draw, experiment in ((draw_copy, COPY), (draw_ptb, PTB)):
+            for draw, experiment in ((draw_copy, COPY), (draw_ptb, PTB),
+                                     (draw_copy_1m, COPY_1M), (draw_ptb_1m, PTB_1M)):
                 draw(plt, args.results,
                      os.path.relpath(os.path.join(args.results, experiment["figure"])))
     except UserError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 1
-    print(text)
+    print(text + "\n\nThe README's tables:\n\n" + glance(args.results))
     return 0
 
 

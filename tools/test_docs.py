@@ -15,6 +15,7 @@ README = os.path.join(ROOT, "README.md")
 MARKDOWN = [README, os.path.join(ROOT, "results", "README.md"),
             *sorted(glob.glob(os.path.join(ROOT, "docs", "*.md")))]
 LOGS = sorted(path for path in glob.glob(os.path.join(ROOT, "results", "*.csv"))
+              + glob.glob(os.path.join(ROOT, "results", "1m", "*.csv"))  # the runs to 1M steps
               if not os.path.basename(path).startswith("paper-"))  # ours: the runners' logs
 PAPER_LOGS = sorted(glob.glob(os.path.join(ROOT, "results", "paper-*.csv")))  # the authors' numbers
 FENCE = re.compile(r"^```")
