@@ -69,10 +69,12 @@ PTB_1M = {**PTB, "base": PTB, "folder": "1m", "any_lr": True, "best": min,
 PTB_1M_ZOOM = ((300_000, 1_000_000), (1.74, 1.96))  # the right panel's steps and BPC
 
 METHOD_ORDER = ("ok", "kf", "kf-avg", "uoro", "rtrl", "tbptt")
-# One colour per baseline in both figures; OK at the paper's rank is C0, the authors' runs grey.
+# One colour per baseline, the same in every figure it is in, and none twice in a figure (UORO
+# and TBPTT-25, KF-RTRL and TBPTT-100 never meet); OK at the paper's rank is C0, the authors'
+# runs grey, anything else black.
 COLOURS = {"OK rank 1": "C1", "KF-RTRL": "C2", "UORO": "C3", "TBPTT-5": "C4", "TBPTT-10": "C5",
            "TBPTT-20": "C6", "exact RTRL": "C7", "OK rank 8, TensorFlow's Adam": "C9",
-           "TBPTT-25": "C3", "TBPTT-50": "C8"}  # TBPTT-25 and -50: PTB's figure to 1M only
+           "TBPTT-25": "C3", "TBPTT-50": "C8", "TBPTT-100": "C2"}
 LINESTYLES = ("-", "--", ":", "-.", (0, (6, 2, 1, 2, 1, 2)))  # run after run of one method ...
 MARKERS = ("o", "s", "^", "D", "v")  # ... and, where points are marked, its marker
 LEGEND_HANDLE = 4.0  # font sizes: long enough to show a dashed line's gaps beside its marker
@@ -477,7 +479,7 @@ def draw_runs(ax, results, experiment, drawstyle, marked, minus=None, runs=None)
              f"OK rank {experiment['rank']}, authors' code, {len(theirs)} runs")
     for config, curve in ours:
         if not is_main(config, experiment):
-            draw_ours(config, curve, color=COLOURS.get(method_label(config), "C8"), lw=1.2,
+            draw_ours(config, curve, color=COLOURS.get(method_label(config), "k"), lw=1.2,
                       zorder=2, label=f"{method_label(config)}"
                       + (f", lr {lr_name(config['lr'])}" if experiment.get("any_lr") else "")
                       + f", seed {config['seed']}" + running(config))
