@@ -55,7 +55,7 @@ PTB_GAP = (-0.04, 0.06)  # the right panel's range: ours minus the authors' medi
 # learning rate (PTB's TBPTT ran the paper's grid), drawn and tabulated beside the authors' OK
 # and ours of 100k steps or more from the first 100k steps' experiment ("base"). "best" finds a
 # run's best value (the lowest validation BPC, the highest T); the README's table ("glance")
-# has the columns "glance_steps".
+# has the columns "glance_steps" and adds the TBPTT run best at 100k steps.
 COPY_1M = {**COPY, "base": COPY, "folder": "1m", "any_lr": True, "best": max,
            "table_steps": (100_000, 250_000, 500_000, 1_000_000),
            "glance": "copy task, n 128, B 16: curriculum T",
@@ -63,8 +63,8 @@ COPY_1M = {**COPY, "base": COPY, "folder": "1m", "any_lr": True, "best": max,
            "figure": "copy-1m.png", "max_step": 1_000_000}
 PTB_1M = {**PTB, "base": PTB, "folder": "1m", "any_lr": True, "best": min,
           "table_steps": (10_000, 20_000, 100_000, 250_000, 500_000, 1_000_000),
-          "glance": "character PTB, n 256, B 32: validation BPC",
-          "glance_steps": (100_000, 500_000, 1_000_000),
+          "glance": "character PTB, n 256, B 32: validation BPC, standard files",
+          "glance_steps": (10_000, 20_000, 100_000, 500_000, 1_000_000),
           "figure": "ptb-1m.png", "max_step": 1_000_000, "paper_points": True, "paper_ms": 4}
 PTB_1M_ZOOM = ((300_000, 1_000_000), (1.74, 1.96))  # the right panel's steps and BPC
 
@@ -405,8 +405,8 @@ def long_table(results, experiment):
 def glance_table(results, experiment):
     """The README's table of an experiment against TBPTT, at experiment["glance_steps"]: OK's runs
     (ours, the seeds of one length together; the authors'), TBPTT at each truncation's picked
-    learning rate, the TBPTT run best at the first step if it is not one of those, and our
-    other baselines together."""
+    learning rate, the TBPTT run best at 100k steps if it is not one of those, and our other
+    baselines' seed 1 in one row, their values side by side."""
     steps, theirs = experiment["glance_steps"], authors_runs(results, experiment)
     extra = extra_columns(experiment)
     lines = [f"| {experiment['glance']} | " + " | ".join(
@@ -417,7 +417,7 @@ def glance_table(results, experiment):
         if any(cells):
             lines.append(f"| {name} | " + " | ".join(c or "" for c in cells) + " |")
 
-    ok = long_ok_runs(results, experiment)
+    ok = main_runs(results, experiment["base"]) + main_runs(results, experiment)
     for length in dict.fromkeys(config["steps"] for config, _ in ok):
         group = [run for run in ok if run[0]["steps"] == length]
         row(long_name(group), long_cells(group, experiment, steps))
@@ -426,17 +426,18 @@ def glance_table(results, experiment):
     picks = tbptt_picks(results, experiment)
     for _, _, group in picks:
         row(long_name(group), long_cells(group, experiment, steps))
-    first = best_tbptt_at(results, experiment, steps[0])
+    first = best_tbptt_at(results, experiment, 100_000)
     if first and all(first not in group for _, _, group in picks):
-        row(long_name([first]) + f", the best TBPTT at {steps_name(steps[0])}",
+        row(long_name([first]) + ", the best TBPTT at 100k",
             long_cells([first], experiment, steps))
     base = experiment["base"]
     others = [(config, curve) for config, curve in our_runs(results, base)
               if config["method"] != "tbptt" and config["seed"] == 1
               and not (config["method"] == "ok" and config["rank"] == base["rank"])]
     if others:
+        cells = [long_cells([run], experiment, steps) for run in others]
         row(", ".join(method_label(config) for config, _ in others) + " (ours), seed 1",
-            long_cells(others, experiment, steps)[:len(steps)] + [None] * len(extra))
+            [", ".join(column) if None not in column else None for column in zip(*cells)])
     return "\n".join(lines)
 
 
@@ -542,11 +543,11 @@ def draw_ptb(plt, results, path):
 
 def long_runs_drawn(results, experiment):
     """Ours in the figures to 1M steps: OK's long runs, every TBPTT run at its truncation's
-    picked learning rate, and the TBPTT run best at the README's first step."""
+    picked learning rate, and the TBPTT run best at 100k steps."""
     runs = long_ok_runs(results, experiment)
     for _, _, group in tbptt_picks(results, experiment):
         runs += group
-    first = best_tbptt_at(results, experiment, experiment["glance_steps"][0])
+    first = best_tbptt_at(results, experiment, 100_000)
     return runs + ([first] if first and first not in runs else [])
 
 

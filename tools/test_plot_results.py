@@ -238,20 +238,25 @@ SYNTHETIC_GLANCE = """\
 | copy task, n 128, B 16: curriculum T | 25k steps | 50k | 100k | 250k | 500k | 1M |
 |---|---|---|---|---|---|---|
 | OK rank 16 (ours), seeds 1, 3, 4 (min-max), 100k steps | 8-11 | 12-14 | 16-18 |  |  |  |
+| OK rank 16 (ours), seed 2, 60k steps | 9 | 13 |  |  |  |  |
 | OK rank 16 (ours), seed 1, 1M steps (running: at 300k) | 8 | 12 | 16 | 21 |  |  |
 | OK rank 16, authors' code, 2 runs (min-max) | 8-9 | 11-12 | 15-17 | 20-23 | 25-30 | 32-37 |
 | TBPTT-5 (ours), lr 10^-3.5, seed 1 | 5 | 7 | 8 | 8 | 9 | 10 |
 | TBPTT-20 (ours), lr 10^-3.5, seed 1 | 1 | 1 | 8 | 8 | 13 | 17 |
 | KF-RTRL (ours), seed 1 | 4 | 7 | 8 |  |  |  |
 
-| character PTB, n 256, B 32: validation BPC | 100k steps | 500k | 1M | best valid | test |
-|---|---|---|---|---|---|
-| OK rank 8 (ours), seed 1, 100k steps | 2.100 |  |  | 2.100 | 2.700 |
-| OK rank 8, authors' code, 2 runs (min-max) | 2.104-2.113 | 1.822-1.827 | 1.777-1.780 | 1.770-1.780 |  |
-| TBPTT-10 (ours), lr 10^-2.5, seed 1 | 2.050 | 1.850 | 1.810 | 1.800 | 1.760 |
-| TBPTT-25 (ours), lr 10^-3, seeds 1-2 (min-max) | 2.297-2.307 | 1.836-1.840 | 1.760-1.764 | 1.758-1.759 | 1.711-1.713 |
-| TBPTT-50 (ours), lr 10^-3, seed 1 (running: at 20k) |  |  |  | 3.100 |  |
-| TBPTT-25 (ours), lr 10^-2.5, seed 1, the best TBPTT at 100k | 2.010 | 1.842 | 1.806 | 1.798 | 1.752 |"""
+| character PTB, n 256, B 32: validation BPC, standard files | 10k steps | 20k | 100k | 500k | 1M | best valid | test |
+|---|---|---|---|---|---|---|---|
+| OK rank 8 (ours), seeds 1, 4 (min-max), 20k steps | 3.010-3.065 | 2.750-2.792 |  |  |  | 2.750-2.792 | 2.700 |
+| OK rank 8 (ours), seed 1, 100k steps | 3.066 | 2.790 | 2.100 |  |  | 2.100 | 2.700 |
+| OK rank 8 (ours), seed 2, 15k steps | 3.025 |  |  |  |  | 3.025 | 2.700 |
+| OK rank 8 (ours), seed 3, 12k steps |  |  |  |  |  | 3.000 | 2.700 |
+| OK rank 8, authors' code, 2 runs (min-max) | 3.021-3.030 | 2.743-2.760 | 2.104-2.113 | 1.822-1.827 | 1.777-1.780 | 1.770-1.780 |  |
+| TBPTT-10 (ours), lr 10^-2.5, seed 1 |  |  | 2.050 | 1.850 | 1.810 | 1.800 | 1.760 |
+| TBPTT-25 (ours), lr 10^-3, seeds 1-2 (min-max) |  |  | 2.297-2.307 | 1.836-1.840 | 1.760-1.764 | 1.758-1.759 | 1.711-1.713 |
+| TBPTT-50 (ours), lr 10^-3, seed 1 (running: at 20k) | 3.500 | 3.100 |  |  |  | 3.100 |  |
+| TBPTT-25 (ours), lr 10^-2.5, seed 1, the best TBPTT at 100k |  |  | 2.010 | 1.842 | 1.806 | 1.798 | 1.752 |
+| UORO (ours), seed 1 | 4.300 | 4.300 |  |  |  | 4.300 | 2.700 |"""
 
 
 # --- The table ----------------------------------------------------------------------------------
@@ -276,9 +281,9 @@ def test_the_tables_to_1m_steps_from_synthetic_logs(tmp_path):
     authors' best validation is their lowest up to 1M (1.7702 at 900k, not 1.7 at 1.1M); the
     paper's rule picks each truncation's learning rate from seed 1's best validation (TBPTT-25:
     10^-3, although 10^-2.5 is better at 100k; TBPTT-10's tie: the larger) and its seeds get a
-    min-max row; runs of another size stay out. The README's tables: OK's 100k runs together
-    (seeds 1, 3, 4: not a range), the picked learning rates, the TBPTT run best at the first
-    step where it is no pick, and the other baselines of results/ (copy)."""
+    min-max row; runs of another size stay out. The README's tables: OK's runs of each length
+    together (seeds 1, 3, 4 of 100k steps: not a range), the picked learning rates, the TBPTT
+    run best at 100k steps where it is no pick, and the other baselines' seed 1 side by side."""
     synthetic_long(str(tmp_path))
     assert table(str(tmp_path)).endswith("\n\n" + SYNTHETIC_LONG)
     assert plot_results.glance(str(tmp_path)) == SYNTHETIC_GLANCE
@@ -387,7 +392,8 @@ def test_the_readme_quotes_the_100k_ptb_run_as_its_log_has_it():
     """Issue 27's run, seed 1 to 100k steps: every row of the table plot_results prints for it
     (ours at each of the authors' ten validation steps) stands in docs/results.md as printed, and
     its row of the full PTB table there has the log's values (2.098 at 100k, under the 2.14 we
-    set ourselves; test 2.061 from the log's last line), as does the README's short table."""
+    set ourselves; test 2.061 from the log's last line), as does the README's table (at 10k, 20k
+    and 100k steps, its best validation and test)."""
     [long_run] = plot_results.points_tables(plot_results.RESULTS, PTB)
     rows = [line for line in long_run.splitlines() if line.startswith("| ")]
     top = os.path.dirname(plot_results.RESULTS)
@@ -404,8 +410,8 @@ def test_the_readme_quotes_the_100k_ptb_run_as_its_log_has_it():
     assert values == ["3.039", "2.774", "2.359", "2.098"] and curve[100000] <= 2.14
     assert (f"| OK rank 8 (ours), seed 1, 100k steps | {' | '.join(values)} | "
             f"{float(test_bpc):.3f} | `ptb-n256-ok8-seed1-100k.csv` |") in results
-    assert (f"| ours, seed 1 to 100k steps | {' | '.join(values)} | {float(test_bpc):.3f} |"
-            in readme)
+    assert (f"| OK rank 8 (ours), seed 1, 100k steps | {' | '.join(values[:2])} | {values[3]} |  "
+            f"|  | {values[3]} | {float(test_bpc):.3f} |" in readme)
 
 
 # --- The figures (only with matplotlib) ---------------------------------------------------------
