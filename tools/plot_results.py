@@ -19,6 +19,7 @@ needs matplotlib.
 """
 import argparse
 import contextlib
+import functools
 import glob
 import math
 import os
@@ -36,12 +37,14 @@ PAPER_LR = 10 ** -3.5
 # rate is the paper's 10^-3.5 in both; logs without a runner's config line, such as the
 # authors' files, are no runs of ours), the log's columns and the one drawn, the OK rank the paper
 # reports, the authors' file and column, the steps the table reports and how it writes a value,
-# the figure, and whether the authors' runs are drawn as points rather than lines.
+# the figure (its title for the copy task), and whether the authors' runs are drawn as points
+# rather than lines.
 COPY = {"task": "copy", "hidden": 128, "batch": 16, "rank": 16,
         "columns": ["step", "T", "avg_bits", "steps_per_s"], "value": "T", "convert": int,
         "paper": "paper-copy-n128-ok16-T.csv", "paper_value": "T",
         "table_steps": (25_000, 50_000, 100_000), "what": "T at", "fmt": "{:g}".format,
-        "figure": "copy-paper-size.png", "max_step": 100_000, "paper_points": False}
+        "figure": "copy-paper-size.png", "max_step": 100_000, "paper_points": False,
+        "title": "Copy task, n 128, batch 16, lr 10^-3.5: curriculum T against steps"}
 PTB = {"task": "ptb", "hidden": 256, "batch": 32, "rank": 8,
        "columns": ["step", "train_bits", "valid_bpc", "chars_per_s"], "value": "valid_bpc",
        "convert": float, "paper": "paper-ptb-n256-ok8-valid.csv",
@@ -60,7 +63,8 @@ COPY_1M = {**COPY, "base": COPY, "folder": "1m", "any_lr": True, "best": max,
            "table_steps": (100_000, 250_000, 500_000, 1_000_000),
            "glance": "copy task, n 128, B 16: curriculum T",
            "glance_steps": (25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000),
-           "figure": "copy-1m.png", "max_step": 1_000_000}
+           "figure": "copy-1m.png", "max_step": 1_000_000,
+           "title": "Copy task, n 128, batch 16, lr 10^-3.5: OK against TBPTT to 1M steps"}
 PTB_1M = {**PTB, "base": PTB, "folder": "1m", "any_lr": True, "best": min,
           "table_steps": (10_000, 20_000, 100_000, 250_000, 500_000, 1_000_000),
           "glance": "character PTB, n 256, B 32: validation BPC, standard files",
@@ -494,15 +498,16 @@ def steps_axis(ax, low, high, every):
     ax.xaxis.set_major_formatter(lambda x, _: steps_name(int(x)) if x else "0")
 
 
-def draw_copy(plt, results, path):
-    """Curriculum T against training steps, 0-100k."""
+def draw_copy(plt, results, path, experiment=COPY):
+    """Curriculum T against training steps: the first 100k steps (COPY), or OK against TBPTT to
+    1M (COPY_1M, long_runs_drawn)."""
     fig, ax = plt.subplots(figsize=(9, 5.5))
-    draw_runs(ax, results, COPY, "steps-post", marked=False)
-    ax.set(ylim=(0, None), xlabel="training steps",
-           ylabel="curriculum length T reached",
-           title="Copy task, n 128, batch 16, lr 10^-3.5: curriculum T against steps")
+    draw_runs(ax, results, experiment, "steps-post", marked=False,
+              runs=long_runs_drawn(results, experiment) if "folder" in experiment else None)
+    ax.set(ylim=(0, None), xlabel="training steps", ylabel="curriculum length T reached",
+           title=experiment["title"])
     ax.yaxis.get_major_locator().set_params(integer=True)
-    steps_axis(ax, 0, COPY["max_step"], 10_000)
+    steps_axis(ax, 0, experiment["max_step"], experiment["max_step"] // 10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", handlelength=LEGEND_HANDLE)
     fig.tight_layout()
@@ -549,22 +554,6 @@ def long_runs_drawn(results, experiment):
         runs += group
     first = best_tbptt_at(results, experiment, 100_000)
     return runs + ([first] if first and first not in runs else [])
-
-
-def draw_copy_1m(plt, results, path):
-    """Curriculum T against training steps, 0-1M: OK (ours and the authors') against TBPTT."""
-    fig, ax = plt.subplots(figsize=(9, 5.5))
-    draw_runs(ax, results, COPY_1M, "steps-post", marked=False,
-              runs=long_runs_drawn(results, COPY_1M))
-    ax.set(ylim=(0, None), xlabel="training steps", ylabel="curriculum length T reached",
-           title="Copy task, n 128, batch 16, lr 10^-3.5: OK against TBPTT to 1M steps")
-    ax.yaxis.get_major_locator().set_params(integer=True)
-    steps_axis(ax, 0, COPY_1M["max_step"], 100_000)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left", handlelength=LEGEND_HANDLE)
-    fig.tight_layout()
-    save_figure(plt, fig, path)
-    print(f"plot: {path}")
 
 
 def draw_ptb_1m(plt, results, path):
@@ -614,7 +603,8 @@ def main(argv=None) -> int:
         text = table(args.results)
         if not args.table:
             for draw, experiment in ((draw_copy, COPY), (draw_ptb, PTB),
-                                     (draw_copy_1m, COPY_1M), (draw_ptb_1m, PTB_1M)):
+                                     (functools.partial(draw_copy, experiment=COPY_1M), COPY_1M),
+                                     (draw_ptb_1m, PTB_1M)):
                 draw(plt, args.results,
                      os.path.relpath(os.path.join(args.results, experiment["figure"])))
     except UserError as e:
