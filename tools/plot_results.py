@@ -173,6 +173,11 @@ def steps_name(steps):
     return f"{steps / 1e6:g}M" if steps >= 1_000_000 else f"{steps // 1000}k"
 
 
+def steps_heads(steps, what=""):
+    """A table's step columns: 'T at 25k steps', '50k', '100k' (what: 'T at')."""
+    return [f"{what} {steps_name(steps[0])} steps".lstrip()] + [steps_name(s) for s in steps[1:]]
+
+
 def is_main(config, experiment):
     """True for OK at the rank the paper reports for this experiment, with the runners' default
     Adam (the seeds the table takes the median of)."""
@@ -252,9 +257,8 @@ def experiment_table(results, experiment):
     one column per table step; '-' where a run has not reached the step (a median needs every
     seed there)."""
     steps, fmt, rank = experiment["table_steps"], experiment["fmt"], experiment["rank"]
-    head = [f"{experiment['what']} {steps_name(steps[0])} steps"] + [steps_name(s)
-                                                                    for s in steps[1:]]
-    lines = ["| run | " + " | ".join(head) + " | log |", "|---" * (len(steps) + 2) + "|"]
+    lines = ["| run | " + " | ".join(steps_heads(steps, experiment["what"])) + " | log |",
+             "|---" * (len(steps) + 2) + "|"]
 
     def row(name, values, log):
         cells = ["-" if value is None else value for value in values]
@@ -382,8 +386,7 @@ def long_table(results, experiment):
     picks; for PTB also each run's best validation and the test BPC of its weights."""
     steps, theirs = experiment["table_steps"], authors_runs(results, experiment)
     extra = extra_columns(experiment)
-    lines = ["| run | " + " | ".join([f"{experiment['what']} {steps_name(steps[0])} steps"]
-                                     + [steps_name(s) for s in steps[1:]] + extra) + " | log |",
+    lines = ["| run | " + " | ".join(steps_heads(steps, experiment["what"]) + extra) + " | log |",
              "|---" * (len(steps) + len(extra) + 2) + "|"]
 
     def row(name, cells, log=""):
@@ -413,9 +416,8 @@ def glance_table(results, experiment):
     baselines' seed 1 in one row, their values side by side."""
     steps, theirs = experiment["glance_steps"], authors_runs(results, experiment)
     extra = extra_columns(experiment)
-    lines = [f"| {experiment['glance']} | " + " | ".join(
-                [f"{steps_name(steps[0])} steps"] + [steps_name(s) for s in steps[1:]] + extra)
-             + " |", "|---" * (len(steps) + len(extra) + 1) + "|"]
+    lines = [f"| {experiment['glance']} | " + " | ".join(steps_heads(steps) + extra) + " |",
+             "|---" * (len(steps) + len(extra) + 1) + "|"]
 
     def row(name, cells):
         if any(cells):
