@@ -733,3 +733,65 @@ def test_every_cost_estimate_comes_from_the_speed_table():
             f"{2 * hours['copy'] / 24:.0f}-{2 * hours['ptb'] / 24:.0f} days on ten such "
             "machines") in costs
 
+
+def test_the_baselines_costs_and_side_by_side_runs_come_from_the_benchmark():
+    """docs/speed.md's per-step ratios of each baseline to OK at the paper's two sizes are its
+    table's, and the gain of two runs side by side that it and docs/sweeps.md quote is the one
+    its benchmark measured."""
+    speed = read(os.path.join(ROOT, "docs", "speed.md"))
+    costs = " ".join(read(os.path.join(ROOT, "docs", "sweeps.md")).split())
+    table = [line.split("|")[1:-1] for line in speed.split("## The benchmark")[1].splitlines()
+             if line.startswith("| ") and "---" not in line]
+    head, rows = [cell.strip() for cell in table[0]], table[1:]
+
+    def ms(size, column):
+        row = next(row for row in rows if f"({size})" in row[0])
+        return float(row[head.index(column)].split()[0])
+
+    def ratios(column, inverse=False):  # OK's time over the column's, at the copy and PTB sizes
+        return [ms(size, "OK") / ms(size, column) if not inverse else
+                ms(size, column) / ms(size, "OK") for size in ("copy task", "PTB")]
+
+    kf, uoro, tbptt = ratios("KF"), ratios("UORO"), ratios("TBPTT-20")
+    kf_avg = ratios("kf-avg", inverse=True)
+    how_long = " ".join(speed.split("## How long the paper's runs take")[1].split("##")[0].split())
+    assert (f"KF-RTRL is {min(kf):.0f}-{max(kf):.0f} times cheaper than OK, UORO "
+            f"{min(uoro):.0f}-{max(uoro):.0f} times, kf-avg {min(kf_avg):.1f}-{max(kf_avg):.1f} "
+            f"times as dear, TBPTT-20 more than {100 * math.floor(min(tbptt) / 100)} times "
+            "cheaper.") in how_long
+    after, beside, ratio = re.search(r"2 threads each, against side by side, 1 thread each, "
+                                     r"([\d.]+) against ([\d.]+) s \(([\d.]+)\)",
+                                     " ".join(speed.split())).groups()
+    after, beside = float(after), float(beside)  # seconds to 1 decimal, ratio to 2: as printed
+    assert (beside - 0.05) / (after + 0.05) - 0.005 <= float(ratio) <= (beside + 0.05) / (
+        after - 0.05) + 0.005
+    assert f"and take {ratio} of the time of one after the other" in how_long
+    assert (f"Two runs side by side with 1 thread each take {ratio} of the time of the same two "
+            f"one after the other with 2 threads") in costs
+    assert f"saves {100 - round(100 * float(ratio))}% of a sweep's time" in costs
+
+
+
+def test_the_costs_on_a_machine_without_avx512_follow_from_its_measurements():
+    """docs/speed.md's second machine: its ratios to the table's times, and the hours they make."""
+    speed = " ".join(read(os.path.join(ROOT, "docs", "speed.md")).split())
+    table = speed.split("## The benchmark")[1]
+
+    def table_ms(size, column):  # the table's floor (first) and OK (second) columns
+        return float(re.search(rf"\| [^|]*\({size}\) \| ([\d.]+) ms \| ([\d.]+) ms \|",
+                               table).group(column))
+    numbers = [float(x) for x in re.search(
+        r"the floor took ([\d.]+) ms at the copy size and ([\d.]+) ms at PTB's \(([\d.]+) and "
+        r"([\d.]+) times the table's\), the OK step ([\d.]+) and ([\d.]+) ms \(([\d.]+) and "
+        r"([\d.]+) times; OK / floor ([\d.]+) and ([\d.]+)\)\. There 100k copy steps take "
+        r"(\d+) minutes, the copy task's 2M ([\d.]+) hours and PTB's 1M (\d+) hours",
+        speed).groups()]
+    floor_copy, floor_ptb, ok_copy, ok_ptb = numbers[0], numbers[1], numbers[4], numbers[5]
+    quoted = numbers[2:4] + numbers[6:]
+    assert quoted == [round(floor_copy / table_ms("copy task", 1), 1),
+                      round(floor_ptb / table_ms("PTB", 1), 1),
+                      round(ok_copy / table_ms("copy task", 2), 1),
+                      round(ok_ptb / table_ms("PTB", 2), 1),
+                      round(ok_copy / floor_copy, 2), round(ok_ptb / floor_ptb, 2),
+                      round(ok_copy * 1e5 / 6e4), round(ok_copy * 2e6 / 3.6e6, 1),
+                      round(ok_ptb * 1e6 / 3.6e6)]
