@@ -703,6 +703,23 @@ def test_the_sweep_folder_of_the_readme_is_ignored_by_git():
         assert "sweeps/" in f.read().split()
 
 
+def section(page, heading):
+    """The text of a markdown page's section under '## heading', to the next such heading."""
+    return page.split(f"## {heading}\n")[1].split("\n## ")[0]
+
+
+def benchmark_ms(speed):
+    """docs/speed.md's benchmark table as {row: {column: ms}}: the rows named in parentheses
+    ("copy task", "PTB"), the columns by their heads ("floor H A", "OK", "KF", ...), the cells
+    given in ms."""
+    head, *rows = [[cell.strip() for cell in line.split("|")[1:-1]]
+                   for line in section(speed, "The benchmark").splitlines()
+                   if line.startswith("| ") and "---" not in line]
+    return {re.search(r"\((.+)\)", row[0]).group(1):
+            {column: float(cell[:-3]) for column, cell in zip(head, row) if cell.endswith(" ms")}
+            for row in rows if "(" in row[0]}
+
+
 def test_every_cost_estimate_comes_from_the_speed_table():
     """docs/sweeps.md's costs and docs/speed.md's "How long" figures are the measured OK step
     times (the rows of docs/speed.md's benchmark at the copy task's and PTB's sizes) times the
@@ -710,10 +727,8 @@ def test_every_cost_estimate_comes_from_the_speed_table():
     speed = read(os.path.join(ROOT, "docs", "speed.md"))
     costs = " ".join(read(os.path.join(ROOT, "docs", "sweeps.md")).split())
 
-    def ok_ms(size):  # the OK column, the third of the benchmark's table
-        return float(re.search(rf"^\| [^|]*\({size}\) \| [^|]* \| ([\d.]+) ms \|", speed,
-                               re.M).group(1))
-    copy_ms, ptb_ms = ok_ms("copy task"), ok_ms("PTB")
+    table = benchmark_ms(speed)
+    copy_ms, ptb_ms = table["copy task"]["OK"], table["PTB"]["OK"]
     hours = {"copy": copy_ms * 2_000_000 / 3.6e6, "ptb": ptb_ms * 1_000_000 / 3.6e6}
     assert f"{copy_ms:g} ms a step at the copy task's size" in costs
     assert f"{ptb_ms:g} ms at PTB's" in costs
@@ -723,7 +738,7 @@ def test_every_cost_estimate_comes_from_the_speed_table():
         rounds = math.ceil(20 / machines)
         assert (f"| {machines} | {rounds * hours['copy'] / 24:.1f} days | "
                 f"{rounds * hours['ptb'] / 24:.1f} days |") in costs
-    how_long = " ".join(speed.split("## How long the paper's runs take")[1].split("##")[0].split())
+    how_long = " ".join(section(speed, "How long the paper's runs take").split())
     assert (f"at {copy_ms:g} ms a step takes {copy_ms * 1e5 / 6e4:.0f} minutes for 100k steps "
             f"and {hours['copy']:.1f} hours") in how_long
     assert (f"at {ptb_ms:g} ms a step takes {ptb_ms * 2e4 / 6e4:.0f} minutes for 20k steps "
@@ -740,21 +755,12 @@ def test_the_baselines_costs_and_side_by_side_runs_come_from_the_benchmark():
     its benchmark measured."""
     speed = read(os.path.join(ROOT, "docs", "speed.md"))
     costs = " ".join(read(os.path.join(ROOT, "docs", "sweeps.md")).split())
-    table = [line.split("|")[1:-1] for line in speed.split("## The benchmark")[1].splitlines()
-             if line.startswith("| ") and "---" not in line]
-    head, rows = [cell.strip() for cell in table[0]], table[1:]
-
-    def ms(size, column):
-        row = next(row for row in rows if f"({size})" in row[0])
-        return float(row[head.index(column)].split()[0])
-
-    def ratios(column, inverse=False):  # OK's time over the column's, at the copy and PTB sizes
-        return [ms(size, "OK") / ms(size, column) if not inverse else
-                ms(size, column) / ms(size, "OK") for size in ("copy task", "PTB")]
-
-    kf, uoro, tbptt = ratios("KF"), ratios("UORO"), ratios("TBPTT-20")
-    kf_avg = ratios("kf-avg", inverse=True)
-    how_long = " ".join(speed.split("## How long the paper's runs take")[1].split("##")[0].split())
+    table = benchmark_ms(speed)
+    sizes = ("copy task", "PTB")
+    kf, uoro, tbptt = ([table[size]["OK"] / table[size][column] for size in sizes]
+                       for column in ("KF", "UORO", "TBPTT-20"))  # how many times cheaper
+    kf_avg = [table[size]["kf-avg"] / table[size]["OK"] for size in sizes]  # times as dear
+    how_long = " ".join(section(speed, "How long the paper's runs take").split())
     assert (f"KF-RTRL is {min(kf):.0f}-{max(kf):.0f} times cheaper than OK, UORO "
             f"{min(uoro):.0f}-{max(uoro):.0f} times, kf-avg {min(kf_avg):.1f}-{max(kf_avg):.1f} "
             f"times as dear, TBPTT-20 more than {100 * math.floor(min(tbptt) / 100)} times "
@@ -771,15 +777,11 @@ def test_the_baselines_costs_and_side_by_side_runs_come_from_the_benchmark():
     assert f"saves {100 - round(100 * float(ratio))}% of a sweep's time" in costs
 
 
-
 def test_the_costs_on_a_machine_without_avx512_follow_from_its_measurements():
     """docs/speed.md's second machine: its ratios to the table's times, and the hours they make."""
-    speed = " ".join(read(os.path.join(ROOT, "docs", "speed.md")).split())
-    table = speed.split("## The benchmark")[1]
-
-    def table_ms(size, column):  # the table's floor (first) and OK (second) columns
-        return float(re.search(rf"\| [^|]*\({size}\) \| ([\d.]+) ms \| ([\d.]+) ms \|",
-                               table).group(column))
+    speed = read(os.path.join(ROOT, "docs", "speed.md"))
+    table = benchmark_ms(speed)
+    speed = " ".join(speed.split())
     numbers = [float(x) for x in re.search(
         r"the floor took ([\d.]+) ms at the copy size and ([\d.]+) ms at PTB's \(([\d.]+) and "
         r"([\d.]+) times the table's\), the OK step ([\d.]+) and ([\d.]+) ms \(([\d.]+) and "
@@ -788,10 +790,10 @@ def test_the_costs_on_a_machine_without_avx512_follow_from_its_measurements():
         speed).groups()]
     floor_copy, floor_ptb, ok_copy, ok_ptb = numbers[0], numbers[1], numbers[4], numbers[5]
     quoted = numbers[2:4] + numbers[6:]
-    assert quoted == [round(floor_copy / table_ms("copy task", 1), 1),
-                      round(floor_ptb / table_ms("PTB", 1), 1),
-                      round(ok_copy / table_ms("copy task", 2), 1),
-                      round(ok_ptb / table_ms("PTB", 2), 1),
+    assert quoted == [round(floor_copy / table["copy task"]["floor H A"], 1),
+                      round(floor_ptb / table["PTB"]["floor H A"], 1),
+                      round(ok_copy / table["copy task"]["OK"], 1),
+                      round(ok_ptb / table["PTB"]["OK"], 1),
                       round(ok_copy / floor_copy, 2), round(ok_ptb / floor_ptb, 2),
                       round(ok_copy * 1e5 / 6e4), round(ok_copy * 2e6 / 3.6e6, 1),
                       round(ok_ptb * 1e6 / 3.6e6)]
